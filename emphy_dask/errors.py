@@ -1,0 +1,22 @@
+"""Errors a person can act on: each names the file (or folder) and the reason."""
+from __future__ import annotations
+
+
+class ScanError(Exception):
+    """A scan could not be processed. ``str()`` is a one-line, human-readable reason.
+
+    Parameters
+    ----------
+    path : str
+        The file or folder at fault.
+    reason : str
+        What is wrong, in words a radiologist or engineer understands.
+    stage : str
+        Pipeline stage that raised it (``ingest``, ``qc``, ``segment``, ...).
+    """
+
+    def __init__(self, path, reason: str, stage: str = "ingest"):
+        self.path = str(path)
+        self.reason = reason
+        self.stage = stage
+        super().__init__(f"{self.path}: {reason}")

@@ -1,0 +1,165 @@
+"""Non-DICOM images (NIfTI / NRRD / MetaImage) and the one entry point ``load_ct``.
+
+``load_ct`` accepts what a user would point the tool at: an image file, a series folder,
+or a patient folder with several series; everything else is a ScanError with the path.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import ScanError
+from ..volume import CTVolume
+from .dicom_index import find_files, index_files, read_header
+from .dicom_read import read_dicom_series
+from .series import group_series, select_series
+
+#: File suffixes read with SimpleITK (lower case), and the format name put in meta.
+IMAGE_SUFFIXES = {".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd", ".nhdr": "nrrd",
+                  ".mha": "metaimage", ".mhd": "metaimage"}
+#: Grid agreement tolerance for label images (spacing/origin in mm, direction cosines).
+GRID_TOL = 1e-3
+
+
+def image_format(path) -> str | None:
+    """'nifti' / 'nrrd' / 'metaimage' from the file name, None if not an image file."""
+    name = Path(path).name.lower()
+    for suffix, fmt in IMAGE_SUFFIXES.items():
+        if name.endswith(suffix):
+            return fmt
+    return None
+
+
+def _read_sitk(path) -> sitk.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise ScanError(path, "file not found")
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise ScanError(path, f"cannot read image {path.name}: {str(e).strip().splitlines()[-1]}") from e
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+        raise ScanError(path, f"expected a 3-D scalar image, got {img.GetDimension()}-D with "
+                              f"{img.GetNumberOfComponentsPerPixel()} component(s)")
+    return img
+
+
+def read_image(path) -> CTVolume:
+    """NIfTI / NRRD / MetaImage CT -> CTVolume. Voxel values are taken as HU already.
+
+    Returns hu int16 (z, y, x) (rounded, clipped), geometry from the file, fov_mask None,
+    meta = {"source_format", "spacing_x_mm", "spacing_y_mm", "spacing_z_mm", "n_slices",
+    "rows", "columns"}.
+    """
+    img = _read_sitk(path)
+    sx, sy, sz = img.GetSpacing()
+    nx, ny, nz = img.GetSize()
+    meta = {"source_format": image_format(path) or "unknown", "spacing_x_mm": sx,
+            "spacing_y_mm": sy, "spacing_z_mm": sz, "n_slices": nz, "rows": ny, "columns": nx}
+    return CTVolume.from_sitk(img, fov_mask=None, meta=meta)
+
+
+def _geometry(img_or_vol) -> dict:
+    if isinstance(img_or_vol, CTVolume):
+        v = img_or_vol
+        return {"size": tuple(v.shape[::-1]), "spacing": tuple(v.spacing_zyx_mm[::-1]),
+                "origin": tuple(v.origin_xyz_mm), "direction": tuple(v.direction_xyz)}
+    return {"size": tuple(img_or_vol.GetSize()), "spacing": img_or_vol.GetSpacing(),
+            "origin": img_or_vol.GetOrigin(), "direction": img_or_vol.GetDirection()}
+
+
+def _fmt_geom(g: dict) -> str:
+    r = lambda t: "(" + ", ".join(f"{x:.4g}" for x in t) + ")"  # noqa: E731
+    return f"size {g['size']} spacing {r(g['spacing'])} origin {r(g['origin'])} direction {r(g['direction'])}"
+
+
+def read_label_image(path, like: CTVolume) -> np.ndarray:
+    """Lung label image on the grid of ``like`` -> uint8 array (z, y, x).
+
+    The file must match ``like``: same size, spacing/origin (mm) and direction within
+    ``GRID_TOL``; otherwise ScanError naming both geometries (no silent resampling).
+    Values: if every label is in {0, 1, 2} they are kept (0 background, 1 right lung,
+    2 left lung, the lungmask convention); any other labelling is binarised to
+    (value != 0) -> 1, i.e. "lung, sides unknown" (callers then split sides themselves).
+    """
+    img = _read_sitk(path)
+    got, want = _geometry(img), _geometry(like)
+    ok = got["size"] == want["size"] and all(
+        np.allclose(got[k], want[k], atol=GRID_TOL) for k in ("spacing", "origin", "direction"))
+    if not ok:
+        raise ScanError(path, f"label grid does not match the CT: label {_fmt_geom(got)} vs CT {_fmt_geom(want)}")
+    arr = sitk.GetArrayFromImage(img)
+    values = np.unique(arr)
+    if np.all(np.isin(values, (0, 1, 2))):
+        return arr.astype(np.uint8)
+    return (arr != 0).astype(np.uint8)
+
+
+def write_label_image(labels: np.ndarray, like: CTVolume, path) -> Path:
+    """Write ``labels`` (z, y, x) as a compressed uint8 NIfTI (or any SimpleITK format by
+    suffix) with ``like``'s geometry. Returns the path."""
+    labels = np.asarray(labels)
+    if labels.shape != like.shape:
+        raise ScanError(path, f"label array shape {labels.shape} does not match CT shape {like.shape}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(like.to_sitk(labels.astype(np.uint8)), str(path), True)
+    return path
+
+
+def _load_dicom_folder(folder: Path) -> CTVolume:
+    files = find_files(folder)
+    if not files:
+        raise ScanError(folder, "no DICOM files found (empty folder)")
+    records = index_files(files, folder)
+    if not records:
+        raise ScanError(folder, f"no DICOM files found ({len(files)} other files)")
+    series = group_series(records)
+    # Several top-level subfolders each holding CT = an archive of scans, not one scan:
+    # choosing one silently would analyse an arbitrary patient.
+    ct_keys = sorted({s.scan_key for s in series
+                      if (s.modality or "").upper() == "CT" and not s.is_localizer})
+    studies = {s.study_uid for s in series if s.scan_key in ct_keys}
+    if len(ct_keys) > 1 and len(studies) > 1:
+        shown = ", ".join(ct_keys[:3]) + (", ..." if len(ct_keys) > 3 else "")
+        raise ScanError(folder, f"folder holds {len(ct_keys)} scan folders with CT ({shown}); "
+                                "pass one scan folder, or index the archive with index_tree")
+    choice = select_series(series, where=str(folder))
+    vol = read_dicom_series(choice.picked.files)
+    meta = dict(vol.meta, not_picked=list(choice.not_picked),
+                multi_kernel_kernels=tuple(choice.multi_kernel_kernels),
+                source_format="dicom")
+    return replace(vol, meta=meta)
+
+
+def load_ct(path) -> CTVolume:
+    """Load a CT from an image file, a DICOM series folder or a scan/patient folder.
+
+    * NIfTI/NRRD/MetaImage file -> ``read_image``.
+    * A DICOM file -> the series it belongs to, read from its folder.
+    * A folder -> its DICOM series grouped, one picked by ``select_series`` and read;
+      meta gains ``not_picked`` [(series_uid, reason)], ``multi_kernel_kernels`` and
+      ``source_format``.
+
+    Raises ScanError (path + reason) for anything unusable: missing path, empty folder
+    ("no DICOM files found"), no CT ("no CT series: ..."), truncated files, gaps, ...
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ScanError(path, "path does not exist")
+    if path.is_dir():
+        return _load_dicom_folder(path)
+    if image_format(path) is not None:
+        return read_image(path)
+    h = read_header(path)
+    if h is None:
+        raise ScanError(path, "neither a DICOM file nor a NIfTI/NRRD/MetaImage image")
+    # Only the file's own folder (not recursive): a series lives in one folder.
+    siblings = sorted(p for p in path.parent.iterdir() if p.is_file() and not p.name.startswith("."))
+    same = [r for r in index_files(siblings, path.parent) if r["series_uid"] == h["series_uid"]]
+    choice = select_series(group_series(same), where=str(path.parent))
+    vol = read_dicom_series(choice.picked.files)
+    return replace(vol, meta=dict(vol.meta, not_picked=[], multi_kernel_kernels=(), source_format="dicom"))

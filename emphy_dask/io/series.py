@@ -1,0 +1,247 @@
+"""Group header records into series and pick the one CT series to analyse per scan.
+
+A "scan" is one top-level folder of the archive (``scan_key``, e.g. ``LIDC-IDRI-0001``);
+it may hold localizers, non-CT objects and the same acquisition reconstructed with
+several kernels. ``select_series`` makes one deterministic, documented choice and says
+why every other series was not picked.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ScanError
+from .dicom_index import find_files, index_files, scan_key_of
+from .metadata import is_sharp_kernel
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One DICOM series of one scan folder (facts from the headers, no pixels read).
+
+    ``files`` are the image files to read (sorted paths; localizer images of a mixed
+    series and pixel-less objects removed). ``z_min_mm``/``z_max_mm``: extent of the
+    slice positions along the patient's head-feet axis (LPS z), mm.
+    """
+
+    scan_key: str
+    study_uid: str | None
+    series_uid: str | None
+    series_number: int | None
+    series_description: str | None
+    modality: str | None
+    kernel: str | None
+    manufacturer: str | None
+    slice_thickness_mm: float | None
+    n_slices: int
+    files: tuple
+    is_localizer: bool
+    frame_of_reference_uid: str | None
+    acquisition_number: int | None
+    model: str | None = None
+    rows: int | None = None
+    columns: int | None = None
+    z_min_mm: float | None = None
+    z_max_mm: float | None = None
+    n_files: int = 0
+
+
+@dataclass
+class SeriesChoice:
+    """The series picked for one scan, and why the others were not.
+
+    not_picked : list of (series_uid, reason)
+    multi_kernel_kernels : kernels (picked one first) when the same acquisition (same
+        study and frame of reference, overlapping z range) was reconstructed with several
+        kernels; empty tuple otherwise.
+    """
+
+    picked: SeriesInfo
+    not_picked: list = field(default_factory=list)
+    multi_kernel_kernels: tuple = ()
+
+
+def _is_localizer_record(rec: dict) -> bool:
+    return "LOCALIZER" in (rec.get("image_type") or [])
+
+
+def group_series(records) -> list[SeriesInfo]:
+    """Group ``index_files`` records by (scan_key, series_uid) into ``SeriesInfo``.
+
+    Localizer = every image has ImageType LOCALIZER, or the series has one slice. In a
+    mixed series the LOCALIZER images are dropped from ``files``. Exact duplicate copies
+    of one SOP instance are kept once. Output sorted by (scan_key, series_uid).
+    """
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for rec in records:
+        groups[(rec.get("scan_key") or "", rec.get("series_uid") or "")].append(rec)
+    out = []
+    for (scan_key, series_uid), recs in sorted(groups.items()):
+        recs = sorted(recs, key=lambda r: r["path"])
+        images = [r for r in recs if r.get("has_pixels")] or recs
+        axial = [r for r in images if not _is_localizer_record(r)]
+        use = axial or images
+        seen, files = set(), []
+        for r in use:
+            sop = r.get("sop_instance_uid")
+            if sop is not None and sop in seen:
+                continue  # the same instance copied twice is not a duplicate slice
+            seen.add(sop)
+            files.append(r)
+        first = files[0]
+        zs = [r["position_xyz_mm"][2] for r in files if r.get("position_xyz_mm")]
+        n = sum(int(r.get("n_frames") or 1) for r in files)
+        out.append(SeriesInfo(
+            scan_key=scan_key,
+            study_uid=first.get("study_uid"),
+            series_uid=first.get("series_uid"),
+            series_number=first.get("series_number"),
+            series_description=first.get("series_description"),
+            modality=first.get("modality"),
+            kernel=first.get("kernel"),
+            manufacturer=first.get("manufacturer"),
+            slice_thickness_mm=first.get("slice_thickness_mm"),
+            n_slices=n,
+            files=tuple(r["path"] for r in files),
+            is_localizer=(not axial) or n <= 1,
+            frame_of_reference_uid=first.get("frame_of_reference_uid"),
+            acquisition_number=first.get("acquisition_number"),
+            model=first.get("model"),
+            rows=first.get("rows"),
+            columns=first.get("columns"),
+            z_min_mm=min(zs) if zs else None,
+            z_max_mm=max(zs) if zs else None,
+            n_files=len(recs),
+        ))
+    return out
+
+
+def _kernel_rank(s: SeriesInfo) -> int:
+    sharp = is_sharp_kernel(s.kernel, s.manufacturer)
+    return 0 if sharp is False else 1 if sharp is True else 2
+
+
+def _sort_key(s: SeriesInfo) -> tuple:
+    inf = float("inf")
+    return (
+        -s.n_slices,
+        s.slice_thickness_mm if s.slice_thickness_mm is not None else inf,
+        _kernel_rank(s),
+        s.series_number if s.series_number is not None else inf,
+        s.series_uid or "",
+    )
+
+
+def _why_not(s: SeriesInfo, best: SeriesInfo) -> str:
+    """Reason ``s`` lost to ``best``: the first tie-break criterion that differs."""
+    if s.n_slices != best.n_slices:
+        return f"fewer slices ({s.n_slices} < {best.n_slices})"
+    if _sort_key(s)[1] != _sort_key(best)[1]:
+        return (f"same slice count, thicker slices ({s.slice_thickness_mm} mm > "
+                f"{best.slice_thickness_mm} mm)")
+    if _kernel_rank(s) != _kernel_rank(best):
+        label = {0: "soft", 1: "sharp", 2: "unknown"}
+        return (f"same slice count and thickness, {label[_kernel_rank(s)]} kernel {s.kernel} "
+                f"(preferred {label[_kernel_rank(best)]} kernel {best.kernel})")
+    if s.series_number != best.series_number:
+        return f"tie on slices, thickness and kernel; higher SeriesNumber ({s.series_number})"
+    return "tie on slices, thickness, kernel and SeriesNumber; later series_uid"
+
+
+def _overlaps(a: SeriesInfo, b: SeriesInfo, tol_mm: float = 1e-3) -> bool:
+    if None in (a.z_min_mm, a.z_max_mm, b.z_min_mm, b.z_max_mm):
+        return False
+    return a.z_min_mm <= b.z_max_mm + tol_mm and b.z_min_mm <= a.z_max_mm + tol_mm
+
+
+def select_series(series, where=None) -> SeriesChoice:
+    """Pick the CT series to analyse among one scan's series.
+
+    Candidates: modality CT and not a localizer. Pick the one with the most slices
+    (whole-lung coverage, as in the paper). Ties are broken, in order, by:
+
+    1. thinner ``slice_thickness_mm`` (unknown thickness last),
+    2. softer kernel: soft/standard before sharp before unknown (``is_sharp_kernel``),
+       because sharp kernels inflate LAA%-950,
+    3. lower SeriesNumber (usually the scanner's primary reconstruction),
+    4. lexically smaller series_uid (total determinism).
+
+    Parameters
+    ----------
+    series : list of SeriesInfo
+        All series of one scan (one ``scan_key``).
+    where : str, optional
+        Folder named in the error (default: the scan_key).
+
+    Raises
+    ------
+    ScanError
+        No candidate: message starts with "no CT series" and lists what was found.
+    """
+    series = list(series)
+    where = where if where is not None else (series[0].scan_key if series else "?")
+    not_picked = []
+    cands = []
+    for s in series:
+        if (s.modality or "").upper() != "CT":
+            not_picked.append((s.series_uid, f"not CT (modality {s.modality})"))
+        elif s.is_localizer:
+            not_picked.append((s.series_uid, f"localizer ({s.n_slices} slice(s))"))
+        else:
+            cands.append(s)
+    if not cands:
+        n_files = sum(s.n_files or len(s.files) for s in series)
+        mods = sorted({s.modality or "unknown" for s in series})
+        extra = ", only localizers" if any((s.modality or "").upper() == "CT" for s in series) else ""
+        raise ScanError(where, f"no CT series: {n_files} files in {len(series)} series, "
+                               f"modalities {', '.join(mods) or 'none'}{extra}")
+    cands.sort(key=_sort_key)
+    best = cands[0]
+    not_picked += [(s.series_uid, _why_not(s, best)) for s in cands[1:]]
+    same_acq = [s for s in cands[1:] if s.study_uid == best.study_uid
+                and s.frame_of_reference_uid == best.frame_of_reference_uid
+                and _overlaps(s, best) and s.kernel != best.kernel]
+    kernels = ()
+    if same_acq:
+        others = sorted({s.kernel or "unknown" for s in same_acq})
+        kernels = (best.kernel or "unknown", *others)
+    return SeriesChoice(picked=best, not_picked=not_picked, multi_kernel_kernels=kernels)
+
+
+def choose_by_scan(records, root) -> dict:
+    """Records of a tree -> {scan_key: SeriesChoice | ScanError} (errors returned, not raised)."""
+    by_key: dict[str, list] = defaultdict(list)
+    for s in group_series(records):
+        by_key[s.scan_key].append(s)
+    out = {}
+    for key in sorted(by_key):
+        folder = Path(root) / key if key != Path(root).name else Path(root)
+        try:
+            out[key] = select_series(by_key[key], where=str(folder))
+        except ScanError as e:
+            out[key] = e
+    return out
+
+
+def index_tree(root) -> dict:
+    """Serial convenience: ``{scan_key: SeriesChoice | ScanError}`` for a whole tree.
+
+    A scan folder holding files but no DICOM at all maps to a ScanError too; non-DICOM
+    files lying directly in ``root`` next to scan folders are ignored.
+    """
+    root = Path(root)
+    files = find_files(root)
+    out = choose_by_scan(index_files(files, root), root)
+    counts: dict[str, int] = defaultdict(int)
+    for f in files:
+        counts[scan_key_of(f, root)] += 1
+    for key, n in counts.items():
+        # Loose files in the root (README, metadata.csv) are not a scan, unless the root
+        # is itself the only scan folder.
+        if key == root.name and (out or len(counts) > 1):
+            continue
+        if key not in out:
+            out[key] = ScanError(root / key if key != root.name else root,
+                                 f"no DICOM files found ({n} other files)")
+    return dict(sorted(out.items()))

@@ -1,0 +1,180 @@
+"""The patient/scan manifest: which series of which scan to process, from headers only.
+
+Indexing is itself distributed: the tree is listed per top-level folder and headers are read
+in chunks of files on the workers (``client.map``); grouping and series selection, which need
+every header of a scan, run on the driver and are cheap. Without a client it runs in-process.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from ..errors import ScanError
+from ..pipeline import ScanTask, selection_columns
+from ..tables import to_arrow
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+MANIFEST_FILE = "manifest.parquet"
+
+
+def _is_image(path: Path) -> bool:
+    return path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _image_key(path: Path, root: Path) -> str:
+    rel = path.relative_to(root).as_posix()
+    for suffix in IMAGE_SUFFIXES:
+        if rel.lower().endswith(suffix):
+            return rel[: -len(suffix)]
+    return rel
+
+
+def _list_files(root: Path, client=None) -> list[Path]:
+    from ..io import find_files
+
+    tops = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    dirs = [p for p in tops if p.is_dir()]
+    files = [p for p in tops if p.is_file()]
+    if client is not None and len(dirs) > 1:
+        listed = client.gather(client.map(find_files, dirs, pure=False))
+    else:
+        listed = [find_files(d) for d in dirs]
+    for chunk in listed:
+        files.extend(chunk)
+    return sorted(files)
+
+
+def _index(files: list[Path], root: Path, client=None, chunk_size: int = 512) -> list[dict]:
+    from ..io import index_files
+
+    chunks = [files[i:i + chunk_size] for i in range(0, len(files), chunk_size)]
+    if client is not None and len(chunks) > 1:
+        parts = client.gather(client.map(index_files, chunks, root=root, pure=False))
+    else:
+        parts = [index_files(c, root) for c in chunks]
+    return [rec for part in parts for rec in part]
+
+
+def tasks_from_records(records: list[dict], root: Path) -> list[ScanTask]:
+    """Group header records by scan key and pick one series per scan (errors become tasks too)."""
+    from ..io import group_series, select_series
+
+    by_key = defaultdict(list)
+    for rec in records:
+        by_key[rec["scan_key"]].append(rec)
+    tasks = []
+    for key in sorted(by_key):
+        series = group_series(by_key[key])
+        try:
+            choice = select_series(series)
+        except ScanError as exc:
+            tasks.append(ScanTask(key, "error", error=str(exc), selection={"error_stage": "index"}))
+            continue
+        n_candidates = 1 + len(choice.not_picked)
+        tasks.append(ScanTask(key, "dicom", tuple(str(p) for p in choice.picked.files),
+                              selection_columns(n_candidates, choice.not_picked, choice.multi_kernel_kernels)))
+    return tasks
+
+
+def build_manifest(input_path: str | Path, client=None) -> tuple[Path, list[ScanTask]]:
+    """Index ``input_path`` (a tree, or a manifest file) into scan tasks, sorted by key.
+
+    Returns (input root, tasks). Keys that hold no DICOM but a NIfTI/NRRD/MHD file become
+    ``image`` tasks keyed by the file's path without suffix.
+    """
+    path = Path(input_path)
+    if path.is_file():
+        return read_manifest_file(path, client)
+    if not path.is_dir():
+        raise ScanError(path, "input not found: neither a folder nor a manifest file", stage="index")
+    root = path.resolve()
+    files = _list_files(root, client)
+    images = [f for f in files if _is_image(f)]
+    dicom_candidates = [f for f in files if not _is_image(f) and not f.name.lower().endswith((".raw", ".zraw"))]
+    tasks = tasks_from_records(_index(dicom_candidates, root, client), root)
+    tasks += [ScanTask(_image_key(f, root), "image", (str(f),), selection_columns(1, [], ()))
+              for f in images]
+    # A DICOM scan and an image file can map to the same key: keep both, distinctly keyed.
+    seen, unique = {}, []
+    for t in sorted(tasks, key=lambda t: t.scan_key):
+        n = seen.get(t.scan_key, 0)
+        seen[t.scan_key] = n + 1
+        unique.append(t if n == 0 else ScanTask(f"{t.scan_key}~{n + 1}", t.kind, t.paths, t.selection, t.error))
+    return root, unique
+
+
+def read_manifest_file(path: Path, client=None) -> tuple[Path, list[ScanTask]]:
+    """A manifest: our own ``manifest.parquet`` or a CSV with columns ``scan_key,path``.
+
+    In a CSV, ``path`` is a series folder, a patient folder or an image file, relative to the
+    CSV's folder or absolute.
+    """
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+        root = Path(table.schema.metadata.get(b"emphy.input_root", b".").decode())
+        tasks = []
+        for row in table.to_pylist():
+            sel = {k: row[k] for k in ("n_candidate_series", "not_picked", "multi_kernel", "kernels_in_study")}
+            tasks.append(ScanTask(row["scan_key"], row["kind"], tuple(str(root / p) for p in row["paths"] or ()),
+                                  sel, row["error"]))
+        return root, tasks
+    import csv
+
+    root = path.parent.resolve()
+    tasks = []
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"scan_key", "path"} <= set(reader.fieldnames):
+            raise ScanError(path, "manifest CSV needs the columns scan_key,path", stage="index")
+        for row in reader:
+            target = (root / row["path"]).resolve()
+            tasks.append(_task_for_target(row["scan_key"], target, root, client))
+    return root, sorted(tasks, key=lambda t: t.scan_key)
+
+
+def _task_for_target(key: str, target: Path, root: Path, client=None) -> ScanTask:
+    if target.is_file() and _is_image(target):
+        return ScanTask(key, "image", (str(target),), selection_columns(1, [], ()))
+    if not target.exists():
+        return ScanTask(key, "error", error=f"{target}: listed in the manifest but not found")
+    from ..io import find_files
+
+    files = [target] if target.is_file() else find_files(target)
+    records = [dict(r, scan_key=key) for r in _index(files, root, client)]
+    if not records:
+        return ScanTask(key, "error", error=f"{target}: no DICOM files found")
+    return tasks_from_records(records, root)[0]
+
+
+def write_manifest(out_dir: Path, root: Path, tasks: list[ScanTask]) -> Path:
+    """Save the manifest (paths relative to ``root``) atomically as OUT/manifest.parquet."""
+    rows = []
+    for t in tasks:
+        rel = []
+        for p in t.paths:
+            try:
+                rel.append(Path(p).resolve().relative_to(root).as_posix())
+            except ValueError:
+                rel.append(str(p))
+        sel = t.selection
+        rows.append({"scan_key": t.scan_key, "kind": t.kind, "paths": rel, "error": t.error,
+                     **{k: sel.get(k) for k in ("n_candidate_series", "not_picked", "multi_kernel",
+                                                 "kernels_in_study")}})
+    table = to_arrow("manifest", rows)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"emphy.input_root": str(root).encode()})
+    final = Path(out_dir) / MANIFEST_FILE
+    tmp = final.with_name(".tmp-" + final.name)
+    pq.write_table(table, tmp)
+    tmp.replace(final)
+    return final
+
+
+def manifest_summary(tasks: list[ScanTask]) -> dict:
+    kinds = defaultdict(int)
+    for t in tasks:
+        kinds[t.kind] += 1
+    return dict(kinds)
+
+

@@ -1,0 +1,132 @@
+"""The run folder as a crash-safe store: staged results, Parquet parts, resume state.
+
+Protocol (each step atomic: temporary file + rename):
+1. a finished scan's rows are staged at once in ``OUT/_staging/<key>.json`` (readers skip ``_``);
+2. every ``part_size`` scans (and at the end) the staged rows become one ``part-<id>.parquet`` in
+   each table, ``scans/`` written last: a scan counts as done only once its scans row exists;
+3. then the staged files are removed.
+A crash between any two steps is repaired on the next start: parts whose id has no scans part
+are orphans and deleted; staged scans already in ``scans/`` are dropped, the others flushed.
+So a killed job loses at most the scans in flight, and no row is ever written twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pyarrow.compute as pc
+
+from ..pipeline import safe_name
+from ..tables import TABLES, part_ids, read_table, write_part
+
+STAGING = "_staging"
+
+
+def _plain(obj):
+    """numpy scalars -> python (json)."""
+    return obj.item() if hasattr(obj, "item") else str(obj)
+
+
+class ConfigMismatch(RuntimeError):
+    """OUT holds results made with other settings."""
+
+
+class RunStore:
+    """Resume state and writers of one run folder."""
+
+    def __init__(self, out_dir: str | Path, part_size: int = 64):
+        self.out_dir = Path(out_dir)
+        self.part_size = part_size
+        self.staging = self.out_dir / STAGING
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self._pending: list[dict] = []
+
+    # -- start-up -------------------------------------------------------------------------
+    def repair(self) -> dict:
+        """Delete orphan parts and flush/drop leftover staged scans; returns what was done."""
+        done_ids = part_ids(self.out_dir, "scans")
+        orphans = 0
+        for table in TABLES:
+            if table == "scans":
+                continue
+            for pid in part_ids(self.out_dir, table) - done_ids:
+                (self.out_dir / table / f"part-{pid}.parquet").unlink()
+                orphans += 1
+        for tmp in self.out_dir.glob("*/.tmp-*"):
+            tmp.unlink()
+        done = set(self.done_keys())
+        staged = []
+        for f in sorted(self.staging.glob("*.json")):
+            result = json.loads(f.read_text())
+            if result["scans"]["scan_key"] in done:
+                f.unlink()
+            else:
+                staged.append(result)
+        self._pending = staged
+        flushed = len(staged)
+        self.flush()
+        return {"orphan_parts_removed": orphans, "staged_scans_recovered": flushed}
+
+    def done_keys(self) -> dict[str, str]:
+        """scan_key -> config_hash of every scan already written."""
+        t = read_table(self.out_dir, "scans", columns=["scan_key", "config_hash"])
+        return dict(zip(t.column("scan_key").to_pylist(), t.column("config_hash").to_pylist()))
+
+    def check_config(self, config_hash: str) -> None:
+        other = {h for h in self.done_keys().values() if h != config_hash}
+        if other:
+            raise ConfigMismatch(
+                f"{self.out_dir} holds results made with other settings (config hash {', '.join(sorted(other))}, "
+                f"this job {config_hash}); rerun with --overwrite or write to a new OUT")
+
+    # -- during the run ---------------------------------------------------------------------
+    def add(self, result: dict) -> None:
+        """Stage one scan's rows durably, then flush a part when enough are pending."""
+        key = result["scans"]["scan_key"]
+        final = self.staging / f"{safe_name(key)}.json"
+        tmp = self.staging / f".tmp-{final.name}"
+        tmp.write_text(json.dumps(result, default=_plain))
+        os.replace(tmp, final)
+        self._pending.append(result)
+        if len(self._pending) >= self.part_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pid = uuid.uuid4().hex[:12]
+        for table in TABLES:
+            if table == "scans":
+                continue
+            rows = [r for res in self._pending for r in res[table]]
+            if rows:
+                write_part(table, rows, self.out_dir, pid)
+        write_part("scans", [res["scans"] for res in self._pending], self.out_dir, pid)
+        for res in self._pending:
+            (self.staging / f"{safe_name(res['scans']['scan_key'])}.json").unlink(missing_ok=True)
+        self._pending = []
+
+    def close(self) -> None:
+        self.flush()
+        if self.staging.is_dir() and not any(self.staging.iterdir()):
+            self.staging.rmdir()
+
+    def counts(self) -> dict:
+        t = read_table(self.out_dir, "scans", columns=["status"])
+        vc = pc.value_counts(t.column("status")).to_pylist() if t.num_rows else []
+        return {d["values"]: d["counts"] for d in vc}
+
+
+def clean_out_dir(out_dir: str | Path) -> None:
+    """``--overwrite``: remove a previous run's outputs (refuses folders that are not runs)."""
+    out = Path(out_dir)
+    if not out.exists():
+        return
+    markers = {"run.json", "manifest.parquet", "scans", STAGING}
+    entries = {p.name for p in out.iterdir()}
+    if entries and not entries & markers:
+        raise ConfigMismatch(f"{out}: --overwrite refuses to delete a folder that is not an emphy run")
+    shutil.rmtree(out)

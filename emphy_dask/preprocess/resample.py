@@ -1,0 +1,106 @@
+"""Resampling of CT volumes and label maps between grids (SimpleITK).
+
+Geometry convention: the new grid covers the same physical extent as the old one
+(the outer faces of the first voxel stay where they were); its size along each
+axis is ``ceil(extent_mm / new_spacing_mm)``, so the last voxel may stick out by
+less than one new voxel and is filled with ``PADDING_HU`` / outside-FOV.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import SimpleITK as sitk
+
+from emphy_dask.volume import PADDING_HU, CTVolume
+
+
+def _target_geometry(volume: CTVolume, spacing_zyx_mm):
+    """(size_xyz, spacing_xyz, origin_xyz) of the same-extent grid at the new spacing."""
+    old_sp = np.asarray(volume.spacing_zyx_mm, float)[::-1]
+    new_sp = np.asarray(spacing_zyx_mm, float)[::-1]
+    n_old = np.asarray(volume.shape, float)[::-1]
+    extent = n_old * old_sp
+    # round() first so that 300 * 1.0 / 1.0 does not become 301 through float noise
+    size = [max(1, int(math.ceil(round(e / s, 6)))) for e, s in zip(extent, new_sp)]
+    d = np.asarray(volume.direction_xyz, float).reshape(3, 3)
+    # voxel centres move by half the spacing change so the outer face stays put
+    origin = np.asarray(volume.origin_xyz_mm, float) + d @ ((new_sp - old_sp) / 2.0)
+    return size, tuple(float(s) for s in new_sp), tuple(float(o) for o in origin)
+
+
+def _resample(img: sitk.Image, size, spacing, origin, direction, interp, default, out_type):
+    f = sitk.ResampleImageFilter()
+    f.SetSize([int(s) for s in size])
+    f.SetOutputSpacing(spacing)
+    f.SetOutputOrigin(origin)
+    f.SetOutputDirection(tuple(float(v) for v in direction))
+    f.SetInterpolator(interp)
+    f.SetDefaultPixelValue(default)
+    f.SetOutputPixelType(out_type)
+    f.SetTransform(sitk.Transform())
+    return f.Execute(img)
+
+
+def resample_volume(volume: CTVolume, spacing_zyx_mm=(1.0, 1.0, 1.0)) -> CTVolume:
+    """Resample HU with linear interpolation onto a grid of ``spacing_zyx_mm``.
+
+    Parameters
+    ----------
+    volume : CTVolume
+        ``hu`` shape (n_z, n_y, n_x), HU.
+    spacing_zyx_mm : 3 floats
+        New voxel size (slice, row, column), mm.
+
+    Returns
+    -------
+    CTVolume
+        ``hu`` int16 (rounded), shape ``ceil(extent / spacing)`` per axis, same
+        direction, origin shifted so the physical extent is kept. Voxels outside the
+        old grid get ``PADDING_HU``. ``fov_mask`` is resampled nearest-neighbour (None
+        if every new voxel is inside the old FOV). ``meta`` is copied.
+    """
+    size, sp, origin = _target_geometry(volume, spacing_zyx_mm)
+    img = volume.to_sitk(volume.hu.astype(np.float32))
+    out = _resample(img, size, sp, origin, volume.direction_xyz, sitk.sitkLinear,
+                    float(PADDING_HU), sitk.sitkFloat32)
+    hu = np.clip(np.rint(sitk.GetArrayFromImage(out)), -32768, 32767).astype(np.int16)
+
+    fov = np.ones(volume.shape, np.uint8) if volume.fov_mask is None else volume.fov_mask.astype(np.uint8)
+    fov_out = _resample(volume.to_sitk(fov), size, sp, origin, volume.direction_xyz,
+                        sitk.sitkNearestNeighbor, 0.0, sitk.sitkUInt8)
+    fov_mask = sitk.GetArrayFromImage(fov_out).astype(bool)
+    if fov_mask.all():
+        fov_mask = None
+    else:
+        hu[~fov_mask] = PADDING_HU  # linear interpolation blurs padding into the edge
+    return CTVolume(hu=hu, spacing_zyx_mm=tuple(float(s) for s in sp[::-1]), origin_xyz_mm=origin,
+                    direction_xyz=tuple(float(v) for v in volume.direction_xyz),
+                    fov_mask=fov_mask, meta=dict(volume.meta))
+
+
+def resample_labels(labels: np.ndarray, volume: CTVolume, target: CTVolume) -> np.ndarray:
+    """Nearest-neighbour resampling of a label map from ``volume``'s grid to ``target``'s.
+
+    Used for lung masks: native grid -> 1 mm for the model/phenotypes and back.
+
+    Parameters
+    ----------
+    labels : ndarray, shape ``volume.shape`` (z, y, x), integer labels 0..255.
+    volume : CTVolume
+        Grid ``labels`` lives on.
+    target : CTVolume
+        Grid to resample onto (only its geometry is used).
+
+    Returns
+    -------
+    ndarray of uint8, shape ``target.shape``; 0 outside the source grid.
+    """
+    labels = np.asarray(labels)
+    if labels.shape != volume.shape:
+        raise ValueError(f"labels shape {labels.shape} != volume shape {volume.shape}")
+    out = _resample(volume.to_sitk(labels.astype(np.uint8)), target.shape[::-1],
+                    tuple(float(s) for s in target.spacing_zyx_mm[::-1]),
+                    tuple(float(o) for o in target.origin_xyz_mm), target.direction_xyz,
+                    sitk.sitkNearestNeighbor, 0.0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(out).astype(np.uint8)
