@@ -36,7 +36,8 @@ class ScanTask:
     paths : tuple of str
     selection : dict
         Series-selection facts for the scans table (n_candidate_series, not_picked, ...).
-    error : str or None
+    error, error_path : str or None
+        Why no series could be picked, and the file/folder at fault (``kind == "error"``).
     """
 
     scan_key: str
@@ -44,6 +45,7 @@ class ScanTask:
     paths: tuple = ()
     selection: dict = field(default_factory=dict)
     error: str | None = None
+    error_path: str | None = None
 
 
 def safe_name(scan_key: str) -> str:
@@ -67,7 +69,7 @@ def _load(task: ScanTask):
         return read_dicom_series([Path(p) for p in task.paths])
     if task.kind == "image":
         return read_image(Path(task.paths[0]))
-    raise ScanError(task.scan_key, task.error or f"unknown scan kind {task.kind!r}", stage="index")
+    raise ScanError(task.error_path or task.scan_key, task.error or f"unknown scan kind {task.kind!r}", stage="index")
 
 
 def _atomic(path: Path, write) -> None:
@@ -161,16 +163,13 @@ def _phenotypes(volume, labels, config) -> dict:
 
     regions = parenchyma_phenotypes(volume.hu, labels, volume.spacing_zyx_mm, volume.direction_xyz)
     whole = next(r for r in regions if r["region"] == "WholeLung")
-    curve = laa_per_slice(volume.hu, labels, volume.direction_xyz)
+    curve = laa_per_slice(volume.hu, labels, volume.direction_xyz, spacing_zyx_mm=volume.spacing_zyx_mm)
     d = laa_cluster_exponent_d(volume.hu, labels > 0, volume.spacing_zyx_mm)
     label = emphysema_label(whole["laa950_pct"], whole["hu_mean"], config.label)
-    slices = []
-    order = np.argsort(curve["rank_from_top"])
-    for i in order:
-        if curve["n_lung_voxels"][i] == 0:
-            continue
-        slices.append({"slice_index": int(curve["slice_index"][i]), "rank_from_top": int(curve["rank_from_top"][i]),
-                       "n_lung_voxels": int(curve["n_lung_voxels"][i]), "laa950_pct": float(curve["laa_pct"][i])})
+    slices = [{"slice_index": int(k), "rank_from_superior": int(r), "depth_mm": float(dmm),
+               "n_lung_voxels": int(n), "laa950_pct": float(pct)}
+              for k, r, dmm, n, pct in zip(curve["slice_index"], curve["rank_from_superior"], curve["depth_mm"],
+                                           curve["n_lung_voxels"], curve["laa_pct"]) if n > 0]
     summary = {"lung_volume_l": whole["volume_l"], "laa950_pct": whole["laa950_pct"], "hu_mean": whole["hu_mean"],
                "cluster_d": None if d is None or not np.isfinite(d) else float(d),
                "label": None if label is None else int(label)}

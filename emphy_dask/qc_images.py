@@ -70,12 +70,12 @@ def qc_montage_png(hu: np.ndarray, labels: np.ndarray, direction_xyz, path: str 
 def laa_curve_png(slice_rows: list[dict], path: str | Path, title: str = "") -> None:
     """Write the per-slice LAA%-950 curve, top of the lung on the left.
 
-    ``slice_rows``: dicts with ``rank_from_top`` and ``laa950_pct`` (as in the slices table).
+    ``slice_rows``: dicts with ``rank_from_superior`` and ``laa950_pct`` (as in the slices table).
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 2.8))
     if slice_rows:
-        ranks = [r["rank_from_top"] for r in slice_rows]
+        ranks = [r["rank_from_superior"] for r in slice_rows]
         laa = [r["laa950_pct"] for r in slice_rows]
         ax.plot(ranks, laa, color="firebrick", lw=1.2)
     ax.axhline(6.0, color="gray", ls="--", lw=0.8, label="6 % (label threshold)")

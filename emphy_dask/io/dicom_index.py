@@ -89,7 +89,8 @@ def _strs(v) -> list[str]:
 
 
 def _read_dataset(path: str):
-    """(dataset, has_pixels), or None when ``path`` is not a DICOM file."""
+    """(dataset, has_pixels), None when ``path`` is not DICOM, or an error string when it
+    is DICOM (has the "DICM" preamble) but cannot be parsed (truncated / corrupt)."""
     with open(path, "rb") as fp:
         try:
             ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
@@ -103,8 +104,10 @@ def _read_dataset(path: str):
                     return None
             except Exception:
                 return None
-        except Exception:
-            return None
+        except Exception as e:  # DICM preamble present but the header is broken
+            return f"truncated or corrupt DICOM header ({type(e).__name__}: {e})"
+        if "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds:
+            return "truncated or empty DICOM dataset (no SOPClassUID / SeriesInstanceUID)"
         # stop_before_pixels leaves the file positioned at the PixelData element if any.
         has_pixels = fp.read(4) in _PIXEL_TAG_BYTES
     return ds, has_pixels
@@ -121,13 +124,18 @@ def read_header(path) -> dict | None:
     orientation (6 float direction cosines), pixel_spacing_mm ([row spacing, column
     spacing], mm), slice_thickness_mm, rows, columns, n_frames, kernel (multi-values
     joined with "/"), manufacturer, model, kvp, tube_current_ma, transfer_syntax_uid,
-    rescale_slope, rescale_intercept, has_pixels. Missing tags -> None.
+    rescale_slope, rescale_intercept, has_pixels, read_error (None). Missing tags -> None.
+    A DICOM file (DICM preamble) whose header cannot be parsed (truncated) gives a short
+    record {path, read_error: str, has_pixels: False, series_uid: None} instead of None.
     Never any patient-identifying tag (see ``metadata.PHI_TAGS``).
     """
     path = str(path)
     got = _read_dataset(path)
     if got is None:
         return None
+    if isinstance(got, str):
+        # Keep broken DICOM visible (never silently skipped): callers fail the scan on it.
+        return {"path": path, "read_error": got, "has_pixels": False, "series_uid": None}
     ds, has_pixels = got
     fm = getattr(ds, "file_meta", None)
     ts = fm.get("TransferSyntaxUID") if fm is not None else None
@@ -162,13 +170,18 @@ def read_header(path) -> dict | None:
         "rescale_slope": _float(ds.get("RescaleSlope")),
         "rescale_intercept": _float(ds.get("RescaleIntercept")),
         "has_pixels": bool(has_pixels),
+        "read_error": None,
     }
 
 
 def scan_key_of(path, root) -> str:
-    """First path component of ``path`` relative to ``root`` (the scan/patient folder).
+    """The scan (patient) folder of ``path``, relative to ``root``, as a posix string.
 
-    A file directly in ``root`` belongs to ``root`` itself -> ``root``'s folder name.
+    DICOM archives are laid out patient/study/series/file (TCIA, LIDC-IDRI), possibly below
+    collection folders: the key is the folder two levels above the file's series folder
+    (``collection/LIDC-IDRI-0001`` for ``collection/LIDC-IDRI-0001/<study>/<series>/x.dcm``).
+    Shallower trees fall back to the first component (patient/series/file), and a file
+    directly in ``root`` belongs to ``root`` itself (its folder name).
     """
     p, r = Path(path), Path(root)
     try:
@@ -178,6 +191,8 @@ def scan_key_of(path, root) -> str:
     parts = rel.parts
     if len(parts) <= 1 or parts[0] == "..":
         return Path(os.path.abspath(r)).name if len(parts) <= 1 else p.parent.name
+    if len(parts) >= 4:
+        return "/".join(parts[:-3])
     return parts[0]
 
 

@@ -117,6 +117,8 @@ def read_dicom_series(paths) -> CTVolume:
         h = read_header(p)
         if h is None:
             raise ScanError(p, f"not a DICOM file: {Path(p).name}")
+        if h["read_error"]:
+            raise ScanError(p, f"unreadable DICOM file {Path(p).name}: {h['read_error']}")
         headers.append(h)
     first = headers[0]
     for h in headers:
@@ -124,7 +126,7 @@ def read_dicom_series(paths) -> CTVolume:
             if h[key] is None:
                 raise ScanError(h["path"], f"missing or malformed {key} in {Path(h['path']).name}")
         if not h["has_pixels"]:
-            raise ScanError(h["path"], f"no pixel data in {Path(h['path']).name}")
+            raise ScanError(h["path"], f"no pixel data in {Path(h['path']).name} (truncated file?)")
         for key, tol in (("orientation", _GEOM_TOL), ("pixel_spacing_mm", _GEOM_TOL)):
             if not np.allclose(h[key], first[key], atol=tol):
                 raise ScanError(h["path"], f"{key} {h[key]} of {Path(h['path']).name} differs from "

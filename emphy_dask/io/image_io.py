@@ -15,7 +15,7 @@ from ..errors import ScanError
 from ..volume import CTVolume
 from .dicom_index import find_files, index_files, read_header
 from .dicom_read import read_dicom_series
-from .series import group_series, select_series
+from .series import broken_file_error, group_series, select_series
 
 #: File suffixes read with SimpleITK (lower case), and the format name put in meta.
 IMAGE_SUFFIXES = {".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd", ".nhdr": "nrrd",
@@ -117,6 +117,9 @@ def _load_dicom_folder(folder: Path) -> CTVolume:
     records = index_files(files, folder)
     if not records:
         raise ScanError(folder, f"no DICOM files found ({len(files)} other files)")
+    err = broken_file_error(records)
+    if err is not None:
+        raise err
     series = group_series(records)
     # Several top-level subfolders each holding CT = an archive of scans, not one scan:
     # choosing one silently would analyse an arbitrary patient.
@@ -157,6 +160,8 @@ def load_ct(path) -> CTVolume:
     h = read_header(path)
     if h is None:
         raise ScanError(path, "neither a DICOM file nor a NIfTI/NRRD/MetaImage image")
+    if h["read_error"]:
+        raise ScanError(path, f"unreadable DICOM file {path.name}: {h['read_error']}")
     # Only the file's own folder (not recursive): a series lives in one folder.
     siblings = sorted(p for p in path.parent.iterdir() if p.is_file() and not p.name.startswith("."))
     same = [r for r in index_files(siblings, path.parent) if r["series_uid"] == h["series_uid"]]

@@ -62,6 +62,10 @@ class SeriesChoice:
     multi_kernel_kernels: tuple = ()
 
 
+#: CT Image, Enhanced CT, Legacy Converted Enhanced CT storage SOP classes.
+_CT_IMAGE_CLASSES = {"1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"}
+
+
 def _is_localizer_record(rec: dict) -> bool:
     return "LOCALIZER" in (rec.get("image_type") or [])
 
@@ -75,11 +79,15 @@ def group_series(records) -> list[SeriesInfo]:
     """
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for rec in records:
+        if rec.get("read_error"):
+            continue  # broken files: see ``broken_files``
         groups[(rec.get("scan_key") or "", rec.get("series_uid") or "")].append(rec)
     out = []
     for (scan_key, series_uid), recs in sorted(groups.items()):
         recs = sorted(recs, key=lambda r: r["path"])
-        images = [r for r in recs if r.get("has_pixels")] or recs
+        # Pixel-less objects (SR, presentation states) are dropped, but a CT image file
+        # without pixels is kept so reading fails loudly on it (a truncated copy).
+        images = [r for r in recs if r.get("has_pixels") or r.get("sop_class_uid") in _CT_IMAGE_CLASSES] or recs
         axial = [r for r in images if not _is_localizer_record(r)]
         use = axial or images
         seen, files = set(), []
@@ -209,14 +217,36 @@ def select_series(series, where=None) -> SeriesChoice:
     return SeriesChoice(picked=best, not_picked=not_picked, multi_kernel_kernels=kernels)
 
 
+def broken_file_error(records) -> ScanError | None:
+    """ScanError naming the first unparseable DICOM file among ``records``, else None.
+
+    A truncated file fails its whole scan: it may be a slice of the series we would pick,
+    and a silently missing slice would only surface later as a confusing gap.
+    """
+    bad = [r for r in records if r.get("read_error")]
+    if not bad:
+        return None
+    r = bad[0]
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    return ScanError(r["path"], f"unreadable DICOM file {Path(r['path']).name}{more}: {r['read_error']}")
+
+
 def choose_by_scan(records, root) -> dict:
     """Records of a tree -> {scan_key: SeriesChoice | ScanError} (errors returned, not raised)."""
+    records = list(records)
+    recs_by_key: dict[str, list] = defaultdict(list)
+    for r in records:
+        recs_by_key[r.get("scan_key") or ""].append(r)
     by_key: dict[str, list] = defaultdict(list)
     for s in group_series(records):
         by_key[s.scan_key].append(s)
     out = {}
-    for key in sorted(by_key):
+    for key in sorted(recs_by_key):
         folder = Path(root) / key if key != Path(root).name else Path(root)
+        err = broken_file_error(recs_by_key[key])
+        if err is not None:
+            out[key] = err
+            continue
         try:
             out[key] = select_series(by_key[key], where=str(folder))
         except ScanError as e:
@@ -224,24 +254,31 @@ def choose_by_scan(records, root) -> dict:
     return out
 
 
-def index_tree(root) -> dict:
-    """Serial convenience: ``{scan_key: SeriesChoice | ScanError}`` for a whole tree.
+def scans_from_index(files, records, root) -> dict:
+    """``{scan_key: SeriesChoice | ScanError}`` from a tree's file list and its header records.
 
-    A scan folder holding files but no DICOM at all maps to a ScanError too; non-DICOM
-    files lying directly in ``root`` next to scan folders are ignored.
+    A scan folder whose files hold no DICOM at all maps to a ScanError too, unless it is a
+    collection folder above other scans (README, LICENSE, metadata.csv lie there) or the
+    root itself beside scan folders.
     """
     root = Path(root)
-    files = find_files(root)
-    out = choose_by_scan(index_files(files, root), root)
+    out = choose_by_scan(records, root)
     counts: dict[str, int] = defaultdict(int)
     for f in files:
         counts[scan_key_of(f, root)] += 1
     for key, n in counts.items():
-        # Loose files in the root (README, metadata.csv) are not a scan, unless the root
-        # is itself the only scan folder.
+        if key in out:
+            continue
         if key == root.name and (out or len(counts) > 1):
             continue
-        if key not in out:
-            out[key] = ScanError(root / key if key != root.name else root,
-                                 f"no DICOM files found ({n} other files)")
+        if any(other.startswith(key + "/") for other in out):
+            continue
+        out[key] = ScanError(root / key if key != root.name else root, f"no DICOM files found ({n} other files)")
     return dict(sorted(out.items()))
+
+
+def index_tree(root) -> dict:
+    """Serial convenience: ``{scan_key: SeriesChoice | ScanError}`` for a whole tree."""
+    root = Path(root)
+    files = find_files(root)
+    return scans_from_index(files, index_files(files, root), root)

@@ -57,20 +57,14 @@ def _index(files: list[Path], root: Path, client=None, chunk_size: int = 512) ->
     return [rec for part in parts for rec in part]
 
 
-def tasks_from_records(records: list[dict], root: Path) -> list[ScanTask]:
-    """Group header records by scan key and pick one series per scan (errors become tasks too)."""
-    from ..io import group_series, select_series
+def tasks_from_index(files: list[Path], records: list[dict], root: Path) -> list[ScanTask]:
+    """One task per scan key: the picked series, or the reason none could be picked."""
+    from ..io import scans_from_index
 
-    by_key = defaultdict(list)
-    for rec in records:
-        by_key[rec["scan_key"]].append(rec)
     tasks = []
-    for key in sorted(by_key):
-        series = group_series(by_key[key])
-        try:
-            choice = select_series(series)
-        except ScanError as exc:
-            tasks.append(ScanTask(key, "error", error=str(exc), selection={"error_stage": "index"}))
+    for key, choice in scans_from_index(files, records, root).items():
+        if isinstance(choice, ScanError):
+            tasks.append(ScanTask(key, "error", error=choice.reason, error_path=choice.path))
             continue
         n_candidates = 1 + len(choice.not_picked)
         tasks.append(ScanTask(key, "dicom", tuple(str(p) for p in choice.picked.files),
@@ -93,7 +87,7 @@ def build_manifest(input_path: str | Path, client=None) -> tuple[Path, list[Scan
     files = _list_files(root, client)
     images = [f for f in files if _is_image(f)]
     dicom_candidates = [f for f in files if not _is_image(f) and not f.name.lower().endswith((".raw", ".zraw"))]
-    tasks = tasks_from_records(_index(dicom_candidates, root, client), root)
+    tasks = tasks_from_index(dicom_candidates, _index(dicom_candidates, root, client), root)
     tasks += [ScanTask(_image_key(f, root), "image", (str(f),), selection_columns(1, [], ()))
               for f in images]
     # A DICOM scan and an image file can map to the same key: keep both, distinctly keyed.
@@ -101,7 +95,8 @@ def build_manifest(input_path: str | Path, client=None) -> tuple[Path, list[Scan
     for t in sorted(tasks, key=lambda t: t.scan_key):
         n = seen.get(t.scan_key, 0)
         seen[t.scan_key] = n + 1
-        unique.append(t if n == 0 else ScanTask(f"{t.scan_key}~{n + 1}", t.kind, t.paths, t.selection, t.error))
+        unique.append(t if n == 0 else ScanTask(f"{t.scan_key}~{n + 1}", t.kind, t.paths, t.selection, t.error,
+                                                t.error_path))
     return root, unique
 
 
@@ -138,14 +133,15 @@ def _task_for_target(key: str, target: Path, root: Path, client=None) -> ScanTas
     if target.is_file() and _is_image(target):
         return ScanTask(key, "image", (str(target),), selection_columns(1, [], ()))
     if not target.exists():
-        return ScanTask(key, "error", error=f"{target}: listed in the manifest but not found")
+        return ScanTask(key, "error", error="listed in the manifest but not found", error_path=str(target))
     from ..io import find_files
 
     files = [target] if target.is_file() else find_files(target)
     records = [dict(r, scan_key=key) for r in _index(files, root, client)]
     if not records:
-        return ScanTask(key, "error", error=f"{target}: no DICOM files found")
-    return tasks_from_records(records, root)[0]
+        return ScanTask(key, "error", error="no DICOM files found", error_path=str(target))
+    choice = tasks_from_index([], records, root)
+    return choice[0]
 
 
 def write_manifest(out_dir: Path, root: Path, tasks: list[ScanTask]) -> Path:
@@ -159,7 +155,8 @@ def write_manifest(out_dir: Path, root: Path, tasks: list[ScanTask]) -> Path:
             except ValueError:
                 rel.append(str(p))
         sel = t.selection
-        rows.append({"scan_key": t.scan_key, "kind": t.kind, "paths": rel, "error": t.error,
+        rows.append({"scan_key": t.scan_key, "kind": t.kind, "paths": rel,
+                     "error": f"{t.error_path}: {t.error}" if t.error_path else t.error,
                      **{k: sel.get(k) for k in ("n_candidate_series", "not_picked", "multi_kernel",
                                                  "kernels_in_study")}})
     table = to_arrow("manifest", rows)

@@ -82,11 +82,25 @@ def _close_mm(mask: np.ndarray, radius_mm: float, sp: tuple) -> np.ndarray:
     return out
 
 
-def _fill_slices(mask: np.ndarray) -> np.ndarray:
-    """Fill holes in each axial slice (axis 0) of a bool mask."""
+#: Largest in-slice hole filled into a lung, mm^2 (~5 cm disc): vessels, bronchi and
+#: nodules are smaller; the liver/spleen dome, which the lung base can ring in one
+#: slice, is larger and must stay out.
+MAX_HOLE_MM2 = 2000.0
+
+
+def _fill_slices(mask: np.ndarray, pixel_mm2: float) -> np.ndarray:
+    """Fill holes up to ``MAX_HOLE_MM2`` in each axial slice (axis 0) of a bool mask."""
     out = mask.copy()
+    max_px = MAX_HOLE_MM2 / pixel_mm2
     for z in np.nonzero(mask.any(axis=(1, 2)))[0]:
-        out[z] = fill_voids.fill(mask[z], in_place=False)
+        filled = fill_voids.fill(mask[z], in_place=False)
+        holes = filled & ~mask[z]
+        if holes.any():
+            lab, n = ndi.label(holes)
+            size = np.bincount(lab.ravel(), minlength=n + 1)
+            keep = size <= max_px
+            keep[0] = False
+            out[z] |= keep[lab]
     return out
 
 
@@ -243,6 +257,12 @@ def lung_mask_threshold(hu: np.ndarray, spacing_zyx_mm, direction_xyz=IDENTITY,
 
 
 def _segment(hu, sp, axis_lps, sup_up, fov, thr, closing_mm, min_ml):
+    """Core of ``lung_mask_threshold`` on an array whose axis 0 is craniocaudal.
+
+    ``axis_lps``: (3, 3) LPS unit vector of each numpy axis; ``sup_up``: a larger
+    axis-0 index is more superior. Works on a grid coarsened by integer factors to
+    ~2 x 1.5 x 1.5 mm (block mean), then refines the boundary at full resolution.
+    """
     shape = hu.shape
     f = (max(1, int(2.0 / sp[0] + 0.5)), max(1, int(1.5 / sp[1] + 0.5)), max(1, int(1.5 / sp[2] + 0.5)))
     spc = tuple(s * k for s, k in zip(sp, f))
@@ -260,7 +280,7 @@ def _segment(hu, sp, axis_lps, sup_up, fov, thr, closing_mm, min_ml):
     outside = np.isin(lab2d, out_ids[out_ids > 0])
     inside = air & ~outside
     # internal pockets (arm/body folds, bed) 3D-linked to outside air in a neighbour slice
-    lab3, n3 = ndi.label(air)
+    lab3, _ = ndi.label(air)
     linked = np.unique(lab3[outside])
     lab_in, n_in = ndi.label(inside)
     if n_in:
@@ -326,9 +346,9 @@ def _segment(hu, sp, axis_lps, sup_up, fov, thr, closing_mm, min_ml):
         for j, o in enumerate(lungs):
             if j != i:
                 others |= o
-        m = _fill_slices(m)
+        m = _fill_slices(m, spc[1] * spc[2])
         m = _close_mm(m, closing_mm, spc) & ~others & body
-        m = fill_voids.fill(_fill_slices(m), in_place=False)
+        m = fill_voids.fill(_fill_slices(m, spc[1] * spc[2]), in_place=False)
         filled.append(m & ~others)
 
     # physical L-R: LPS x of each centroid; smaller x = patient right
@@ -347,10 +367,10 @@ def _segment(hu, sp, axis_lps, sup_up, fov, thr, closing_mm, min_ml):
         for m, name in zip(filled, names):
             out[m] = name
         return out
-    return _refine(hu, fov, thr, f, filled, names, airway_loose, shape)
+    return _refine(hu, fov, thr, f, filled, names, airway_loose, shape, sp[1] * sp[2])
 
 
-def _refine(hu, fov, thr, f, filled, names, airway, shape):
+def _refine(hu, fov, thr, f, filled, names, airway, shape, pixel_mm2):
     """Re-decide the one-working-voxel boundary band at full resolution by the threshold."""
     air_full = hu < thr
     if fov is not None:
@@ -369,7 +389,7 @@ def _refine(hu, fov, thr, f, filled, names, airway, shape):
         inter_up = _upsample(interior[bb], f, sub_shape)
         band_up = _upsample(band[bb], f, sub_shape)
         lung = inter_up | (band_up & air_full[full_bb])
-        lung = _fill_slices(lung)
+        lung = _fill_slices(lung, pixel_mm2)
         region = out[full_bb]
         region[lung & (region == 0)] = name
     return out

@@ -1,0 +1,174 @@
+"""The distributed job end to end: real clusters, real processes, tables read back."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+from emphy_dask.job.config import load_job
+from emphy_dask.job.runner import run_extract
+from emphy_dask.tables import TABLES, part_ids, read_frame
+
+from .conftest import SHARED_DATA
+from .jobutil import DaskCLICluster, assert_same_tables, extract_cmd, kill_group, popen, wait_for
+
+N_PATIENTS = 6
+
+
+@pytest.fixture(scope="module")
+def job_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("job") / "test.toml"
+    f.write_text('name = "test"\n[cluster]\nworkers = 2\nmemory_limit = "3GiB"\n'
+                 'dashboard_address = "127.0.0.1:0"\n[output]\npart_size = 2\n')
+    return f
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from emphy_dask.synth import synth_cohort
+
+    root = tmp_path_factory.mktemp("cohort")
+    truth = synth_cohort(root, N_PATIENTS, seed=11, size="small")
+    return root / "dicom", truth
+
+
+@pytest.fixture(scope="module")
+def clean_run(cohort, job_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "out"
+    summary = run_extract(cohort[0], out, load_job(job_file), progress=False, log=lambda *a: None)
+    return out, summary
+
+
+def test_local_cluster_run_writes_every_table(clean_run, cohort):
+    out, summary = clean_run
+    truth = cohort[1]
+    assert summary.exit_code == 0 and summary.counts == {"ok": N_PATIENTS}
+    scans = read_frame(out, "scans")
+    assert scans["scan_key"].tolist() == sorted(truth["scan_key"])
+    assert len(part_ids(out, "scans")) == N_PATIENTS // 2          # parts of many scans, not one per scan
+    merged = scans.merge(truth, on="scan_key", suffixes=("", "_true"))
+    assert (merged["label"] == merged["label_true"]).all()
+    assert np.abs(merged["laa950_pct"] - merged["laa950_pct_true"]).max() < 0.5
+    assert scans["worker"].nunique() == 2 and (scans["kernel"] == "STANDARD").all()
+    assert (scans[["grid_1mm_z", "grid_1mm_y", "grid_1mm_x"]] > 0).all().all()
+    pheno = read_frame(out, "phenotypes")
+    assert len(pheno) == 6 * N_PATIENTS and set(pheno["region"]) >= {"WholeLung", "UpperThird", "LeftLung"}
+    assert len(read_frame(out, "slices")) > 10 * N_PATIENTS and read_frame(out, "errors").empty
+    # the same tables through pyarrow.dataset and DuckDB
+    assert ds.dataset(out / "phenotypes", format="parquet").count_rows() == len(pheno)
+    con = duckdb.connect()
+    n, = con.execute(f"select count(*) from read_parquet('{out}/scans/*.parquet') where status = 'ok'").fetchone()
+    assert n == N_PATIENTS
+    # artifacts read back
+    row = scans.iloc[0]
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / row["mask_path"])))
+    assert set(np.unique(mask)) == {0, 1, 2}
+    assert Image.open(out / row["qc_montage_path"]).size[0] > 100
+    assert Image.open(out / row["qc_curve_path"]).format == "PNG"
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"] == {"ok": N_PATIENTS} and run["versions"]["dask"] == "2026.7.1"
+    assert run["worker_seconds_per_stage"]["t_segment_s"] > 0
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    assert len(manifest) == N_PATIENTS and (manifest["n_candidate_series"] == 2).all()   # thin + thick
+
+
+def test_rerun_resumes_and_writes_nothing_twice(clean_run, cohort, job_file, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(clean_run[0], out)
+    summary = run_extract(cohort[0], out, load_job(job_file), progress=False, log=lambda *a: None)
+    assert summary.n_skipped == N_PATIENTS
+    assert json.loads((out / "run.json").read_text())["processed_this_run"] == {}
+    assert_same_tables(out, clean_run[0])
+
+
+def test_dask_cli_cluster_with_worker_killed_mid_run(clean_run, cohort, job_file, tmp_path):
+    cluster = DaskCLICluster(n_workers=2)
+    try:
+        out = tmp_path / "out"
+        job = popen(extract_cmd(cohort[0], out, "--job", str(job_file), "--scheduler", cluster.address))
+        # the dashboard answers /health and Prometheus /metrics while the job runs
+        status, body = cluster.http("/health")
+        assert status == 200 and body.strip() == "ok"
+        status, body = cluster.http("/metrics")
+        assert status == 200 and "dask_scheduler_workers" in body
+        assert wait_for(lambda: any((out / "_staging").glob("*.json")) or part_ids(out, "scans"), timeout=180)
+        kill_group(cluster.workers[0])                                  # a real worker process dies
+        stdout, _ = job.communicate(timeout=600)
+        assert job.returncode == 0, stdout
+    finally:
+        cluster.close()
+    assert_same_tables(out, clean_run[0])
+    assert read_frame(out, "scans")["worker"].nunique() >= 1
+
+
+def test_job_killed_mid_run_then_rerun(clean_run, cohort, job_file, tmp_path):
+    out = tmp_path / "out"
+    job = popen(extract_cmd(cohort[0], out, "--job", str(job_file)))
+    assert wait_for(lambda: any((out / "_staging").glob("*.json")) or part_ids(out, "scans"), timeout=180)
+    kill_group(job)                                                     # SIGKILL: no clean-up at all
+    rerun = subprocess.run(extract_cmd(cohort[0], out, "--job", str(job_file)), capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert_same_tables(out, clean_run[0])
+    for table in TABLES:
+        df = read_frame(out, table)
+        key = {"scans": ["scan_key"], "phenotypes": ["scan_key", "region"],
+               "slices": ["scan_key", "slice_index"], "errors": ["scan_key", "stage"]}[table]
+        assert not df.duplicated(key).any(), table
+
+
+def _write_bad_scans(root):
+    """Bad folders beside good ones: a series with a truncated slice, a non-CT series, a non-DICOM file."""
+    from .dicom_factory import write_series
+
+    trunc = root / "BAD-TRUNCATED" / "study" / "series"
+    files = write_series(trunc, n=6)
+    data = files[3].read_bytes()
+    files[3].write_bytes(data[: len(data) - 40])
+    write_series(root / "BAD-MR" / "study" / "series", n=3, modality="MR")
+    (root / "BAD-NOTDICOM").mkdir()
+    (root / "BAD-NOTDICOM" / "scan.dcm").write_text("not a dicom file")
+
+
+def test_bad_scans_get_reasons_and_good_rows_stay_the_same(clean_run, cohort, job_file, tmp_path):
+    root = tmp_path / "archive"
+    shutil.copytree(cohort[0], root)
+    _write_bad_scans(root)
+    out = tmp_path / "out"
+    summary = run_extract(root, out, load_job(job_file), progress=False, log=lambda *a: None)
+    assert summary.exit_code == 0
+    scans = read_frame(out, "scans").set_index("scan_key")
+    assert scans.loc["BAD-TRUNCATED", "status"] == "failed"
+    assert "BAD-TRUNCATED" in scans.loc["BAD-TRUNCATED", "reason"]
+    assert scans.loc["BAD-MR", "status"] == "failed" and "CT" in scans.loc["BAD-MR", "reason"]
+    errors = read_frame(out, "errors")
+    assert {"BAD-TRUNCATED", "BAD-MR"} <= set(errors["scan_key"])
+    good = {t: df[~df["scan_key"].str.startswith("BAD-")].reset_index(drop=True)
+            for t, df in ((t, read_frame(out, t, stable=True)) for t in TABLES)}
+    clean = {t: read_frame(clean_run[0], t, stable=True) for t in TABLES}
+    for t in ("scans", "phenotypes", "slices"):
+        pd.testing.assert_frame_equal(good[t], clean[t], obj=t)
+
+
+def test_cli_extract_over_the_real_shared_data(tmp_path, job_file):
+    out = tmp_path / "real"
+    proc = subprocess.run(extract_cmd(SHARED_DATA, out, "--job", str(job_file)), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    scans = read_frame(out, "scans").set_index("scan_key")
+    assert len(scans) == 4, scans.index.tolist()
+    assert (scans["status"] == "ok").all(), scans[["status", "reason"]].to_dict()
+    dx = scans.loc["lung-pet-ct-dx/Lung_Dx-A0001"]
+    assert dx["kernel"] == "B" and bool(dx["multi_kernel"]) and "L" in dx["kernels_in_study"].split(",")
+    assert 2.5 < dx["lung_volume_l"] < 8.0

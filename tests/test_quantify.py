@@ -1,0 +1,177 @@
+"""`emphy quantify`: files in, phenotype table / CSV / JSON out, clean failures."""
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from emphy_dask.phenotypes import PHENOTYPE_COLUMNS, REGIONS
+from emphy_dask.quantify import quantify_path, quantify_volume, run_quantify_cli, scan_notes
+from emphy_dask.volume import CTVolume
+
+SPACING = (2.0, 0.8, 0.75)
+# LPS with z pointing to the feet: exercises the direction handling end to end
+DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+
+
+def phantom(seed=0, shape=(40, 64, 72), spacing=SPACING):
+    """Chest-like CT: air outside, soft-tissue body, two lungs of noisy -860 HU with
+    emphysematous (-980 HU) blobs in the upper lungs. Labels: 1 right (image left), 2 left.
+    Ellipses scale with ``shape``."""
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = shape
+    z, y, x = np.indices(shape)
+    hu = np.full(shape, -1000, np.int16)
+    body = ((y - ny / 2) / (0.44 * ny)) ** 2 + ((x - nx / 2) / (0.46 * nx)) ** 2 < 1
+    hu[body] = 40
+    lab = np.zeros(shape, np.uint8)
+    for side, cx in ((1, 0.29 * nx), (2, 0.71 * nx)):
+        lung = (((y - ny / 2) / (0.31 * ny)) ** 2 + ((x - cx) / (0.17 * nx)) ** 2
+                + ((z - nz / 2) / (0.42 * nz)) ** 2) < 1
+        lab[lung] = side
+    lung = lab > 0
+    hu[lung] = np.clip(rng.normal(-860, 40, lung.sum()), -1024, 0).round()
+    # z index grows towards the feet (DIRECTION), so small z = superior = upper lung
+    holes = lung & (rng.random(shape) < 0.25) & (z < 0.35 * nz)
+    hu[holes] = -980
+    vol = CTVolume(hu=hu, spacing_zyx_mm=spacing, origin_xyz_mm=(-27.0, -25.6, 40.0),
+                   direction_xyz=DIRECTION, meta={"kernel": "B30f", "kernel_is_sharp": False})
+    return vol, lab
+
+
+def write_case(tmp_path, vol, lab):
+    ct = tmp_path / "ct.nii.gz"
+    mask = tmp_path / "mask.nii.gz"
+    sitk.WriteImage(vol.to_sitk(), str(ct))
+    sitk.WriteImage(vol.to_sitk(lab), str(mask))
+    return ct, mask
+
+
+def test_quantify_volume_table():
+    vol, lab = phantom()
+    df = quantify_volume(vol, lab)
+    assert list(df.columns) == ["region", *PHENOTYPE_COLUMNS]
+    assert list(df["region"]) == list(REGIONS)
+    rows = df.set_index("region")
+    assert rows.loc["WholeLung", "n_voxels"] == np.count_nonzero(lab)
+    assert rows.loc["RightLung", "n_voxels"] == np.count_nonzero(lab == 1)
+    vals = vol.hu[lab > 0]
+    assert rows.loc["WholeLung", "laa950_pct"] == pytest.approx(100 * np.mean(vals < -950))
+    assert rows.loc["WholeLung", "volume_l"] == pytest.approx(lab.astype(bool).sum() * 1.2 / 1e6)
+    # holes were put in the superior slices: the upper third must be the emphysematous one
+    assert rows.loc["UpperThird", "laa950_pct"] > 10 * max(rows.loc["LowerThird", "laa950_pct"], 0.1)
+
+
+def test_quantify_volume_rejects_other_grid():
+    vol, lab = phantom()
+    with pytest.raises(ValueError):
+        quantify_volume(vol, lab[:-1])
+
+
+def test_quantify_path_with_mask_matches_volume(tmp_path):
+    vol, lab = phantom()
+    ct, mask = write_case(tmp_path, vol, lab)
+    table, extras = quantify_path(ct, mask_path=mask, save_mask_path=tmp_path / "out" / "saved.nii.gz")
+    pd.testing.assert_frame_equal(table, quantify_volume(vol, lab))
+    assert extras["mask_source"] == "file"
+    whole = table.iloc[0]
+    want = int(whole["laa950_pct"] >= 6 and whole["hu_mean"] < -850)
+    assert extras["label"] == want
+    assert isinstance(extras["cluster_d"], float)
+    saved = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "saved.nii.gz")))
+    np.testing.assert_array_equal(saved, lab)
+
+
+def test_quantify_path_binary_mask_has_no_sides(tmp_path):
+    vol, lab = phantom()
+    ct, mask = write_case(tmp_path, vol, np.where(lab > 0, 7, 0).astype(np.uint8))
+    table, _ = quantify_path(ct, mask_path=mask)
+    rows = table.set_index("region")
+    assert rows.loc["WholeLung", "n_voxels"] == np.count_nonzero(lab)
+    assert rows.loc["LeftLung", "n_voxels"] == 0 and math.isnan(rows.loc["LeftLung", "hu_mean"])
+
+
+def test_cli_csv_and_json(tmp_path, capsys):
+    vol, lab = phantom()
+    ct, mask = write_case(tmp_path, vol, lab)
+    ref = quantify_volume(vol, lab)
+
+    assert run_quantify_cli(["--ct", str(ct), "--mask", str(mask), "-o", str(tmp_path / "r.csv")]) == 0
+    csv = pd.read_csv(tmp_path / "r.csv")
+    assert list(csv["region"]) == list(REGIONS)
+    np.testing.assert_allclose(csv["laa950_pct"], ref["laa950_pct"], equal_nan=True)
+
+    assert run_quantify_cli(["--ct", str(ct), "--mask", str(mask), "-o", str(tmp_path / "r.json")]) == 0
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert [r["region"] for r in doc["regions"]] == list(REGIONS)
+    assert doc["regions"][0]["hu_mean"] == pytest.approx(ref["hu_mean"][0])
+    assert doc["label"] in (0, 1) and "kernel" in doc and isinstance(doc["warnings"], list)
+
+    assert run_quantify_cli(["--ct", str(ct), "--mask", str(mask)]) == 0
+    out = capsys.readouterr().out
+    assert "WholeLung" in out and "LowerThird" in out and "laa950_pct" in out
+
+
+@pytest.mark.parametrize("make", ["missing", "text", "bad_mask"])
+def test_cli_unreadable_input_exit_2(tmp_path, capsys, make):
+    vol, lab = phantom()
+    ct, mask = write_case(tmp_path, vol, lab)
+    bad = tmp_path / "not_an_image.nii.gz"
+    if make == "missing":
+        argv, culprit = ["--ct", str(tmp_path / "nope.nii.gz")], tmp_path / "nope.nii.gz"
+    elif make == "text":
+        bad.write_text("this is not a CT\n")
+        argv, culprit = ["--ct", str(bad)], bad
+    else:
+        bad.write_text("this is not a mask\n")
+        argv, culprit = ["--ct", str(ct), "--mask", str(bad)], bad
+    assert run_quantify_cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(culprit) in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_mask_on_other_grid_exit_2(tmp_path, capsys):
+    vol, lab = phantom()
+    ct, _ = write_case(tmp_path, vol, lab)
+    small = tmp_path / "small.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(lab[:-2]), str(small))
+    assert run_quantify_cli(["--ct", str(ct), "--mask", str(small)]) == 2
+    assert str(small) in capsys.readouterr().err
+
+
+def test_cli_bad_output_suffix(tmp_path, capsys):
+    assert run_quantify_cli(["--ct", "x.nii.gz", "-o", str(tmp_path / "r.txt")]) == 2
+    assert "r.txt" in capsys.readouterr().err
+
+
+def test_scan_notes_sharp_and_multi_kernel():
+    kernel, warnings = scan_notes({"kernel": "B70f", "kernel_is_sharp": True,
+                                   "multi_kernel_kernels": ("B70f", "B30f")})
+    assert kernel == "B70f"
+    assert any("sharp" in w for w in warnings)
+    assert any("2 kernels" in w and "B30f" in w for w in warnings)
+    assert scan_notes({"kernel": "B30f", "kernel_is_sharp": False, "multi_kernel_kernels": ()}) == ("B30f", [])
+
+
+def test_quantify_path_segments_without_mask(tmp_path):
+    """Needs emphy_dask.segment (threshold segmenter) to find both phantom lungs."""
+    vol, lab = phantom(shape=(48, 96, 112), spacing=(4.0, 2.5, 2.5))   # ~0.5 L lungs
+    ct, _ = write_case(tmp_path, vol, lab)
+    table, extras = quantify_path(ct, save_mask_path=tmp_path / "seg.nii.gz")
+    assert extras["mask_source"] == "segment:threshold"
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "seg.nii.gz")))
+    rows = table.set_index("region")
+    assert rows.loc["WholeLung", "n_voxels"] == np.count_nonzero(seg)
+    # a reasonable segmenter recovers most of the known lungs
+    overlap = np.count_nonzero((seg > 0) & (lab > 0)) / np.count_nonzero(lab)
+    assert overlap > 0.8
+
+
+def test_unknown_segmenter_exit_2(tmp_path, capsys):
+    vol, lab = phantom()
+    ct, _ = write_case(tmp_path, vol, lab)
+    assert run_quantify_cli(["--ct", str(ct), "--segmenter", "no-such-model"]) == 2
+    assert "no-such-model" in capsys.readouterr().err

@@ -1,0 +1,61 @@
+"""Crash-safety of the run folder: orphan parts, staged scans, no duplicates."""
+import json
+
+import pytest
+
+from emphy_dask.job.store import ConfigMismatch, RunStore, clean_out_dir
+from emphy_dask.tables import part_ids, read_frame
+
+
+def result(key, h="h1"):
+    return {"scans": {"scan_key": key, "config_hash": h, "status": "ok"},
+            "phenotypes": [{"scan_key": key, "config_hash": h, "region": "WholeLung", "laa950_pct": 1.0}],
+            "slices": [{"scan_key": key, "config_hash": h, "slice_index": 0, "rank_from_superior": 0,
+                        "n_lung_voxels": 5, "laa950_pct": 0.0}],
+            "errors": []}
+
+
+def test_parts_hold_many_scans_and_scans_table_marks_done(tmp_path):
+    store = RunStore(tmp_path, part_size=3)
+    for k in "ABCDE":
+        store.add(result(k))
+    assert len(part_ids(tmp_path, "scans")) == 1          # A, B, C flushed together
+    assert len(list((tmp_path / "_staging").glob("*.json"))) == 2
+    store.close()
+    assert set(store.done_keys()) == set("ABCDE") and len(part_ids(tmp_path, "scans")) == 2
+    assert not (tmp_path / "_staging").exists()
+    assert read_frame(tmp_path, "phenotypes")["scan_key"].tolist() == list("ABCDE")
+
+
+def test_repair_removes_orphans_and_recovers_staged_without_duplicates(tmp_path):
+    store = RunStore(tmp_path, part_size=2)
+    store.add(result("A"))
+    store.add(result("B"))           # flushed: part 1
+    store.add(result("C"))           # staged only: "killed" before the next flush
+    # a crash after writing phenotypes but before scans leaves an orphan part:
+    from emphy_dask.tables import write_part
+    write_part("phenotypes", result("D")["phenotypes"], tmp_path, "orphan")
+    # and a staged file whose scan was already flushed (crash before unlink):
+    (tmp_path / "_staging" / "A.json").write_text(json.dumps(result("A")))
+    fresh = RunStore(tmp_path, part_size=2)
+    report = fresh.repair()
+    assert report == {"orphan_parts_removed": 1, "staged_scans_recovered": 1}
+    fresh.close()
+    for table in ("scans", "phenotypes", "slices"):
+        keys = read_frame(tmp_path, table)["scan_key"].tolist()
+        assert keys == ["A", "B", "C"], table
+
+
+def test_other_settings_in_same_out_are_refused(tmp_path):
+    store = RunStore(tmp_path)
+    store.add(result("A", h="old"))
+    store.close()
+    with pytest.raises(ConfigMismatch, match="other settings"):
+        RunStore(tmp_path).check_config("new")
+
+
+def test_overwrite_refuses_non_run_folders(tmp_path):
+    (tmp_path / "thesis.docx").write_text("x")
+    with pytest.raises(ConfigMismatch, match="not an emphy run"):
+        clean_out_dir(tmp_path)
+    assert (tmp_path / "thesis.docx").exists()
