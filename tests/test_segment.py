@@ -114,7 +114,7 @@ def test_phantom_touching_lungs_and_emphysema_are_split():
 ])
 def test_team_phantom_dice(spacing, shape, severity, pattern):
     """The project's analytic phantom (emphy_dask.synth.phantom), padding marked outside the FOV."""
-    phantom = pytest.importorskip("emphy_dask.synth.phantom")
+    from emphy_dask.synth import phantom
     p = phantom.make_phantom(shape, spacing, severity, pattern, np.random.default_rng(0))
     fov = np.broadcast_to(p.fov_mask_yx, p.hu.shape).copy()
     vol = CTVolume(hu=np.where(fov, p.hu, PADDING_HU).astype(np.int16), spacing_zyx_mm=p.spacing_zyx_mm,
@@ -155,14 +155,10 @@ def test_registry_and_unknown_name():
 
 
 def _read_dx(folder):
-    if not folder.is_dir():
-        pytest.skip(f"real data missing: {folder}")
-    r = sitk.ImageSeriesReader()
-    r.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
-    vol = CTVolume.from_sitk(r.Execute())
-    fov = vol.hu >= -1100  # padding far below -1000 HU = outside the scan circle
-    hu = np.where(fov, vol.hu, PADDING_HU).astype(np.int16)
-    return vol.with_hu(hu, fov_mask=None if fov.all() else fov)
+    from emphy_dask.io import load_ct
+
+    assert folder.is_dir(), f"real data missing: {folder}"
+    return load_ct(folder)
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,7 @@ class SeriesChoice:
     picked: SeriesInfo
     not_picked: list = field(default_factory=list)
     multi_kernel_kernels: tuple = ()
+    n_candidates: int = 1   # CT, non-localizer series that competed (picked one included)
 
 
 #: CT Image, Enhanced CT, Legacy Converted Enhanced CT storage SOP classes.
@@ -214,7 +215,7 @@ def select_series(series, where=None) -> SeriesChoice:
     if same_acq:
         others = sorted({s.kernel or "unknown" for s in same_acq})
         kernels = (best.kernel or "unknown", *others)
-    return SeriesChoice(picked=best, not_picked=not_picked, multi_kernel_kernels=kernels)
+    return SeriesChoice(picked=best, not_picked=not_picked, multi_kernel_kernels=kernels, n_candidates=len(cands))
 
 
 def broken_file_error(records) -> ScanError | None:

@@ -66,9 +66,8 @@ def tasks_from_index(files: list[Path], records: list[dict], root: Path) -> list
         if isinstance(choice, ScanError):
             tasks.append(ScanTask(key, "error", error=choice.reason, error_path=choice.path))
             continue
-        n_candidates = 1 + len(choice.not_picked)
         tasks.append(ScanTask(key, "dicom", tuple(str(p) for p in choice.picked.files),
-                              selection_columns(n_candidates, choice.not_picked, choice.multi_kernel_kernels)))
+                              selection_columns(choice.n_candidates, choice.not_picked, choice.multi_kernel_kernels)))
     return tasks
 
 

@@ -6,6 +6,7 @@ each result as it completes, write Parquet parts -> ``run.json``.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -146,7 +147,7 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
             owner[fut.key] = task
             return fut
 
-        pool = as_completed([submit(t) for t, _ in zip(queue, range(max_in_flight))])
+        pool = as_completed([submit(t) for t in itertools.islice(queue, max_in_flight)])
         for future in pool:
             task = owner.pop(future.key)
             try:
