@@ -31,6 +31,7 @@ def test_paper_defaults_and_hash_tracks_result_settings_only(tmp_path):
     ("[qc]\nmax_hu = 'high'\n", r"\[qc\]\.max_hu must be float"),
     ("[resample]\nspacing_mm = [1, 1]\n", r"spacing_mm must be a list of 3 positive numbers"),
     ("[cluster]\nworkers = 0\n", r"workers .* must be >= 1"),
+    ("[cluster]\ngpu_workers = \"many\"\n", r"gpu_workers must be"),
     ("[qc\n", r"not valid TOML"),
 ])
 def test_bad_job_files_name_file_and_key(tmp_path, text, match):

@@ -52,13 +52,44 @@ def connect(settings, scheduler: str | None = None, workers: int | None = None) 
             client = Client(scheduler, timeout="30s")
         cluster = None
     else:
-        n = workers or settings.workers
-        cluster = LocalCluster(n_workers=n, threads_per_worker=settings.threads_per_worker, processes=True,
-                               memory_limit=settings.memory_limit, host="127.0.0.1",
-                               dashboard_address=settings.dashboard_address,
-                               resources={"CPU": settings.threads_per_worker})
+        n_cpu = workers or settings.workers
+        n_gpu = count_gpus() if settings.gpu_workers == "auto" else int(settings.gpu_workers)
+        cluster = local_cuda_cluster(settings, n_cpu, n_gpu) if n_gpu else LocalCluster(
+            n_workers=n_cpu, threads_per_worker=settings.threads_per_worker, processes=True,
+            memory_limit=settings.memory_limit, host="127.0.0.1", dashboard_address=settings.dashboard_address,
+            resources={"CPU": settings.threads_per_worker})
         client = Client(cluster)
+        client.wait_for_workers(n_cpu + n_gpu, timeout=180)
     return Connection(client, cluster, cpu_resources(client))
+
+
+def count_gpus() -> int:
+    """NVIDIA GPUs visible to this process (0 when there is no driver)."""
+    try:
+        from dask_cuda.utils import get_n_gpus
+
+        return int(get_n_gpus())
+    except Exception:  # noqa: BLE001 - no NVML / no driver / no dask-cuda: no GPU
+        return 0
+
+
+def local_cuda_cluster(settings, n_cpu: int, n_gpu: int):
+    """A LocalCUDACluster (one ``GPU=1`` worker per GPU) plus ``n_cpu`` ``CPU=1`` workers on its scheduler.
+
+    The same scheduler and routing as a hand-started mixed cluster (``dask cuda worker`` beside
+    ``dask worker``): the CPU workers are added to the cluster's worker spec as plain Nannies.
+    """
+    from dask_cuda import LocalCUDACluster
+    from distributed import Nanny
+
+    cluster = LocalCUDACluster(n_workers=n_gpu, threads_per_worker=1, host="127.0.0.1",
+                               dashboard_address=settings.dashboard_address, resources={"GPU": 1})
+    for i in range(n_cpu):
+        cluster.worker_spec[f"cpu-{i}"] = {"cls": Nanny, "options": {
+            "nthreads": settings.threads_per_worker, "memory_limit": settings.memory_limit, "host": "127.0.0.1",
+            "resources": {"CPU": settings.threads_per_worker}}}
+    cluster.scale(len(cluster.worker_spec))   # starts the added specs
+    return cluster
 
 
 def cpu_resources(client) -> dict | None:

@@ -41,6 +41,7 @@ class ClusterSettings:
     dashboard_address: str = "127.0.0.1:8787"
     max_in_flight: int = 0          # 0 = 2 x workers (backpressure bound)
     retries: int = 2                # task retries after a worker is lost
+    gpu_workers: str = "auto"       # LocalCluster: "auto" = one dask-cuda worker per visible GPU, or "0", "1", ...
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,9 @@ def config_from_dict(data: dict, source: str = "<dict>") -> JobConfig:
     cfg = JobConfig(**top)
     if cfg.cluster.workers < 1 or cfg.output.part_size < 1:
         raise ConfigError(f"{source}: [cluster].workers and [output].part_size must be >= 1")
+    if not (cfg.cluster.gpu_workers == "auto" or cfg.cluster.gpu_workers.isdigit()):
+        raise ConfigError(f"{source}: [cluster].gpu_workers must be \"auto\" or a count like \"1\", "
+                          f"got {cfg.cluster.gpu_workers!r}")
     return cfg
 
 
