@@ -188,3 +188,36 @@ def test_cli_extract_over_the_real_shared_data(tmp_path, job_file):
     pheno = read_frame(out2, "phenotypes")
     dx = pheno[pheno["scan_key"] == "lung-pet-ct-dx/Lung_Dx-A0001"].set_index("region")
     assert dx.loc["RightLung", "volume_l"] > dx.loc["LeftLung", "volume_l"] > 1.0
+
+
+PHI = {"PatientName": "DOE^JANE^Q", "PatientBirthDate": "19470312", "PatientID": "MRN-99887766",
+       "InstitutionName": "SAINT ELSEWHERE HOSPITAL", "ReferringPhysicianName": "HOUSE^GREGORY"}
+
+
+def test_no_patient_identifying_values_anywhere_in_out(tmp_path, job_file):
+    """PHI planted in every DICOM header never reaches OUT (Parquet data + metadata, PNG, NIfTI, JSON)."""
+    import pydicom
+
+    from emphy_dask.synth import synth_patient
+
+    synth_patient(tmp_path / "src", 1, "centrilobular", 10.0, seed=2, size="small")
+    for f in (tmp_path / "src" / "dicom").rglob("*.dcm"):
+        ds = pydicom.dcmread(f)
+        for k, v in PHI.items():
+            setattr(ds, k, v)
+        ds.save_as(f)
+    out = tmp_path / "out"
+    summary = run_extract(tmp_path / "src" / "dicom", out, load_job(job_file), workers=1, progress=False,
+                          log=lambda *a: None)
+    assert summary.counts == {"ok": 1}
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} >= {".parquet", ".png", ".gz", ".json"}
+    for p in files:
+        data = p.read_bytes()
+        if p.suffix == ".gz":
+            import gzip
+
+            data = gzip.decompress(data)
+        for value in PHI.values():
+            for needle in {value, value.replace("^", " ")}:
+                assert needle.encode() not in data, f"{needle} found in {p}"
