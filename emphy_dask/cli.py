@@ -22,14 +22,14 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
 def _job_config(args):
     import dataclasses
 
-    from .job.config import load_job
+    from .job.config import ConfigError, load_job
 
     cfg = load_job(args.job)
     if getattr(args, "segmenter", None):
         from .segment import SEGMENTERS
 
         if args.segmenter not in SEGMENTERS:
-            raise SystemExit(f"emphy: unknown segmenter {args.segmenter!r} (known: {', '.join(SEGMENTERS)})")
+            raise ConfigError(f"--segmenter: unknown segmenter {args.segmenter!r} (known: {', '.join(SEGMENTERS)})")
         cfg = dataclasses.replace(cfg, segment=dataclasses.replace(cfg.segment, name=args.segmenter))
     return cfg
 

@@ -126,9 +126,13 @@ def process_scan(task: ScanTask, config, out_dir: str | Path, worker: str | None
                                 for r in pheno["slices"]]
             row.update(timed("artifacts", _artifacts, task, volume, labels, pheno, config, out_dir))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a row, the job goes on
-        path = getattr(exc, "path", None)
-        stage = getattr(exc, "stage", None) if isinstance(exc, ScanError) and exc.stage != "ingest" else stage
-        message = str(exc) if isinstance(exc, ScanError) else f"{task.scan_key}: {type(exc).__name__}: {exc}"
+        path = None
+        if isinstance(exc, ScanError):
+            stage = exc.stage if exc.stage != "ingest" else stage
+            path = task.scan_key if exc.path == "<array>" else exc.path   # array-level stages name no file
+            message = f"{path}: {exc.reason}"
+        else:
+            message = f"{task.scan_key}: {type(exc).__name__}: {exc}"
         message = " ".join(message.split())[:1000]
         row.update(status="failed", reason=message, error_stage=stage)
         result["phenotypes"], result["slices"] = [], []

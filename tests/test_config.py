@@ -33,6 +33,7 @@ def test_paper_defaults_and_hash_tracks_result_settings_only(tmp_path):
     ("[cluster]\nworkers = 0\n", r"workers .* must be >= 1"),
     ("[cluster]\ngpu_workers = \"many\"\n", r"gpu_workers must be"),
     ("[qc\n", r"not valid TOML"),
+    ("[segment]\nname = \"magic\"\n", r"not a known segmenter \(known: threshold\)"),
 ])
 def test_bad_job_files_name_file_and_key(tmp_path, text, match):
     f = tmp_path / "bad.toml"

@@ -221,3 +221,16 @@ def test_no_patient_identifying_values_anywhere_in_out(tmp_path, job_file):
         for value in PHI.values():
             for needle in {value, value.replace("^", " ")}:
                 assert needle.encode() not in data, f"{needle} found in {p}"
+
+
+def test_cli_errors_before_any_work(tmp_path, capsys):
+    from emphy_dask.cli import main
+
+    assert main(["extract", str(tmp_path / "nope"), "-o", str(tmp_path / "out")]) == 2
+    assert "input not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[qc]\nmax_hux = 1\n")
+    assert main(["extract", str(tmp_path), "-o", str(tmp_path / "out"), "--job", str(bad)]) == 2
+    assert "unknown key [qc].max_hux" in capsys.readouterr().err
+    assert main(["extract", str(tmp_path), "-o", str(tmp_path / "out"), "--segmenter", "magic"]) == 2
+    assert "unknown segmenter 'magic' (known: threshold)" in capsys.readouterr().err

@@ -125,6 +125,11 @@ def config_from_dict(data: dict, source: str = "<dict>") -> JobConfig:
     cfg = JobConfig(**top)
     if cfg.cluster.workers < 1 or cfg.output.part_size < 1:
         raise ConfigError(f"{source}: [cluster].workers and [output].part_size must be >= 1")
+    from ..segment import SEGMENTERS
+
+    if cfg.segment.name not in SEGMENTERS:
+        raise ConfigError(f"{source}: [segment].name {cfg.segment.name!r} is not a known segmenter "
+                          f"(known: {', '.join(SEGMENTERS)})")
     if not (cfg.cluster.gpu_workers == "auto" or cfg.cluster.gpu_workers.isdigit()):
         raise ConfigError(f"{source}: [cluster].gpu_workers must be \"auto\" or a count like \"1\", "
                           f"got {cfg.cluster.gpu_workers!r}")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
+from ..errors import ScanError
 from ..pipeline import STAGES, ScanTask, process_scan
 from .cluster import connect, worker_count
 from .manifest import build_manifest, manifest_summary, write_manifest
@@ -112,6 +113,8 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
     from distributed import as_completed
 
     t0 = time.perf_counter()
+    if not Path(input_path).exists():
+        raise ScanError(input_path, "input not found: neither a folder nor a manifest file", stage="index")
     out_dir = Path(out_dir).resolve()
     if overwrite:
         clean_out_dir(out_dir)
