@@ -182,3 +182,26 @@ def test_folder_without_dicom_reported(tmp_path):
 ])
 def test_is_sharp_kernel(kernel, manufacturer, expected):
     assert is_sharp_kernel(kernel, manufacturer) is expected
+
+
+def test_flat_folder_of_several_patients_is_split_per_patient(tmp_path):
+    """A flat PACS export (all files in one folder) must not merge patients into one scan."""
+    from emphy_dask.io import index_tree, load_ct
+
+    flat = tmp_path / "export"
+    write_series(flat, n=4, names=[f"a{i}.dcm" for i in range(4)], phi={"PatientID": "P-ONE"})
+    write_series(flat, n=6, names=[f"b{i}.dcm" for i in range(6)], phi={"PatientID": "P-TWO"})
+    out = index_tree(flat)
+    assert sorted(out) == ["export#1", "export#2"]
+    assert [out[k].picked.n_slices for k in sorted(out)] == [4, 6]
+    with pytest.raises(ScanError, match="scan folders with CT|patients"):
+        load_ct(flat)
+
+
+def test_patient_folder_with_two_studies_picks_across_studies(tmp_path):
+    from emphy_dask.io import load_ct
+
+    patient = tmp_path / "PAT"
+    write_series(patient / "study1" / "s1", n=4, phi={"PatientID": "P-ONE"})
+    write_series(patient / "study2" / "s2", n=7, phi={"PatientID": "P-ONE"})
+    assert load_ct(patient).shape[0] == 7

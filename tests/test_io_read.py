@@ -215,3 +215,25 @@ def test_index_tree_then_read_all(shared_data):
         for key, choice in index_tree(root).items():
             vol = read_dicom_series(choice.picked.files)
             assert vol.shape[0] == choice.picked.n_slices
+
+
+def test_label_image_with_axes_stored_differently_is_reindexed_exactly(tmp_path):
+    """Same voxel centres, x axis stored flipped and axes permuted (as another converter may write)."""
+    import SimpleITK as sitk
+
+    from emphy_dask.io import read_label_image
+    from emphy_dask.volume import CTVolume
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=(5, 6, 7)).astype(np.uint8)
+    ct = CTVolume(hu=np.zeros((5, 6, 7), np.int16), spacing_zyx_mm=(2.0, 0.5, 0.7), origin_xyz_mm=(10.0, -3.0, 4.0))
+    img = ct.to_sitk(labels)
+    flipped = sitk.PermuteAxes(sitk.Flip(img, [True, False, False]), [1, 0, 2])   # x flipped, x/y swapped
+    assert flipped.GetSize() != img.GetSize()
+    sitk.WriteImage(flipped, str(tmp_path / "m.nii.gz"))
+    np.testing.assert_array_equal(read_label_image(tmp_path / "m.nii.gz", ct), labels)
+    shifted = sitk.Image(img)
+    shifted.SetOrigin((10.3, -3.0, 4.0))                                           # half a voxel off: refused
+    sitk.WriteImage(shifted, str(tmp_path / "s.nii.gz"))
+    with pytest.raises(ScanError, match="label grid does not match"):
+        read_label_image(tmp_path / "s.nii.gz", ct)

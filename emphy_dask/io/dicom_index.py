@@ -6,6 +6,7 @@ returns only picklable built-in types.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -20,7 +21,7 @@ _HEADER_TAGS = [
     "SeriesDescription", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
     "SliceThickness", "Rows", "Columns", "ConvolutionKernel", "Manufacturer",
     "ManufacturerModelName", "KVP", "XRayTubeCurrent", "RescaleSlope", "RescaleIntercept",
-    "NumberOfFrames", "SpecificCharacterSet",
+    "NumberOfFrames", "SpecificCharacterSet", "PatientID",
 ]
 # PixelData tag as it appears on disk, little and big endian.
 _PIXEL_TAG_BYTES = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
@@ -124,7 +125,8 @@ def read_header(path) -> dict | None:
     orientation (6 float direction cosines), pixel_spacing_mm ([row spacing, column
     spacing], mm), slice_thickness_mm, rows, columns, n_frames, kernel (multi-values
     joined with "/"), manufacturer, model, kvp, tube_current_ma, transfer_syntax_uid,
-    rescale_slope, rescale_intercept, has_pixels, read_error (None). Missing tags -> None.
+    rescale_slope, rescale_intercept, has_pixels, read_error (None), patient_ref (a one-way
+    hash of PatientID, to tell patients apart; never output). Missing tags -> None.
     A DICOM file (DICM preamble) whose header cannot be parsed (truncated) gives a short
     record {path, read_error: str, has_pixels: False, series_uid: None} instead of None.
     Never any patient-identifying tag (see ``metadata.PHI_TAGS``).
@@ -171,7 +173,15 @@ def read_header(path) -> dict | None:
         "rescale_intercept": _float(ds.get("RescaleIntercept")),
         "has_pixels": bool(has_pixels),
         "read_error": None,
+        "patient_ref": patient_ref(ds.get("PatientID")),
     }
+
+
+def patient_ref(patient_id) -> str | None:
+    """Salted one-way hash of PatientID: tells patients apart in memory, never written out."""
+    if patient_id in (None, ""):
+        return None
+    return hashlib.sha256(b"emphy-dask/patient/" + str(patient_id).encode()).hexdigest()[:16]
 
 
 def scan_key_of(path, root) -> str:

@@ -79,8 +79,10 @@ def _fmt_geom(g: dict) -> str:
 def read_label_image(path, like: CTVolume) -> np.ndarray:
     """Lung label image on the grid of ``like`` -> uint8 array (z, y, x).
 
-    The file must match ``like``: same size, spacing/origin (mm) and direction within
-    ``GRID_TOL``; otherwise ScanError naming both geometries (no silent resampling).
+    The file must be on ``like``'s grid: the same voxel centres in patient space. The same
+    grid stored with its axes in another order or direction (e.g. a NIfTI written by another
+    converter) is re-indexed exactly (nearest neighbour onto coinciding centres); any other
+    grid is a ScanError naming both geometries (no silent interpolation).
     Values: if every label is in {0, 1, 2} they are kept (0 background, 1 right lung,
     2 left lung, the lungmask convention); any other labelling is binarised to
     (value != 0) -> 1, i.e. "lung, sides unknown" (callers then split sides themselves).
@@ -90,12 +92,31 @@ def read_label_image(path, like: CTVolume) -> np.ndarray:
     ok = got["size"] == want["size"] and all(
         np.allclose(got[k], want[k], atol=GRID_TOL) for k in ("spacing", "origin", "direction"))
     if not ok:
-        raise ScanError(path, f"label grid does not match the CT: label {_fmt_geom(got)} vs CT {_fmt_geom(want)}")
+        ref = like.to_sitk(np.zeros(like.shape, np.uint8))
+        if not _same_voxel_centres(img, ref):
+            raise ScanError(path, f"label grid does not match the CT: label {_fmt_geom(got)} vs CT {_fmt_geom(want)}")
+        img = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, img.GetPixelID())
     arr = sitk.GetArrayFromImage(img)
     values = np.unique(arr)
     if np.all(np.isin(values, (0, 1, 2))):
         return arr.astype(np.uint8)
     return (arr != 0).astype(np.uint8)
+
+
+def _same_voxel_centres(img: sitk.Image, ref: sitk.Image, tol_voxels: float = 0.01) -> bool:
+    """True if every voxel centre of ``ref`` is a voxel centre of ``img`` (and the counts match).
+
+    The index map is affine, so checking the corners of ``ref``'s grid suffices.
+    """
+    if int(np.prod(img.GetSize())) != int(np.prod(ref.GetSize())):
+        return False
+    size = ref.GetSize()
+    for corner in np.ndindex(2, 2, 2):
+        idx = [int(c * (n - 1)) for c, n in zip(corner, size)]
+        cont = img.TransformPhysicalPointToContinuousIndex(ref.TransformIndexToPhysicalPoint(idx))
+        if any(abs(c - round(c)) > tol_voxels or not 0 <= round(c) < n for c, n in zip(cont, img.GetSize())):
+            return False
+    return True
 
 
 def write_label_image(labels: np.ndarray, like: CTVolume, path) -> Path:
@@ -121,15 +142,16 @@ def _load_dicom_folder(folder: Path) -> CTVolume:
     if err is not None:
         raise err
     series = group_series(records)
-    # Several top-level subfolders each holding CT = an archive of scans, not one scan:
-    # choosing one silently would analyse an arbitrary patient.
-    ct_keys = sorted({s.scan_key for s in series
-                      if (s.modality or "").upper() == "CT" and not s.is_localizer})
-    studies = {s.study_uid for s in series if s.scan_key in ct_keys}
-    if len(ct_keys) > 1 and len(studies) > 1:
+    # CT of several patients = an archive, not one scan: choosing one silently would analyse
+    # an arbitrary patient. (Several studies of one patient are fine: the paper's rule picks.)
+    ct = [s for s in series if (s.modality or "").upper() == "CT" and not s.is_localizer]
+    ct_keys = sorted({s.scan_key for s in ct})
+    refs = {s.patient_ref for s in ct if s.patient_ref}
+    n_patients = len(refs) if refs else (len({s.study_uid for s in ct}) if len(ct_keys) > 1 else 1)
+    if n_patients > 1:
         shown = ", ".join(ct_keys[:3]) + (", ..." if len(ct_keys) > 3 else "")
-        raise ScanError(folder, f"folder holds {len(ct_keys)} scan folders with CT ({shown}); "
-                                "pass one scan folder, or index the archive with index_tree")
+        raise ScanError(folder, f"folder holds CT of {n_patients} patients in {len(ct_keys)} scan folders with CT "
+                                f"({shown}); pass one patient's folder, or run `emphy extract` on the archive")
     choice = select_series(series, where=str(folder))
     vol = read_dicom_series(choice.picked.files)
     meta = dict(vol.meta, not_picked=list(choice.not_picked),

@@ -8,7 +8,7 @@ why every other series was not picked.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import replace, dataclass, field
 from pathlib import Path
 
 from ..errors import ScanError
@@ -45,6 +45,7 @@ class SeriesInfo:
     z_min_mm: float | None = None
     z_max_mm: float | None = None
     n_files: int = 0
+    patient_ref: str | None = None   # one-way hash of PatientID (in memory only)
 
 
 @dataclass
@@ -116,6 +117,7 @@ def group_series(records) -> list[SeriesInfo]:
             is_localizer=(not axial) or n <= 1,
             frame_of_reference_uid=first.get("frame_of_reference_uid"),
             acquisition_number=first.get("acquisition_number"),
+            patient_ref=first.get("patient_ref"),
             model=first.get("model"),
             rows=first.get("rows"),
             columns=first.get("columns"),
@@ -232,6 +234,30 @@ def broken_file_error(records) -> ScanError | None:
     return ScanError(r["path"], f"unreadable DICOM file {Path(r['path']).name}{more}: {r['read_error']}")
 
 
+def split_patients(series: list[SeriesInfo]) -> list[SeriesInfo]:
+    """One scan key per patient: a folder holding several patients' series (a flat PACS export)
+    gets keys ``<folder>#1``, ``#2``, ... in order of each patient's first file path.
+
+    Patients are told apart by ``patient_ref`` (a hash of PatientID); series without one stay
+    under the folder's key.
+    """
+    by_key: dict[str, list] = defaultdict(list)
+    for s in series:
+        by_key[s.scan_key].append(s)
+    out = []
+    for key, group in by_key.items():
+        first_file = {}
+        for s in group:
+            if s.patient_ref:
+                first_file[s.patient_ref] = min(first_file.get(s.patient_ref, s.files[0]), *s.files)
+        if len(first_file) <= 1:
+            out += group
+            continue
+        number = {ref: i + 1 for i, ref in enumerate(sorted(first_file, key=first_file.get))}
+        out += [replace(s, scan_key=f"{key}#{number[s.patient_ref]}") if s.patient_ref else s for s in group]
+    return out
+
+
 def choose_by_scan(records, root) -> dict:
     """Records of a tree -> {scan_key: SeriesChoice | ScanError} (errors returned, not raised)."""
     records = list(records)
@@ -239,15 +265,18 @@ def choose_by_scan(records, root) -> dict:
     for r in records:
         recs_by_key[r.get("scan_key") or ""].append(r)
     by_key: dict[str, list] = defaultdict(list)
-    for s in group_series(records):
+    for s in split_patients(group_series(records)):
         by_key[s.scan_key].append(s)
     out = {}
-    for key in sorted(recs_by_key):
-        folder = Path(root) / key if key != Path(root).name else Path(root)
-        err = broken_file_error(recs_by_key[key])
+    for key in sorted(set(recs_by_key) | set(by_key)):
+        folder_key = key.split("#")[0]
+        folder = Path(root) / folder_key if folder_key != Path(root).name else Path(root)
+        err = broken_file_error(recs_by_key.get(key, []))
         if err is not None:
             out[key] = err
             continue
+        if key not in by_key:
+            continue   # a folder whose series all moved to per-patient keys
         try:
             out[key] = select_series(by_key[key], where=str(folder))
         except ScanError as e:
@@ -272,7 +301,7 @@ def scans_from_index(files, records, root) -> dict:
             continue
         if key == root.name and (out or len(counts) > 1):
             continue
-        if any(other.startswith(key + "/") for other in out):
+        if any(other.startswith((key + "/", key + "#")) for other in out):
             continue
         out[key] = ScanError(root / key if key != root.name else root, f"no DICOM files found ({n} other files)")
     return dict(sorted(out.items()))
