@@ -163,21 +163,18 @@ def _segment(volume, config):
 
 
 def _phenotypes(volume, labels, config) -> dict:
-    from .phenotypes import emphysema_label, laa_cluster_exponent_d, laa_per_slice, parenchyma_phenotypes
+    from .phenotypes import measure_lungs
 
-    regions = parenchyma_phenotypes(volume.hu, labels, volume.spacing_zyx_mm, volume.direction_xyz)
-    whole = next(r for r in regions if r["region"] == "WholeLung")
-    curve = laa_per_slice(volume.hu, labels, volume.direction_xyz, spacing_zyx_mm=volume.spacing_zyx_mm)
-    d = laa_cluster_exponent_d(volume.hu, labels > 0, volume.spacing_zyx_mm)
-    label = emphysema_label(whole["laa950_pct"], whole["hu_mean"], config.label)
+    m = measure_lungs(volume.hu, labels, volume.spacing_zyx_mm, volume.direction_xyz, config.label)
+    c = m.curve
     slices = [{"slice_index": int(k), "rank_from_superior": int(r), "depth_mm": float(dmm),
                "n_lung_voxels": int(n), "laa950_pct": float(pct)}
-              for k, r, dmm, n, pct in zip(curve["slice_index"], curve["rank_from_superior"], curve["depth_mm"],
-                                           curve["n_lung_voxels"], curve["laa_pct"]) if n > 0]
-    summary = {"lung_volume_l": whole["volume_l"], "laa950_pct": whole["laa950_pct"], "hu_mean": whole["hu_mean"],
-               "cluster_d": None if d is None or not np.isfinite(d) else float(d),
-               "label": None if label is None else int(label)}
-    return {"regions": regions, "slices": slices, "summary": summary, "curve": curve}
+              for k, r, dmm, n, pct in zip(c["slice_index"], c["rank_from_superior"], c["depth_mm"],
+                                           c["n_lung_voxels"], c["laa_pct"]) if n > 0]
+    summary = {"lung_volume_l": m.whole["volume_l"], "laa950_pct": m.whole["laa950_pct"],
+               "hu_mean": m.whole["hu_mean"],
+               "cluster_d": float(m.cluster_d) if np.isfinite(m.cluster_d) else None, "label": m.label}
+    return {"regions": m.regions, "slices": slices, "summary": summary}
 
 
 def _artifacts(task, volume, labels, pheno, config, out_dir: Path) -> dict:

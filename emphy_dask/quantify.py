@@ -16,18 +16,11 @@ import numpy as np
 import pandas as pd
 
 from emphy_dask.errors import ScanError
-from emphy_dask.phenotypes import (
-    PHENOTYPE_COLUMNS,
-    emphysema_label,
-    laa_cluster_exponent_d,
-    parenchyma_phenotypes,
-)
+from emphy_dask.io import load_ct, read_label_image, write_label_image
+from emphy_dask.phenotypes import PHENOTYPE_COLUMNS, measure_lungs, parenchyma_phenotypes
 
 SHARP_KERNEL_WARNING = ("sharp reconstruction kernel {kernel!r}: LAA%-950 reads several points "
                         "higher than on a soft kernel; prefer a soft-kernel series for emphysema")
-
-# Meta keys another stage may fill with free-text notes (e.g. "3 kernels in this folder").
-_NOTE_KEYS = ("warnings", "notes", "note", "multi_kernel_note", "kernel_note", "series_note")
 
 
 def quantify_volume(volume, labels) -> pd.DataFrame:
@@ -49,7 +42,10 @@ def quantify_volume(volume, labels) -> pd.DataFrame:
     labels = np.asarray(labels)
     if labels.shape != volume.shape:
         raise ValueError(f"label map shape {labels.shape} does not match CT shape {volume.shape}")
-    rows = parenchyma_phenotypes(volume.hu, labels, volume.spacing_zyx_mm, volume.direction_xyz)
+    return _table(parenchyma_phenotypes(volume.hu, labels, volume.spacing_zyx_mm, volume.direction_xyz))
+
+
+def _table(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=("region",) + PHENOTYPE_COLUMNS)
     df["n_voxels"] = df["n_voxels"].astype(np.int64)
     return df
@@ -58,8 +54,8 @@ def quantify_volume(volume, labels) -> pd.DataFrame:
 def scan_notes(meta: dict) -> tuple[str | None, list[str]]:
     """(kernel, warnings) to publish with a result, from ``CTVolume.meta``.
 
-    Reads ``kernel``, ``kernel_is_sharp`` (io.metadata), ``multi_kernel_kernels``
-    (io.load_ct: picked kernel first) and any free-text ``warnings`` / ``notes``.
+    Reads ``kernel``, ``kernel_is_sharp`` (io.metadata) and ``multi_kernel_kernels``
+    (io.load_ct: picked kernel first).
     """
     meta = meta or {}
     kernel = meta.get("kernel")
@@ -71,22 +67,7 @@ def scan_notes(meta: dict) -> tuple[str | None, list[str]]:
         # io lists the picked kernel first, then the other reconstructions of the same scan
         warnings.append(f"same acquisition reconstructed with {len(kernels)} kernels "
                         f"({', '.join(map(str, kernels))}); used {kernels[0]}")
-    for key in _NOTE_KEYS:
-        val = meta.get(key)
-        if isinstance(val, str) and val.strip():
-            warnings.append(val.strip())
-        elif isinstance(val, (list, tuple)):
-            warnings.extend(str(v) for v in val if str(v).strip())
     return kernel, warnings
-
-
-def _io_functions():
-    """(load_ct, read_label_image, write_label_image), imported lazily (io is a sibling stage)."""
-    try:
-        from emphy_dask.io import load_ct, read_label_image, write_label_image
-    except ImportError:  # package may not re-export them
-        from emphy_dask.io.image_io import load_ct, read_label_image, write_label_image
-    return load_ct, read_label_image, write_label_image
 
 
 def _read_failure(path, exc: Exception, what: str) -> ScanError:
@@ -123,8 +104,6 @@ def quantify_path(ct_path, mask_path=None, save_mask_path=None, segmenter: str =
     ScanError
         Missing / unreadable CT or mask, or a mask on a different grid.
     """
-    load_ct, read_label_image, write_label_image = _io_functions()
-
     for path in (ct_path, mask_path):
         if path is not None and not os.path.exists(path):
             raise ScanError(path, "no such file or folder")
@@ -162,17 +141,17 @@ def quantify_path(ct_path, mask_path=None, save_mask_path=None, segmenter: str =
     if save_mask_path is not None:
         write_label_image(labels.astype(np.uint8, copy=False), volume, save_mask_path)
 
-    table = quantify_volume(volume, labels)
-    whole = table.iloc[0]
+    m = measure_lungs(volume.hu, labels, volume.spacing_zyx_mm, volume.direction_xyz)
+    table = _table(m.regions)
     kernel, warnings = scan_notes(volume.meta)
-    if int(whole["n_voxels"]) == 0:
+    if int(m.whole["n_voxels"]) == 0:
         warnings.append("empty lung mask: no phenotypes")
     extras = {
-        "label": emphysema_label(whole["laa950_pct"], whole["hu_mean"]),
+        "label": m.label,
         "kernel": kernel,
         "kernel_is_sharp": (volume.meta or {}).get("kernel_is_sharp"),
         "warnings": warnings,
-        "cluster_d": laa_cluster_exponent_d(volume.hu, labels > 0, volume.spacing_zyx_mm),
+        "cluster_d": m.cluster_d,
         "mask_source": source,
     }
     return table, extras
