@@ -7,6 +7,7 @@ knows nothing about Dask, so it runs the same in a loop, a test or on a worker.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -48,9 +49,17 @@ class ScanTask:
     error_path: str | None = None
 
 
-def safe_name(scan_key: str) -> str:
-    """A file-name-safe version of a scan key."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", scan_key) or "scan"
+def artifact_stem(scan_key: str) -> str:
+    """Relative path (no suffix) of a scan's masks/QC files: the key's folders kept as folders.
+
+    Characters outside ``[A-Za-z0-9._-]`` become ``_``; when that changed anything, a short hash
+    of the key is appended so two keys never share files.
+    """
+    parts = [re.sub(r"[^A-Za-z0-9._-]+", "_", p).strip(".") or "_" for p in scan_key.split("/")]
+    stem = "/".join(parts)
+    if stem != scan_key:
+        stem += "-" + hashlib.sha256(scan_key.encode()).hexdigest()[:8]
+    return stem
 
 
 def _meta_columns(meta: dict) -> dict:
@@ -181,7 +190,7 @@ def _artifacts(task, volume, labels, pheno, config, out_dir: Path) -> dict:
     from .io import write_label_image
     from .qc_images import laa_curve_png, qc_montage_png
 
-    name = safe_name(task.scan_key)
+    name = artifact_stem(task.scan_key)
     paths = {"mask_path": None, "qc_montage_path": None, "qc_curve_path": None}
     if config.output.write_masks:
         rel = f"masks/{name}.nii.gz"

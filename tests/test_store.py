@@ -36,7 +36,8 @@ def test_repair_removes_orphans_and_recovers_staged_without_duplicates(tmp_path)
     from emphy_dask.tables import write_part
     write_part("phenotypes", result("D")["phenotypes"], tmp_path, "orphan")
     # and a staged file whose scan was already flushed (crash before unlink):
-    (tmp_path / "_staging" / "A.json").write_text(json.dumps(result("A")))
+    fresh_path = RunStore(tmp_path)._staged("A")
+    fresh_path.write_text(json.dumps(result("A")))
     fresh = RunStore(tmp_path, part_size=2)
     report = fresh.repair()
     assert report == {"orphan_parts_removed": 1, "staged_scans_recovered": 1}
@@ -59,3 +60,24 @@ def test_overwrite_refuses_non_run_folders(tmp_path):
     with pytest.raises(ConfigMismatch, match="not an emphy run"):
         clean_out_dir(tmp_path)
     assert (tmp_path / "thesis.docx").exists()
+
+
+def test_artifact_names_never_collide_and_keep_plain_keys():
+    from emphy_dask.pipeline import artifact_stem
+
+    assert artifact_stem("LIDC-IDRI-0001") == "LIDC-IDRI-0001"
+    assert artifact_stem("lidc-idri-slabs/LIDC-IDRI-0001") == "lidc-idri-slabs/LIDC-IDRI-0001"
+    keys = ["a b", "a_b", "a/b", "a#1", "a#2", "ä", "../x", "a_b-1"]
+    stems = [artifact_stem(k) for k in keys]
+    assert len(set(stems)) == len(keys)
+    assert all(".." not in s.split("/") and not s.startswith("/") for s in stems)
+
+
+def test_staging_names_are_distinct_for_keys_that_look_alike(tmp_path):
+    store = RunStore(tmp_path, part_size=10)
+    for k in ("a b", "a_b", "a/b"):
+        store.add(result(k))
+    assert len(list((tmp_path / "_staging").glob("*.json"))) == 3
+    report = RunStore(tmp_path).repair()                 # crash before the flush: all three recovered
+    assert report["staged_scans_recovered"] == 3
+    assert sorted(read_frame(tmp_path, "scans")["scan_key"]) == ["a b", "a/b", "a_b"]

@@ -11,6 +11,7 @@ So a killed job loses at most the scans in flight, and no row is ever written tw
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from ..pipeline import safe_name
 from ..tables import TABLES, part_ids, read_table, write_part
 
 STAGING = "_staging"
@@ -55,7 +55,7 @@ class RunStore:
             for pid in part_ids(self.out_dir, table) - done_ids:
                 (self.out_dir / table / f"part-{pid}.parquet").unlink()
                 orphans += 1
-        for tmp in self.out_dir.glob("*/.tmp-*"):
+        for tmp in self.out_dir.rglob(".tmp-*"):
             tmp.unlink()
         done = set(self.done_keys())
         staged = []
@@ -82,11 +82,15 @@ class RunStore:
                 f"{self.out_dir} holds results made with other settings (config hash {', '.join(sorted(other))}, "
                 f"this job {config_hash}); rerun with --overwrite or write to a new OUT")
 
+    def _staged(self, scan_key: str) -> Path:
+        # hashed: any key (slashes, unicode) maps to its own flat file name
+        return self.staging / f"{hashlib.sha256(scan_key.encode()).hexdigest()[:24]}.json"
+
     # -- during the run ---------------------------------------------------------------------
     def add(self, result: dict) -> None:
         """Stage one scan's rows durably, then flush a part when enough are pending."""
         key = result["scans"]["scan_key"]
-        final = self.staging / f"{safe_name(key)}.json"
+        final = self._staged(key)
         tmp = self.staging / f".tmp-{final.name}"
         tmp.write_text(json.dumps(result, default=_plain))
         os.replace(tmp, final)
@@ -106,7 +110,7 @@ class RunStore:
                 write_part(table, rows, self.out_dir, pid)
         write_part("scans", [res["scans"] for res in self._pending], self.out_dir, pid)
         for res in self._pending:
-            (self.staging / f"{safe_name(res['scans']['scan_key'])}.json").unlink(missing_ok=True)
+            self._staged(res["scans"]["scan_key"]).unlink(missing_ok=True)
         self._pending = []
 
     def close(self) -> None:
