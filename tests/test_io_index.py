@@ -205,3 +205,23 @@ def test_patient_folder_with_two_studies_picks_across_studies(tmp_path):
     write_series(patient / "study1" / "s1", n=4, phi={"PatientID": "P-ONE"})
     write_series(patient / "study2" / "s2", n=7, phi={"PatientID": "P-ONE"})
     assert load_ct(patient).shape[0] == 7
+
+
+def test_reexported_series_in_two_folders_is_not_merged(tmp_path):
+    """Same SeriesInstanceUID, same positions, other SOP instances, two folders: two candidates."""
+    from emphy_dask.io import index_tree
+
+    uid, study, frame = generate_uid(), generate_uid(), generate_uid()
+    root = tmp_path / "P"
+    write_series(root / "st" / "copyA", n=4, series_uid=uid, study_uid=study, for_uid=frame)
+    write_series(root / "st" / "copyB", n=4, series_uid=uid, study_uid=study, for_uid=frame)
+    write_series(root / "st" / "other", n=5, study_uid=study, for_uid=frame)
+    choice = index_tree(tmp_path)["P"]
+    assert choice.picked.n_slices == 5 and len(choice.not_picked) == 2
+    # a series merely split across folders (no repeated position) stays one series
+    split = tmp_path / "Q" / "st"
+    uid2 = generate_uid()
+    write_series(split / "part1", n=3, series_uid=uid2, study_uid=study, for_uid=frame)
+    write_series(split / "part2", n=3, z0_mm=6.0, series_uid=uid2, study_uid=study, for_uid=frame,
+                 names=[f"t{i}.dcm" for i in range(3)])
+    assert index_tree(tmp_path)["Q"].picked.n_slices == 6

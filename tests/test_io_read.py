@@ -237,3 +237,18 @@ def test_label_image_with_axes_stored_differently_is_reindexed_exactly(tmp_path)
     sitk.WriteImage(shifted, str(tmp_path / "s.nii.gz"))
     with pytest.raises(ScanError, match="label grid does not match"):
         read_label_image(tmp_path / "s.nii.gz", ct)
+
+
+def test_padding_value_also_used_inside_the_body_only_pads_the_edge(tmp_path):
+    """PixelPaddingValue = raw 0 (-1024 HU): the border region is padding, enclosed air is not."""
+    from emphy_dask.io import read_dicom_series
+
+    raw = np.full((12, 12), 1024, np.int16)      # 0 HU body
+    raw[0, :] = raw[-1, :] = raw[:, 0] = raw[:, -1] = 0
+    raw[5:7, 5:7] = 0                            # air enclosed by the body, same raw value
+    files = [make_slice(tmp_path / f"{i}.dcm", z_mm=2.0 * i, series_uid="1.2.3", study_uid="1.2",
+                        for_uid="1.2.4", raw=raw, rows=12, cols=12, padding_value=0, instance_number=i + 1)
+             for i in range(3)]
+    vol = read_dicom_series(files)
+    assert not vol.fov_mask[:, 0, :].any()
+    assert vol.fov_mask[:, 5:7, 5:7].all() and (vol.hu[:, 5:7, 5:7] == -1024).all()

@@ -159,6 +159,10 @@ def test_bad_scans_get_reasons_and_good_rows_stay_the_same(clean_run, cohort, jo
     clean = {t: read_frame(clean_run[0], t, stable=True) for t in TABLES}
     for t in ("scans", "phenotypes", "slices"):
         pd.testing.assert_frame_equal(good[t], clean[t], obj=t, check_dtype=False)
+    # the run's manifest is a valid INPUT and reproduces the run, error rows included
+    again = tmp_path / "again"
+    run_extract(out / "manifest.parquet", again, load_job(job_file), progress=False, log=lambda *a: None)
+    assert_same_tables(again, out)
 
 
 def test_cli_extract_over_the_real_shared_data(tmp_path, job_file):
@@ -249,13 +253,15 @@ def test_nifti_files_and_csv_manifest_as_input(cohort, clean_run, job_file, tmp_
     sitk.WriteImage(ct.to_sitk(), str(images / "case-a.nii.gz"))
     manifest = tmp_path / "list.csv"
     manifest.write_text(f"scan_key,path\nfrom-dicom,{cohort[0] / key}\nfrom-nifti,images/case-a.nii.gz\n"
-                        "missing,nowhere/x.nii.gz\n")
+                        "missing,nowhere/x.nii.gz\nfrom-nifti,images/case-a.nii.gz\n")
     out = tmp_path / "out"
     summary = run_extract(manifest, out, load_job(job_file), progress=False, log=lambda *a: None)
     assert summary.exit_code == 0
     scans = read_frame(out, "scans").set_index("scan_key")
     assert scans.loc["from-dicom", "status"] == "ok" and scans.loc["from-nifti", "status"] == "ok"
     assert scans.loc["from-nifti", "source_format"] == "nifti"
+    assert scans.loc["from-nifti~2", "status"] == "ok"            # a key listed twice never makes 2 rows
+    assert scans.loc["from-nifti", "mask_path"] != scans.loc["from-nifti~2", "mask_path"]
     assert scans.loc["missing", "status"] == "failed" and "not found" in scans.loc["missing", "reason"]
     pheno = read_frame(out, "phenotypes").set_index(["scan_key", "region"])
     clean = read_frame(clean_run[0], "phenotypes").set_index(["scan_key", "region"])

@@ -200,3 +200,19 @@ def test_real_ct_kernels_agree(dx_segmentations):
     b = dx_segmentations["soft"][1]
     for k in (1, 2):
         assert _dice(a == k, b == k) >= 0.97
+
+
+def test_scan_starting_below_the_carina_keeps_both_lungs():
+    """No trachea in the top slice: the airway tracker must not carve a lung away."""
+    from emphy_dask.synth import make_phantom
+
+    p = make_phantom((60, 96, 96), (5.0, 3.6, 3.6), 15.0, "panlobular", 3)
+    fov = np.broadcast_to(p.fov_mask_yx, p.hu.shape)
+    z = np.nonzero(p.lung_labels.any(axis=(1, 2)))[0]
+    mid = (z[0] + z[-1]) // 2                    # keep the inferior half only
+    vol = CTVolume(hu=np.where(fov, p.hu, PADDING_HU)[:mid].astype(np.int16), spacing_zyx_mm=p.spacing_zyx_mm,
+                   fov_mask=np.ascontiguousarray(fov[:mid]))
+    labels = segment_lungs(vol)
+    for side in (1, 2):
+        truth = p.lung_labels[:mid] == side
+        assert (labels == side)[truth].mean() > 0.95        # measured 0.98 / 0.999 (was 0.35 / 0.999)

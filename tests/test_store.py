@@ -81,3 +81,11 @@ def test_staging_names_are_distinct_for_keys_that_look_alike(tmp_path):
     report = RunStore(tmp_path).repair()                 # crash before the flush: all three recovered
     assert report["staged_scans_recovered"] == 3
     assert sorted(read_frame(tmp_path, "scans")["scan_key"]) == ["a b", "a/b", "a_b"]
+
+
+def test_staged_results_of_other_settings_are_refused_before_they_are_written(tmp_path):
+    store = RunStore(tmp_path, part_size=10)
+    store.add(result("A", h="old"))                  # killed before the flush: staged only
+    with pytest.raises(ConfigMismatch, match="old"):
+        RunStore(tmp_path).check_config("new")
+    assert read_frame(tmp_path, "scans").empty

@@ -53,6 +53,17 @@ def _padding_raw(ds, raw: np.ndarray) -> np.ndarray | None:
     return raw == v
 
 
+def _touching_edge(mask: np.ndarray) -> np.ndarray:
+    """The connected regions of a 2D bool mask that touch the image border."""
+    from scipy import ndimage as ndi
+
+    lab, n = ndi.label(mask)
+    if n == 0:
+        return mask
+    edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    return np.isin(lab, edge[edge > 0])
+
+
 def _read_slice(path: str):
     """One slice file -> (header dict, HU int16 (rows, cols), padding mask or None)."""
     try:
@@ -75,8 +86,12 @@ def _read_slice(path: str):
         hu = raw.astype(np.int32) + int(intercept)  # exact integer path (the usual case)
     else:
         hu = np.rint(raw.astype(np.float32) * np.float32(slope) + np.float32(intercept))
-    pad = _padding_raw(ds, raw)
-    pad = hu < PADDING_BELOW_HU if pad is None else (pad | (hu < PADDING_BELOW_HU))
+    pad = hu < PADDING_BELOW_HU
+    declared = _padding_raw(ds, raw)
+    if declared is not None:
+        # PixelPaddingValue may also be a legitimate value (raw 0 = -1024 HU air): only its
+        # regions that reach the image edge are padding, never air enclosed by the body
+        pad |= _touching_edge(declared)
     hu = np.clip(hu, -32768, 32767).astype(np.int16)
     return hu, pad
 

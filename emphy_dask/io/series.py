@@ -72,6 +72,26 @@ def _is_localizer_record(rec: dict) -> bool:
     return "LOCALIZER" in (rec.get("image_type") or [])
 
 
+def _split_reexports(groups: dict) -> dict:
+    """A SeriesInstanceUID found in several folders with the same slice positions under other
+    SOP instances is a re-export (copies of one series), not one series: one group per folder.
+    A series merely split across folders (no repeated position) stays whole."""
+    out = {}
+    for (key, uid, _), recs in groups.items():
+        folders = defaultdict(list)
+        for r in recs:
+            folders[str(Path(r["path"]).parent)].append(r)
+        positions = defaultdict(set)   # position -> SOP instances seen there
+        for r in recs:
+            if r.get("position_xyz_mm"):
+                positions[tuple(round(v, 2) for v in r["position_xyz_mm"])].add(r.get("sop_instance_uid"))
+        if len(folders) > 1 and any(len(sops) > 1 for sops in positions.values()):
+            out.update({(key, uid, folder): rs for folder, rs in folders.items()})
+        else:
+            out[(key, uid, "")] = recs
+    return out
+
+
 def group_series(records) -> list[SeriesInfo]:
     """Group ``index_files`` records by (scan_key, series_uid) into ``SeriesInfo``.
 
@@ -83,9 +103,10 @@ def group_series(records) -> list[SeriesInfo]:
     for rec in records:
         if rec.get("read_error"):
             continue  # broken files: see ``broken_files``
-        groups[(rec.get("scan_key") or "", rec.get("series_uid") or "")].append(rec)
+        groups[(rec.get("scan_key") or "", rec.get("series_uid") or "", "")].append(rec)
+    groups = _split_reexports(groups)
     out = []
-    for (scan_key, series_uid), recs in sorted(groups.items()):
+    for (scan_key, series_uid, _folder), recs in sorted(groups.items()):
         recs = sorted(recs, key=lambda r: r["path"])
         # Pixel-less objects (SR, presentation states) are dropped, but a CT image file
         # without pixels is kept so reading fails loudly on it (a truncated copy).

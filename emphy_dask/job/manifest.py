@@ -6,6 +6,7 @@ every header of a scan, run on the driver and are cheap. Without a client it run
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from pathlib import Path
 
@@ -89,14 +90,18 @@ def build_manifest(input_path: str | Path, client=None) -> tuple[Path, list[Scan
     tasks = tasks_from_index(dicom_candidates, _index(dicom_candidates, root, client), root)
     tasks += [ScanTask(_image_key(f, root), "image", (str(f),), selection_columns(1, [], ()))
               for f in images]
-    # A DICOM scan and an image file can map to the same key: keep both, distinctly keyed.
+    return root, unique_keys(tasks)
+
+
+def unique_keys(tasks: list[ScanTask]) -> list[ScanTask]:
+    """Sorted by key; a key met again (a DICOM scan and an image file of the same name, a CSV
+    listing a key twice) becomes ``key~2``, ``key~3``: never two scans under one key."""
     seen, unique = {}, []
     for t in sorted(tasks, key=lambda t: t.scan_key):
         n = seen.get(t.scan_key, 0)
         seen[t.scan_key] = n + 1
-        unique.append(t if n == 0 else ScanTask(f"{t.scan_key}~{n + 1}", t.kind, t.paths, t.selection, t.error,
-                                                t.error_path))
-    return root, unique
+        unique.append(t if n == 0 else dataclasses.replace(t, scan_key=f"{t.scan_key}~{n + 1}"))
+    return unique
 
 
 def read_manifest_file(path: Path, client=None) -> tuple[Path, list[ScanTask]]:
@@ -112,7 +117,7 @@ def read_manifest_file(path: Path, client=None) -> tuple[Path, list[ScanTask]]:
         for row in table.to_pylist():
             sel = {k: row[k] for k in ("n_candidate_series", "not_picked", "multi_kernel", "kernels_in_study")}
             tasks.append(ScanTask(row["scan_key"], row["kind"], tuple(str(root / p) for p in row["paths"] or ()),
-                                  sel, row["error"]))
+                                  sel, row["error"], row["error_path"]))
         return root, tasks
     import csv
 
@@ -125,7 +130,7 @@ def read_manifest_file(path: Path, client=None) -> tuple[Path, list[ScanTask]]:
         for row in reader:
             target = (root / row["path"]).resolve()
             tasks.append(_task_for_target(row["scan_key"], target, root, client))
-    return root, sorted(tasks, key=lambda t: t.scan_key)
+    return root, unique_keys(tasks)
 
 
 def _task_for_target(key: str, target: Path, root: Path, client=None) -> ScanTask:
@@ -154,8 +159,8 @@ def write_manifest(out_dir: Path, root: Path, tasks: list[ScanTask]) -> Path:
             except ValueError:
                 rel.append(str(p))
         sel = t.selection
-        rows.append({"scan_key": t.scan_key, "kind": t.kind, "paths": rel,
-                     "error": f"{t.error_path}: {t.error}" if t.error_path else t.error,
+        rows.append({"scan_key": t.scan_key, "kind": t.kind, "paths": rel, "error": t.error,
+                     "error_path": t.error_path,
                      **{k: sel.get(k) for k in ("n_candidate_series", "not_picked", "multi_kernel",
                                                  "kernels_in_study")}})
     table = to_arrow("manifest", rows)

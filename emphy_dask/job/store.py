@@ -76,7 +76,9 @@ class RunStore:
         return dict(zip(t.column("scan_key").to_pylist(), t.column("config_hash").to_pylist()))
 
     def check_config(self, config_hash: str) -> None:
-        other = {h for h in self.done_keys().values() if h != config_hash}
+        """Refuse an OUT whose written or staged (crashed-run) results used other settings."""
+        staged = {json.loads(f.read_text())["scans"]["config_hash"] for f in self.staging.glob("*.json")}
+        other = {h for h in set(self.done_keys().values()) | staged if h != config_hash}
         if other:
             raise ConfigMismatch(
                 f"{self.out_dir} holds results made with other settings (config hash {', '.join(sorted(other))}, "

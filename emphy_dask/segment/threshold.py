@@ -110,6 +110,12 @@ def _disk(radius_vox: tuple) -> np.ndarray:
     return (yy / ry) ** 2 + (xx / rx) ** 2 <= 1.0
 
 
+#: Largest cross-section of one tracked airway component (trachea ~ 250-500 mm^2), mm^2.
+MAX_AIRWAY_SECTION_MM2 = 800.0
+#: Largest plausible trachea + main bronchi volume; more means the tracker entered the lung, mL.
+MAX_AIRWAY_ML = 150.0
+
+
 def _track_airway(tight, loose, outside, sp, lr_axis_2d, mid_lr, half_width, sup_first):
     """Trachea + main bronchi (bool, working grid) by slice-wise tracking from the top.
 
@@ -159,15 +165,19 @@ def _track_airway(tight, loose, outside, sp, lr_axis_2d, mid_lr, half_width, sup
         for i in hit:
             comp = lab == i
             a = comp.sum() * px_mm2
-            if a > max(1000.0, 3.0 * prev_area):
+            if a > min(MAX_AIRWAY_SECTION_MM2, max(1000.0, 3.0 * prev_area)):
                 continue  # merged with emphysematous parenchyma: the branch entered the lung
             if lung_fraction(z, comp) > 0.5:
                 continue  # surrounded by lung: intrapulmonary bronchus, part of the lung
             keep |= comp
-        if not keep.any():
-            break
+        if not keep.any() or keep.sum() * px_mm2 > 2 * MAX_AIRWAY_SECTION_MM2:
+            break         # more than two main bronchi's worth of air: we are in the lung
         airway[z] = keep
         prev, prev_area = keep, keep.sum() * px_mm2
+    if airway.sum() * px_mm2 * sp[0] / 1000.0 > MAX_AIRWAY_ML:
+        # not a trachea: tracking wandered into lung (e.g. a scan starting below the carina);
+        # better to keep a bronchus stump in the mask than to cut a lung away
+        return np.zeros_like(airway)
     return airway
 
 
