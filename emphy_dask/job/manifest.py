@@ -7,7 +7,7 @@ every header of a scan, run on the driver and are cheap. Without a client it run
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -129,23 +129,23 @@ def read_manifest_file(path: Path, client=None) -> tuple[Path, list[ScanTask]]:
             raise ScanError(path, "manifest CSV needs the columns scan_key,path", stage="index")
         for row in reader:
             target = (root / row["path"]).resolve()
-            tasks.append(_task_for_target(row["scan_key"], target, root, client))
+            tasks.extend(_tasks_for_target(row["scan_key"], target, root, client))
     return root, unique_keys(tasks)
 
 
-def _task_for_target(key: str, target: Path, root: Path, client=None) -> ScanTask:
+def _tasks_for_target(key: str, target: Path, root: Path, client=None) -> list[ScanTask]:
+    """Tasks of one manifest row: one, or ``key#1``, ``key#2`` when the folder holds several patients."""
     if target.is_file() and _is_image(target):
-        return ScanTask(key, "image", (str(target),), selection_columns(1, [], ()))
+        return [ScanTask(key, "image", (str(target),), selection_columns(1, [], ()))]
     if not target.exists():
-        return ScanTask(key, "error", error="listed in the manifest but not found", error_path=str(target))
+        return [ScanTask(key, "error", error="listed in the manifest but not found", error_path=str(target))]
     from ..io import find_files
 
     files = [target] if target.is_file() else find_files(target)
     records = [dict(r, scan_key=key) for r in _index(files, root, client)]
     if not records:
-        return ScanTask(key, "error", error="no DICOM files found", error_path=str(target))
-    choice = tasks_from_index([], records, root)
-    return choice[0]
+        return [ScanTask(key, "error", error="no DICOM files found", error_path=str(target))]
+    return tasks_from_index([], records, root)
 
 
 def write_manifest(out_dir: Path, root: Path, tasks: list[ScanTask]) -> Path:
@@ -173,9 +173,7 @@ def write_manifest(out_dir: Path, root: Path, tasks: list[ScanTask]) -> Path:
 
 
 def manifest_summary(tasks: list[ScanTask]) -> dict:
-    kinds = defaultdict(int)
-    for t in tasks:
-        kinds[t.kind] += 1
-    return dict(kinds)
+    """Scan count per kind (dicom / image / error)."""
+    return dict(Counter(t.kind for t in tasks))
 
 
