@@ -14,6 +14,8 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     where.add_argument("--scheduler", help="join a running cluster: tcp://HOST:PORT or a scheduler file")
     where.add_argument("--workers", type=int, help="LocalCluster worker processes (default from the job)")
     p.add_argument("--segmenter", help="lung segmenter (overrides the job's [segment].name)")
+    p.add_argument("--backbone", help="embedding backbone: ct-i3resnet152, resnet152 or none (overrides [embed].backbone)")
+    p.add_argument("--weights", help="the backbone's weight file (overrides [embed].weights)")
     p.add_argument("--limit", type=int, help="process only the first N scans of the manifest")
     p.add_argument("--overwrite", action="store_true", help="start clean instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -31,10 +33,18 @@ def _job_config(args):
         if args.segmenter not in SEGMENTERS:
             raise ConfigError(f"--segmenter: unknown segmenter {args.segmenter!r} (known: {', '.join(SEGMENTERS)})")
         cfg = dataclasses.replace(cfg, segment=dataclasses.replace(cfg.segment, name=args.segmenter))
+    embed = {k: v for k, v in (("backbone", getattr(args, "backbone", None)),
+                               ("weights", getattr(args, "weights", None))) if v}
+    if embed:
+        from .job.config import config_from_dict
+
+        merged = {**dataclasses.asdict(cfg.embed), **embed}
+        cfg = dataclasses.replace(cfg, embed=config_from_dict({"embed": merged}, "command line").embed)
     return cfg
 
 
 def cmd_extract(args) -> int:
+    from .embed.weights import WeightsMissing
     from .errors import ScanError
     from .job.config import ConfigError
     from .job.runner import run_extract
@@ -44,12 +54,19 @@ def cmd_extract(args) -> int:
         cfg = _job_config(args)
         summary = run_extract(args.input, args.out, cfg, scheduler=args.scheduler, workers=args.workers,
                               limit=args.limit, overwrite=args.overwrite, progress=not args.no_progress)
-    except (ConfigError, ConfigMismatch, ScanError) as exc:
+    except (ConfigError, ConfigMismatch, ScanError, WeightsMissing) as exc:
         print(f"emphy extract: {exc}", file=sys.stderr)
         return 2
     c = summary.counts
     print(f"{summary.out_dir}: {summary.n_scans} scans ({summary.n_skipped} resumed) - ok {c.get('ok', 0)}, "
           f"excluded {c.get('excluded', 0)}, failed {c.get('failed', 0)} in {summary.wall_s:.1f} s")
+    from .job.summary import exclusion_lines, exclusion_report
+
+    lines, warnings = exclusion_lines(exclusion_report(summary.out_dir))
+    for line in lines:
+        print(line)
+    for w in warnings:
+        print(w, file=sys.stderr)
     return summary.exit_code
 
 

@@ -1,12 +1,19 @@
-"""One scan, start to finish, as a plain function: the unit of work the Dask job schedules.
+"""One scan, start to finish, as plain functions: the units of work the Dask job schedules.
 
-``process_scan`` runs ingest -> QC -> resample -> segment -> phenotypes -> artifacts for one
-scan and returns the rows for every output table. It never raises for a bad scan: errors become
-a ``failed`` row with the stage and a one-line reason, QC exclusions an ``excluded`` row. It
-knows nothing about Dask, so it runs the same in a loop, a test or on a worker.
+The CPU half of a scan is ``prepare_scan`` (ingest -> QC -> resample 1 mm -> segment ->
+phenotypes -> artifacts -> model inputs); with the ``lungmask`` segmenter it stops after
+lungmask's preprocessing, the U-Net runs on a device (``device_stages.lungmask_on_device``) and
+``finish_scan`` does the rest. The device half is ``device_stages.embed_states`` (backbone
+forward on a batch of scans). Each returns a ``ScanState``: the rows for every output table
+so far plus the arrays the next task needs. ``process_scan`` chains them in one process.
+
+Nothing here raises for a bad scan: errors become a ``failed`` row with the stage and a one-line
+reason, QC exclusions an ``excluded`` row. Nothing knows about Dask, so the same functions run
+in a loop, a test or on workers.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,8 +26,9 @@ import numpy as np
 
 from . import __version__
 from .errors import ScanError
+from .volume import CTVolume
 
-STAGES = ("ingest", "qc", "resample", "segment", "phenotypes", "artifacts")
+STAGES = ("ingest", "qc", "resample", "segment", "phenotypes", "artifacts", "inputs", "embed")
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,37 @@ class ScanTask:
     error_path: str | None = None
 
 
+@dataclass
+class ScanState:
+    """One scan between its tasks: the rows so far and what the next task needs.
+
+    Attributes
+    ----------
+    result : dict
+        ``{"scans": row, "phenotypes": [...], "slices": [...], "embeddings": [...], "errors": [...]}``.
+    volume, resampled : CTVolume or None
+        Native and 1 mm volumes, kept only while lungmask runs (they stay on the CPU worker).
+    lungmask_input : segment.lungmask.LungmaskInput or None
+        What the lungmask device task needs.
+    model_input : embed.inputs.ModelInput or None
+        What the backbone device task needs (float16, ~16 MB for the 3D backbone).
+    """
+
+    result: dict
+    volume: CTVolume | None = None
+    resampled: CTVolume | None = None
+    lungmask_input: object | None = None
+    model_input: object | None = None
+
+    @property
+    def row(self) -> dict:
+        return self.result["scans"]
+
+    @property
+    def ok(self) -> bool:
+        return self.row["status"] == "ok"
+
+
 def artifact_stem(scan_key: str) -> str:
     """Relative path (no suffix) of a scan's masks/QC files: the key's folders kept as folders.
 
@@ -64,7 +103,7 @@ def artifact_stem(scan_key: str) -> str:
 
 def _meta_columns(meta: dict) -> dict:
     keys = ("series_uid", "study_uid", "series_number", "series_description", "manufacturer", "model",
-            "kernel", "kernel_is_sharp", "kvp", "tube_current_ma", "slice_thickness_mm", "spacing_x_mm",
+            "kernel", "kernel_class", "kvp", "tube_current_ma", "slice_thickness_mm", "spacing_x_mm",
             "spacing_y_mm", "spacing_z_mm", "n_slices", "rows", "columns", "transfer_syntax")
     row = {k: meta.get(k) for k in keys}
     row["source_format"] = meta.get("source_format", "dicom")
@@ -81,88 +120,218 @@ def _load(task: ScanTask):
     raise ScanError(task.error_path or task.scan_key, task.error or f"unknown scan kind {task.kind!r}", stage="index")
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` then rename to ``path``: readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     write(tmp)
     os.replace(tmp, path)
 
 
-def process_scan(task: ScanTask, config, out_dir: str | Path, worker: str | None = None) -> dict:
-    """Process one scan; return ``{"scans": row, "phenotypes": [...], "slices": [...], "errors": [...]}``.
+class StageClock:
+    """Runs stages of one scan: times them into its row, turns an exception into a failed row."""
+
+    def __init__(self, state: ScanState, config):
+        self.state, self.config = state, config
+        self.stage = "ingest"
+
+    def __call__(self, name, fn, *args, **kwargs):
+        self.stage = name
+        t0 = time.perf_counter()
+        value = fn(*args, **kwargs)
+        key = f"t_{name}_s"
+        self.state.row[key] = round((self.state.row.get(key) or 0.0) + time.perf_counter() - t0, 4)
+        return value
+
+    def fail(self, exc: BaseException) -> ScanState:
+        """The scan's rows become a failed row (no partial tables) with a one-line reason."""
+        fail_scan(self.state, self.config, self.stage, exc)
+        return self.state
+
+
+def fail_scan(state: ScanState, config, stage: str, exc: BaseException) -> None:
+    key = state.row["scan_key"]
+    path = None
+    if isinstance(exc, ScanError):
+        stage = exc.stage if exc.stage != "ingest" else stage
+        path = key if exc.path == "<array>" else exc.path   # array-level stages name no file
+        message = f"{path}: {exc.reason}"
+    else:
+        message = f"{key}: {type(exc).__name__}: {exc}"
+    message = " ".join(message.split())[:1000]
+    state.row.update(status="failed", reason=message, error_stage=stage)
+    for table in ("phenotypes", "slices", "embeddings"):
+        state.result[table] = []
+    state.result["errors"].append({"scan_key": key, "config_hash": config.config_hash, "stage": stage,
+                                   "error_type": type(exc).__name__, "message": message, "path": path})
+    state.volume = state.resampled = state.lungmask_input = state.model_input = None
+
+
+def resolve_weights(config):
+    """``config`` with the SHA-256 of its model weight files; raises ``WeightsMissing`` first.
+
+    Call it on the driver before any scan is processed: a missing file stops the job at once,
+    naming the file. The hashes enter ``config_hash``.
+    """
+    from .embed.weights import resolve_backbone_weights, resolve_lungmask_weights
+
+    shas = {}
+    if config.embed.backbone != "none":
+        shas["embed"] = resolve_backbone_weights(config.embed.backbone, config.embed.weights or None).sha256
+    if config.segment.name == "lungmask":
+        shas["segment"] = resolve_lungmask_weights(config.segment.model, config.segment.weights or None).sha256
+    return dataclasses.replace(config, weights_sha256=shas)
+
+
+def worker_weights(config, section: str):
+    """The weight file of ``section`` (``embed`` / ``segment``) on this machine, checked against the driver's."""
+    from .embed.weights import resolve_backbone_weights, resolve_lungmask_weights
+
+    if section == "embed":
+        w = resolve_backbone_weights(config.embed.backbone, config.embed.weights or None)
+    else:
+        w = resolve_lungmask_weights(config.segment.model, config.segment.weights or None)
+    want = config.weights_sha256.get(section)
+    if want and w.sha256 != want:
+        raise ScanError(w.path or section, f"weight file differs from the driver's (SHA-256 {w.sha256[:12]}... "
+                        f"vs {want[:12]}...)", stage=section)
+    return w
+
+
+def prepare_scan(task: ScanTask, config, out_dir, worker: str | None = None) -> ScanState:
+    """CPU half of a scan: ingest -> QC -> resample -> segment -> phenotypes -> artifacts -> inputs.
+
+    With ``[segment].name = "lungmask"`` it stops after lungmask's preprocessing (the state then
+    carries ``lungmask_input`` and the volumes); ``finish_scan`` goes on once the U-Net ran.
 
     Parameters
     ----------
     task : ScanTask
-    config : emphy_dask.job.config.JobConfig
+    config : emphy_dask.job.config.JobConfig (weights resolved, see ``resolve_weights``)
     out_dir : path
         Run folder; masks go to ``masks/``, QC images to ``qc/`` (paths in the row are relative).
     worker : str, optional
         Recorded in the scans row.
     """
-    out_dir = Path(out_dir)
-    timings = {f"t_{s}_s": None for s in STAGES}
+    from .preprocess import resample_volume
+
     row = {"scan_key": task.scan_key, "config_hash": config.config_hash, "status": "ok",
-           "emphy_version": __version__, "worker": worker, **task.selection}
-    result = {"scans": row, "phenotypes": [], "slices": [], "errors": []}
-    t_start = time.perf_counter()
-    stage = "ingest"
-
-    def timed(name, fn, *args, **kwargs):
-        nonlocal stage
-        stage = name
-        t0 = time.perf_counter()
-        value = fn(*args, **kwargs)
-        timings[f"t_{name}_s"] = round(time.perf_counter() - t0, 4)
-        return value
-
+           "emphy_version": __version__, "worker": worker, **task.selection,
+           **{f"t_{s}_s": None for s in STAGES}, "t_total_s": 0.0}
+    state = ScanState({"scans": row, "phenotypes": [], "slices": [], "embeddings": [], "errors": []})
+    run = StageClock(state, config)
+    t0 = time.perf_counter()
     try:
-        volume = timed("ingest", _load, task)
+        volume = run("ingest", _load, task)
         row.update(_meta_columns(volume.meta))
-        qc = timed("qc", _run_qc, volume, config)
+        qc = run("qc", _run_qc, volume, config)
         row.update(qc_max_hu=qc.max_hu, qc_std_hu=qc.std_hu, qc_rule=qc.rule)
         if not qc.passed:
             row.update(status="excluded", reason=f"QC rule {qc.rule}: value {qc.value:.1f}")
-        else:
-            grid = timed("resample", _resampled_grid, volume, config)
-            row.update(grid_1mm_z=grid[0], grid_1mm_y=grid[1], grid_1mm_x=grid[2])
-            labels = timed("segment", _segment, volume, config)
-            pheno = timed("phenotypes", _phenotypes, volume, labels, config)
-            row.update(pheno["summary"])
-            result["phenotypes"] = [{"scan_key": task.scan_key, "config_hash": config.config_hash, **r}
-                                    for r in pheno["regions"]]
-            result["slices"] = [{"scan_key": task.scan_key, "config_hash": config.config_hash, **r}
-                                for r in pheno["slices"]]
-            row.update(timed("artifacts", _artifacts, task, volume, labels, pheno, config, out_dir))
+            return state
+        resampled = run("resample", resample_volume, volume, tuple(config.resample.spacing_mm))
+        row.update(grid_1mm_z=resampled.shape[0], grid_1mm_y=resampled.shape[1], grid_1mm_x=resampled.shape[2],
+                   segmenter=config.segment.name if config.segment.name != "lungmask"
+                   else f"lungmask:{config.segment.model}")
+        if config.segment.name == "lungmask":
+            from .segment.lungmask import lungmask_preprocess
+
+            state.lungmask_input = run("segment", lungmask_preprocess, volume)
+            state.volume, state.resampled = volume, resampled
+            return state
+        labels = run("segment", _segment, volume, config)
+        row["device_segment"] = "cpu"
+        return _measure(state, run, task.scan_key, volume, resampled, labels, config, Path(out_dir))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a row, the job goes on
-        path = None
-        if isinstance(exc, ScanError):
-            stage = exc.stage if exc.stage != "ingest" else stage
-            path = task.scan_key if exc.path == "<array>" else exc.path   # array-level stages name no file
-            message = f"{path}: {exc.reason}"
-        else:
-            message = f"{task.scan_key}: {type(exc).__name__}: {exc}"
-        message = " ".join(message.split())[:1000]
-        row.update(status="failed", reason=message, error_stage=stage)
-        result["phenotypes"], result["slices"] = [], []
-        result["errors"].append({"scan_key": task.scan_key, "config_hash": config.config_hash, "stage": stage,
-                                 "error_type": type(exc).__name__, "message": message, "path": path})
-    row.update(timings)
-    row["t_total_s"] = round(time.perf_counter() - t_start, 4)
-    return result
+        return run.fail(exc)
+    finally:
+        row["t_total_s"] = round(row["t_total_s"] + time.perf_counter() - t0, 4)
+
+
+def finish_scan(state: ScanState, raw_labels, config, out_dir) -> ScanState:
+    """CPU, after lungmask's U-Net: its post-processing, then phenotypes -> artifacts -> inputs.
+
+    ``raw_labels`` is what ``device_stages.lungmask_on_device`` returned for this scan (a
+    ``DeviceOutput``: the U-Net's labels or the exception that stopped it, seconds, device).
+    """
+    from .segment.lungmask import lungmask_postprocess
+
+    if not state.ok:
+        return state
+    run = StageClock(state, config)
+    run.stage = "segment"
+    t0 = time.perf_counter()
+    try:
+        state.row["device_segment"] = raw_labels.device
+        state.row["t_segment_s"] = round((state.row["t_segment_s"] or 0.0) + raw_labels.seconds, 4)
+        state.row["t_total_s"] += raw_labels.seconds
+        if isinstance(raw_labels.value, BaseException):
+            raise raw_labels.value
+        labels = run("segment", lungmask_postprocess, raw_labels.value, state.lungmask_input, state.volume,
+                     config.segment.model)
+        volume, resampled = state.volume, state.resampled
+        state.volume = state.resampled = state.lungmask_input = None
+        return _measure(state, run, state.row["scan_key"], volume, resampled, labels, config, Path(out_dir))
+    except Exception as exc:  # noqa: BLE001
+        return run.fail(exc)
+    finally:
+        state.row["t_total_s"] = round(state.row["t_total_s"] + time.perf_counter() - t0, 4)
+
+
+def _measure(state: ScanState, run: StageClock, key: str, volume, resampled, labels, config,
+             out_dir: Path) -> ScanState:
+    row, h = state.row, config.config_hash
+    pheno = run("phenotypes", _phenotypes, volume, labels, config)
+    row.update(pheno["summary"])
+    state.result["phenotypes"] = [{"scan_key": key, "config_hash": h, **r} for r in pheno["regions"]]
+    state.result["slices"] = [{"scan_key": key, "config_hash": h, **r} for r in pheno["slices"]]
+    row.update(run("artifacts", _artifacts, key, volume, labels, pheno, config, out_dir))
+    if config.embed.backbone != "none":
+        state.model_input = run("inputs", _model_input, key, volume, resampled, labels, config, out_dir)
+    return state
+
+
+def _model_input(key: str, volume, resampled, labels, config, out_dir: Path):
+    """The backbone's input from the 1 mm volume and mask; its QC pictures go to ``qc/``."""
+    from .embed import inputs_for
+    from .preprocess import resample_labels
+
+    labels_1mm = resample_labels(labels, volume, resampled)
+    mi = inputs_for(config.embed, resampled.hu, labels_1mm, resampled.direction_xyz,
+                    clip_hu=(config.qc.clip_min_hu, config.qc.clip_max_hu))
+    if config.output.write_qc_png:
+        from PIL import Image
+
+        stem = artifact_stem(key)
+        for zone, img in mi.png_slices.items():
+            rel = f"qc/{stem}_input_{zone}.png"
+            pixels = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+            atomic_write(out_dir / rel, lambda p: Image.fromarray(pixels).save(p, format="PNG"))
+            mi.meta.setdefault("png_paths", {})[zone] = rel
+    mi.png_slices = {}      # written: no need to ship them to the device
+    return mi
+
+
+def process_scan(task: ScanTask, config, out_dir, worker: str | None = None, device: str = "cpu") -> dict:
+    """Every stage of one scan in this process; returns the rows for every table.
+
+    The same functions the job runs as separate CPU and device tasks, chained here; the job's
+    tables equal the rows of this function called scan by scan.
+    """
+    from .device_stages import embed_states, lungmask_on_device
+
+    if not config.weights_sha256 and (config.embed.backbone != "none" or config.segment.name == "lungmask"):
+        config = resolve_weights(config)
+    state = prepare_scan(task, config, out_dir, worker)
+    if state.lungmask_input is not None:
+        state = finish_scan(state, lungmask_on_device(state.lungmask_input, config, device), config, out_dir)
+    return embed_states([state], config, out_dir, device, worker)[0]
 
 
 def _run_qc(volume, config):
     from .preprocess import qc_check
 
     return qc_check(volume, config.qc)
-
-
-def _resampled_grid(volume, config) -> tuple:
-    """Resample to the model grid (1 mm) and return its shape; the embedding stage consumes it."""
-    from .preprocess import resample_volume
-
-    return tuple(int(n) for n in resample_volume(volume, tuple(config.resample.spacing_mm)).hu.shape)
 
 
 def _segment(volume, config):
@@ -172,9 +341,17 @@ def _segment(volume, config):
 
 
 def _phenotypes(volume, labels, config) -> dict:
-    from .phenotypes import measure_lungs
+    from .phenotypes import fov_columns, measure_lungs, region_phenotypes
 
-    m = measure_lungs(volume.hu, labels, volume.spacing_zyx_mm, volume.direction_xyz, config.label)
+    # kernel class (+ image estimate) always; harmonised HU when [harmonize] is on: then the
+    # label, summary and slice curve use them and the phenotypes come on both HU (hu_source)
+    kernel_cols, harmonized = kernel_stage(volume, config)
+    source = "raw" if harmonized is None else "harmonized"
+    label_hu = volume.hu if harmonized is None else harmonized.hu
+    m = measure_lungs(label_hu, labels, volume.spacing_zyx_mm, volume.direction_xyz, config.label)
+    regions = [{**r, "hu_source": source} for r in m.regions]
+    if harmonized is not None:
+        regions = [{**r, "hu_source": "raw"} for r in region_phenotypes(volume.hu, m.mask, volume.spacing_zyx_mm)] + regions
     c = m.curve
     slices = [{"slice_index": int(k), "rank_from_superior": int(r), "depth_mm": float(dmm),
                "n_lung_voxels": int(n), "laa950_pct": float(pct)}
@@ -182,24 +359,36 @@ def _phenotypes(volume, labels, config) -> dict:
                                            c["n_lung_voxels"], c["laa_pct"]) if n > 0]
     summary = {"lung_volume_l": m.whole["volume_l"], "laa950_pct": m.whole["laa950_pct"],
                "hu_mean": m.whole["hu_mean"],
-               "cluster_d": float(m.cluster_d) if np.isfinite(m.cluster_d) else None, "label": m.label}
-    return {"regions": m.regions, "slices": slices, "summary": summary}
+               "cluster_d": float(m.cluster_d) if np.isfinite(m.cluster_d) else None, "label": m.label,
+               **fov_columns(m.lung, volume.fov_mask, volume.direction_xyz), **kernel_cols, "hu_source": source}
+    return {"regions": regions, "slices": slices, "summary": summary}
 
 
-def _artifacts(task, volume, labels, pheno, config, out_dir: Path) -> dict:
+def kernel_stage(volume, config):
+    """Kernel columns of the scans row and the harmonised volume (None when ``[harmonize]`` is off).
+
+    Another stage that wants the harmonised volume calls
+    ``preprocess.harmonize.harmonize_volume(volume, config.harmonize.method)``.
+    """
+    from .preprocess.harmonize import harmonize_scan
+
+    return harmonize_scan(volume, config.harmonize.enabled, config.harmonize.method)
+
+
+def _artifacts(key: str, volume, labels, pheno, config, out_dir: Path) -> dict:
     from .io import write_label_image
     from .qc_images import laa_curve_png, qc_montage_png
 
-    name = artifact_stem(task.scan_key)
+    name = artifact_stem(key)
     paths = {"mask_path": None, "qc_montage_path": None, "qc_curve_path": None}
     if config.output.write_masks:
         rel = f"masks/{name}.nii.gz"
-        _atomic(out_dir / rel, lambda p: write_label_image(labels, volume, p))
+        atomic_write(out_dir / rel, lambda p: write_label_image(labels, volume, p))
         paths["mask_path"] = rel
     if config.output.write_qc_png:
         rel_m, rel_c = f"qc/{name}_montage.png", f"qc/{name}_laa_curve.png"
-        _atomic(out_dir / rel_m, lambda p: qc_montage_png(volume.hu, labels, volume.direction_xyz, p))
-        _atomic(out_dir / rel_c, lambda p: laa_curve_png(pheno["slices"], p, title=task.scan_key))
+        atomic_write(out_dir / rel_m, lambda p: qc_montage_png(volume.hu, labels, volume.direction_xyz, p))
+        atomic_write(out_dir / rel_c, lambda p: laa_curve_png(pheno["slices"], p, title=key))
         paths.update(qc_montage_path=rel_m, qc_curve_path=rel_c)
     return paths
 

@@ -16,14 +16,18 @@ import numpy as np
 import pandas as pd
 
 from emphy_dask.errors import ScanError
-from emphy_dask.io import load_ct, read_label_image, write_label_image
-from emphy_dask.phenotypes import PHENOTYPE_COLUMNS, measure_lungs, parenchyma_phenotypes
+from emphy_dask.io import load_ct, write_label_image
+from emphy_dask.io.image_io import read_label_map
+from emphy_dask.phenotypes import PHENOTYPE_COLUMNS, fov_columns, measure_lungs, parenchyma_phenotypes
+from emphy_dask.phenotypes.labelmaps import ENCODING_TEXT
 
+FOV_WARNING = ("the lung runs into the edge of the field of view ({pct:.1f} % of its border): part of it is "
+               "cut away, so volume, mass and percentages describe the imaged part only")
 SHARP_KERNEL_WARNING = ("sharp reconstruction kernel {kernel!r}: LAA%-950 reads several points "
-                        "higher than on a soft kernel; prefer a soft-kernel series for emphysema")
+                        "higher than on a standard kernel; use --harmonize, or a soft-kernel series")
 
 
-def quantify_volume(volume, labels) -> pd.DataFrame:
+def quantify_volume(volume, labels, encoding: str | None = None) -> pd.DataFrame:
     """Phenotype table of one CT and its lung label map.
 
     Parameters
@@ -31,22 +35,26 @@ def quantify_volume(volume, labels) -> pd.DataFrame:
     volume : CTVolume
         HU (int16, shape (n_z, n_y, n_x)) with spacing and direction.
     labels : ndarray, shape ``volume.shape``
-        0 background, 1 right lung, 2 left lung; other nonzero values = lung
-        without sides (binarised: WholeLung and thirds only).
+        A lung label map in any encoding of ``phenotypes.labelmaps``: 0/1 right/2 left,
+        binary (sides split by components), CIP (region = value & 0xFF), LTRCLobes 1-5.
+    encoding : str, optional
+        Force the encoding instead of detecting it.
 
     Returns
     -------
     DataFrame
-        One row per region (``REGIONS`` order), columns ``region`` + PHENOTYPE_COLUMNS.
+        One row per region (``REGIONS``, then the lobes when the map has them), columns
+        ``region``, ``hu_source`` ("raw": these HU as given) + PHENOTYPE_COLUMNS.
     """
     labels = np.asarray(labels)
     if labels.shape != volume.shape:
         raise ValueError(f"label map shape {labels.shape} does not match CT shape {volume.shape}")
-    return _table(parenchyma_phenotypes(volume.hu, labels, volume.spacing_zyx_mm, volume.direction_xyz))
+    rows = parenchyma_phenotypes(volume.hu, labels, volume.spacing_zyx_mm, volume.direction_xyz, encoding)
+    return _table([{**r, "hu_source": "raw"} for r in rows], extra=("hu_source",))
 
 
-def _table(rows: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=("region",) + PHENOTYPE_COLUMNS)
+def _table(rows: list[dict], extra: tuple = ()) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=("region", *extra) + PHENOTYPE_COLUMNS)
     df["n_voxels"] = df["n_voxels"].astype(np.int64)
     return df
 
@@ -54,13 +62,13 @@ def _table(rows: list[dict]) -> pd.DataFrame:
 def scan_notes(meta: dict) -> tuple[str | None, list[str]]:
     """(kernel, warnings) to publish with a result, from ``CTVolume.meta``.
 
-    Reads ``kernel``, ``kernel_is_sharp`` (io.metadata) and ``multi_kernel_kernels``
-    (io.load_ct: picked kernel first).
+    Reads ``kernel``, ``kernel_class`` (io.metadata; sharp / very_sharp warn) and
+    ``multi_kernel_kernels`` (io.load_ct: picked kernel first).
     """
     meta = meta or {}
     kernel = meta.get("kernel")
     warnings = []
-    if meta.get("kernel_is_sharp"):
+    if meta.get("kernel_class") in ("sharp", "very_sharp"):
         warnings.append(SHARP_KERNEL_WARNING.format(kernel=kernel))
     kernels = tuple(meta.get("multi_kernel_kernels") or ())
     if len(kernels) > 1:
@@ -76,7 +84,8 @@ def _read_failure(path, exc: Exception, what: str) -> ScanError:
     return ScanError(path, f"cannot read {what}: {msg}")
 
 
-def quantify_path(ct_path, mask_path=None, save_mask_path=None, segmenter: str = "threshold"):
+def quantify_path(ct_path, mask_path=None, save_mask_path=None, segmenter: str = "threshold",
+                  mask_encoding: str | None = None, harmonize: bool = False):
     """Load a CT (and a mask, or segment one), then quantify it.
 
     Parameters
@@ -84,20 +93,31 @@ def quantify_path(ct_path, mask_path=None, save_mask_path=None, segmenter: str =
     ct_path : path
         CT file or DICOM folder (anything ``emphy_dask.io.load_ct`` reads).
     mask_path : path, optional
-        Lung label map on the CT grid; without it ``segment_lungs(volume, segmenter)``.
+        Lung label map on the CT grid (any encoding of ``phenotypes.labelmaps``); without it
+        ``segment_lungs(volume, segmenter)``.
     save_mask_path : path, optional
-        Where to write the label map used (NIfTI / NRRD by extension).
+        Where to write the lung labels used, 0 / 1 right / 2 left (1 = lung when sides are
+        unknown), NIfTI / NRRD by extension.
     segmenter : str
         Segmenter name for ``emphy_dask.segment.segment_lungs``.
+    mask_encoding : str, optional
+        Force the mask's encoding (binary, right-left, cip, ltrc-lobes) instead of detecting it.
+    harmonize : bool
+        Also measure on kernel-harmonised HU (``preprocess.harmonize``): the table then holds
+        the rows of both (``hu_source`` raw / harmonized) and the label uses the harmonised ones.
 
     Returns
     -------
     table : DataFrame
-        As :func:`quantify_volume`.
+        As :func:`quantify_volume`; with ``harmonize`` the ``hu_source = "harmonized"`` rows follow.
     extras : dict
-        ``label`` (whole-lung emphysema label, 1/0/None), ``kernel``, ``kernel_is_sharp``,
-        ``warnings`` (list of str: sharp kernel, multi-kernel notes), ``cluster_d``
-        (Mishima D of the whole lung), ``mask_source`` ("file" or "segment:<name>").
+        ``label`` (whole-lung emphysema label, 1/0/None), ``kernel``, the kernel columns of
+        ``preprocess.harmonize.harmonize_scan`` (``kernel_class`` ...), ``harmonize`` (its
+        parameters, or None), ``hu_source`` (what the label used),
+        ``warnings`` (list of str: sharp kernel, multi-kernel, lung cut by the field of view),
+        ``cluster_d`` (Mishima D of the whole lung), ``mask_source`` ("file" or
+        "segment:<name>"), ``mask_encoding`` and ``mask_notes`` (how the mask was read),
+        ``fov_truncated`` and ``lung_border_at_fov_edge_pct``.
 
     Raises
     ------
@@ -116,7 +136,7 @@ def quantify_path(ct_path, mask_path=None, save_mask_path=None, segmenter: str =
 
     if mask_path is not None:
         try:
-            labels = read_label_image(mask_path, like=volume)
+            labels = read_label_map(mask_path, like=volume)
         except ScanError:
             raise
         except Exception as exc:
@@ -137,22 +157,40 @@ def quantify_path(ct_path, mask_path=None, save_mask_path=None, segmenter: str =
             raise ScanError(ct_path, exc.reason, stage=exc.stage) from exc
         source = f"segment:{segmenter}"
     labels = np.asarray(labels)
-
+    try:
+        m = measure_lungs(volume.hu, labels, volume.spacing_zyx_mm, volume.direction_xyz,
+                          encoding=mask_encoding)
+    except ValueError as exc:            # values that fit no label encoding
+        raise ScanError(mask_path or ct_path, f"cannot use the mask: {exc}", stage="quantify") from exc
     if save_mask_path is not None:
-        write_label_image(labels.astype(np.uint8, copy=False), volume, save_mask_path)
+        write_label_image(m.mask.side_labels(), volume, save_mask_path)
+    from emphy_dask.preprocess.harmonize import harmonize_scan
 
-    m = measure_lungs(volume.hu, labels, volume.spacing_zyx_mm, volume.direction_xyz)
-    table = _table(m.regions)
-    kernel, warnings = scan_notes(volume.meta)
+    kern, harmonized = harmonize_scan(volume, harmonize)
+    rows, label, cluster_d = [{**r, "hu_source": "raw"} for r in m.regions], m.label, m.cluster_d
+    if harmonized is not None:
+        mh = measure_lungs(harmonized.hu, labels, volume.spacing_zyx_mm, volume.direction_xyz, encoding=mask_encoding)
+        rows += [{**r, "hu_source": "harmonized"} for r in mh.regions]
+        label, cluster_d = mh.label, mh.cluster_d
+    table = _table(rows, extra=("hu_source",))
+    kernel, warnings = scan_notes({**(volume.meta or {}), "kernel_class": None if harmonize else kern["kernel_class"]})
     if int(m.whole["n_voxels"]) == 0:
         warnings.append("empty lung mask: no phenotypes")
+    fov = fov_columns(m.lung, volume.fov_mask, volume.direction_xyz)
+    if fov["fov_truncated"]:
+        warnings.append(FOV_WARNING.format(pct=fov["lung_border_at_fov_edge_pct"]))
     extras = {
-        "label": m.label,
+        "label": label,
         "kernel": kernel,
-        "kernel_is_sharp": (volume.meta or {}).get("kernel_is_sharp"),
+        **{k: v for k, v in kern.items() if not k.startswith(("harmonize_", "t_"))},
+        "harmonize": json.loads(kern["harmonize_params"]) if kern["harmonize_params"] else None,
+        "hu_source": "raw" if harmonized is None else "harmonized",
         "warnings": warnings,
-        "cluster_d": m.cluster_d,
+        "cluster_d": cluster_d,
         "mask_source": source,
+        "mask_encoding": m.mask.encoding,
+        "mask_notes": list(m.mask.notes) if mask_path is not None else [],
+        **fov,
     }
     return table, extras
 
@@ -163,9 +201,9 @@ def _display_table(table: pd.DataFrame) -> str:
     for col in shown.columns:
         if col.endswith("_pct"):
             shown[col] = shown[col].round(2)
-        elif col.endswith("_hu") or col in ("hu_mean", "hu_std", "hu_median"):
+        elif col.endswith("_hu") or col in ("hu_mean", "hu_std", "hu_median", "hu_median_cli", "hu_mode"):
             shown[col] = shown[col].round(1)
-        elif col in ("hu_skewness", "hu_kurtosis"):
+        elif col in ("hu_skewness", "hu_kurtosis", "hu_kurtosis_pearson"):
             shown[col] = shown[col].round(3)
         elif col.endswith("_l"):
             shown[col] = shown[col].round(3)
@@ -190,9 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="emphy quantify",
                                 description="CIP-compatible emphysema phenotypes of one CT scan.")
     p.add_argument("--ct", required=True, help="CT file (NIfTI/NRRD/MHA) or DICOM series folder")
-    p.add_argument("--mask", default=None, help="lung label map on the CT grid (1 right, 2 left)")
+    p.add_argument("--mask", default=None, help="lung label map on the CT grid: 1 right/2 left, binary, CIP "
+                                                "(region = value & 0xFF) or LTRCLobes 1-5 (detected)")
+    p.add_argument("--mask-encoding", default=None, choices=sorted(set(ENCODING_TEXT) - {"empty"}),
+                   help="read --mask in this encoding instead of detecting it")
     p.add_argument("--save-mask", default=None, help="write the label map used to this file")
     p.add_argument("--segmenter", default="threshold", help="segmenter when no --mask (default: threshold)")
+    p.add_argument("--harmonize", action="store_true",
+                   help="also measure on kernel-harmonised HU (sharp kernels filtered toward a standard one); "
+                        "the label then uses them")
     p.add_argument("-o", "--output", default=None, help="OUT.csv (one row per region) or OUT.json")
     return p
 
@@ -212,18 +256,25 @@ def run_quantify_cli(argv=None) -> int:
         return 2
     try:
         table, extras = quantify_path(args.ct, mask_path=args.mask, save_mask_path=args.save_mask,
-                                      segmenter=args.segmenter)
+                                      segmenter=args.segmenter, mask_encoding=args.mask_encoding,
+                                      harmonize=args.harmonize)
     except ScanError as exc:
         print(f"emphy quantify: {exc}", file=sys.stderr)
         return 2
+    for note in extras["mask_notes"]:
+        print(f"note: {note}", file=sys.stderr)
     for w in extras["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
 
     if args.output is None:
         print(_display_table(table))
         d = extras["cluster_d"]
-        print(f"label: {extras['label']}  kernel: {extras['kernel']}  "
-              f"cluster_d: {'nan' if d is None or math.isnan(d) else f'{d:.3f}'}")
+        h = extras["harmonize"]
+        print(f"label: {extras['label']} ({extras['hu_source']} HU)  kernel: {extras['kernel']} "
+              f"[{extras['kernel_class']}, {extras['kernel_class_source']}]  "
+              + (f"harmonized: strength {h['strength']}  " if h and h["applied"] else "")
+              + f"cluster_d: {'nan' if d is None or math.isnan(d) else f'{d:.3f}'}  "
+              f"mask: {extras['mask_source']} ({extras['mask_encoding']})")
         return 0
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -231,7 +282,13 @@ def run_quantify_cli(argv=None) -> int:
         table.to_csv(out, index=False)
     else:
         doc = {"regions": table.to_dict(orient="records"), "label": extras["label"],
-               "kernel": extras["kernel"], "cluster_d": extras["cluster_d"],
-               "mask_source": extras["mask_source"], "warnings": extras["warnings"]}
+               "kernel": extras["kernel"], "kernel_class": extras["kernel_class"],
+               "kernel_class_source": extras["kernel_class_source"],
+               "kernel_strength": extras["kernel_strength"], "harmonize": extras["harmonize"],
+               "hu_source": extras["hu_source"], "cluster_d": extras["cluster_d"],
+               "mask_source": extras["mask_source"], "mask_encoding": extras["mask_encoding"],
+               "mask_notes": extras["mask_notes"], "fov_truncated": extras["fov_truncated"],
+               "lung_border_at_fov_edge_pct": extras["lung_border_at_fov_edge_pct"],
+               "warnings": extras["warnings"]}
         out.write_text(json.dumps(_json_safe(doc), indent=2) + "\n")
     return 0

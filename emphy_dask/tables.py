@@ -21,12 +21,21 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 SCHEMA_DIR = Path(os.environ.get("EMPHY_SCHEMA_DIR", Path(__file__).resolve().parents[1] / "schemas"))
-TABLES = ("scans", "phenotypes", "slices", "errors")   # the partitioned datasets of a run
+TABLES = ("scans", "phenotypes", "slices", "embeddings", "errors")   # the partitioned datasets of a run
 DOCUMENTED = TABLES + ("manifest",)
 _TYPES = {
     "string": pa.string(), "bool": pa.bool_(), "int8": pa.int8(), "int16": pa.int16(),
-    "int32": pa.int32(), "int64": pa.int64(), "float32": pa.float32(), "float64": pa.float64(), "list<string>": pa.list_(pa.string()),
+    "int32": pa.int32(), "int64": pa.int64(), "float32": pa.float32(), "float64": pa.float64(),
+    "list<string>": pa.list_(pa.string()), "list<int32>": pa.list_(pa.int32()),
 }
+
+
+def arrow_type(name: str) -> pa.DataType:
+    """Arrow type of a schema type name; ``fixed_size_list<float32>[N]`` for embeddings."""
+    if name.startswith("fixed_size_list<") and name.endswith("]"):
+        inner, size = name[len("fixed_size_list<"):-1].split(">[")
+        return pa.list_(_TYPES[inner], int(size))
+    return _TYPES[name]
 
 
 @lru_cache(maxsize=None)
@@ -47,7 +56,7 @@ def arrow_schema(table: str) -> pa.Schema:
         meta = {"doc": f["doc"]}
         if "unit" in f:
             meta["unit"] = f["unit"]
-        fields.append(pa.field(f["name"], _TYPES[f["type"]], nullable=f.get("nullable", True), metadata=meta))
+        fields.append(pa.field(f["name"], arrow_type(f["type"]), nullable=f.get("nullable", True), metadata=meta))
     return pa.schema(fields, metadata={"emphy.table": table, "emphy.schema_version": str(spec["version"])})
 
 

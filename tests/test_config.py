@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+from dataclasses import replace
 
 from emphy_dask.job.config import ConfigError, JobConfig, load_job
 
@@ -33,7 +34,12 @@ def test_paper_defaults_and_hash_tracks_result_settings_only(tmp_path):
     ("[cluster]\nworkers = 0\n", r"workers .* must be >= 1"),
     ("[cluster]\ngpu_workers = \"many\"\n", r"gpu_workers must be"),
     ("[qc\n", r"not valid TOML"),
-    ("[segment]\nname = \"magic\"\n", r"not a known segmenter \(known: threshold\)"),
+    ("[segment]\nname = \"magic\"\n", r"not a known segmenter \(known: threshold, lungmask\)"),
+    ("[segment]\nmodel = \"R999\"\n", r"\[segment\]\.model must be"),
+    ("[embed]\nbackbone = \"vgg\"\n", r"\[embed\]\.backbone 'vgg' is not a known backbone"),
+    ("[embed]\nprecision = \"fp16\"\n", r"\[embed\]\.precision must be one of bf16, fp32"),
+    ("[embed]\nzone_pooling = \"max\"\n", r"zone_pooling must be"),
+    ("[embed]\nbatch_size = 0\n", r"batch_size .* must be >= 1"),
 ])
 def test_bad_job_files_name_file_and_key(tmp_path, text, match):
     f = tmp_path / "bad.toml"
@@ -41,6 +47,22 @@ def test_bad_job_files_name_file_and_key(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match) as info:
         load_job(f)
     assert str(f) in str(info.value)
+
+
+def test_hash_covers_backbone_weights_and_recipe_not_paths_or_batch(tmp_path):
+    base = JobConfig()
+    with_sha = replace(base, weights_sha256={"embed": "a" * 64})
+    assert with_sha.config_hash != base.config_hash
+    assert replace(with_sha, weights_sha256={"embed": "b" * 64}).config_hash != with_sha.config_hash
+    # where the file lies and how many scans share a forward do not change results
+    moved = replace(with_sha, embed=replace(with_sha.embed, weights="/elsewhere/w.pt", batch_size=3))
+    assert moved.config_hash == with_sha.config_hash
+    for change in ({"backbone": "resnet152"}, {"precision": "fp32"}, {"zone_pooling": "slab"}, {"margin_mm": 5.0}):
+        assert replace(with_sha, embed=replace(with_sha.embed, **change)).config_hash != with_sha.config_hash
+    # lungmask's model and weights count only when lungmask segments
+    assert replace(base, segment=replace(base.segment, model="LTRCLobes")).config_hash == base.config_hash
+    lm = replace(base, segment=replace(base.segment, name="lungmask"))
+    assert replace(lm, segment=replace(lm.segment, model="LTRCLobes")).config_hash != lm.config_hash
 
 
 def test_missing_job_file(tmp_path):

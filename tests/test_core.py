@@ -43,8 +43,8 @@ def test_two_kernel_reconstructions_are_reported_with_different_laa():
     laa_sharp = sharp.set_index("region").loc["WholeLung", "laa950_pct"]
     laa_soft = soft.set_index("region").loc["WholeLung", "laa950_pct"]
     assert laa_sharp - laa_soft > 5.0                    # measured 13.2 vs 0.1
-    assert sharp_x["kernel_is_sharp"] is True and any("sharp" in w for w in sharp_x["warnings"])
-    assert soft_x["kernel_is_sharp"] is False
+    assert sharp_x["kernel_class"] == "sharp" and any("sharp" in w for w in sharp_x["warnings"])
+    assert soft_x["kernel_class"] == "standard"
     vol_sharp = sharp.set_index("region").loc["WholeLung", "volume_l"]
     vol_soft = soft.set_index("region").loc["WholeLung", "volume_l"]
     assert abs(vol_sharp - vol_soft) / vol_soft < 0.02   # same lungs, same mask size

@@ -31,7 +31,7 @@ def test_every_real_series_loads(shared_data):
         vol = load_ct(LIDC / case)
         assert vol.hu.dtype == np.int16 and vol.fov_mask.dtype == bool
         assert vol.hu.shape[1:] == (512, 512) and vol.spacing_zyx_mm[0] == pytest.approx(step)
-        assert vol.meta["kernel"] == "STANDARD" and vol.meta["kernel_is_sharp"] is False
+        assert vol.meta["kernel"] == "STANDARD" and vol.meta["kernel_class"] == "standard"
         # LIDC stores a padding code outside the scan circle -> masked, set to PADDING_HU
         assert not vol.fov_mask[:, 0, 0].any() and vol.fov_mask[:, 256, 256].all()
         assert (vol.hu[~vol.fov_mask] == PADDING_HU).all()

@@ -114,16 +114,34 @@ def random_case(seed=0, shape=(30, 40, 50)):
     return hu, lab
 
 
+def cli_rule_reference(x, p, min_bin=-1024, max_bin=1024):
+    """GenerateParenchymaPhenotypes' loop, literally: walk the integer bins, keep the last one
+    whose cumulative fraction is <= p."""
+    counts = {int(v): int(c) for v, c in zip(*np.unique(x, return_counts=True))}
+    n, cum, found = len(x), 0, None
+    for i in range(min_bin, max_bin + 1):
+        cum += counts.get(i, 0)
+        if cum / n <= p:
+            found = i
+    return found
+
+
 def reference_metrics(x, voxel_mm3):
     x = x.astype(np.float64)
     return {
         "n_voxels": x.size,
         "laa950_pct": 100 * np.mean(x < -950), "laa925_pct": 100 * np.mean(x < -925),
-        "laa910_pct": 100 * np.mean(x < -910), "laa856_pct": 100 * np.mean(x < -856),
-        "haa700_pct": 100 * np.mean(x > -700),
+        "laa910_pct": 100 * np.mean(x < -910), "laa905_pct": 100 * np.mean(x < -905),
+        "laa900_pct": 100 * np.mean(x < -900), "laa875_pct": 100 * np.mean(x < -875),
+        "laa856_pct": 100 * np.mean(x < -856),
+        "haa700_pct": 100 * np.mean(x > -700), "haa600_pct": 100 * np.mean(x > -600),
+        "haa250_pct": 100 * np.mean(x > -250), "haa0_pct": 100 * np.mean(x > 0),
         "perc10_hu": np.percentile(x, 10), "perc15_hu": np.percentile(x, 15),
+        "perc10_cli_hu": cli_rule_reference(x, 0.10), "perc15_cli_hu": cli_rule_reference(x, 0.15),
         "hu_mean": np.mean(x), "hu_std": np.std(x), "hu_median": np.median(x),
+        "hu_median_cli": cli_rule_reference(x, 0.5), "hu_mode": stats.mode(x, keepdims=False).mode,
         "hu_skewness": stats.skew(x, bias=True), "hu_kurtosis": stats.kurtosis(x, fisher=True, bias=False),
+        "hu_kurtosis_pearson": stats.kurtosis(x, fisher=False, bias=True),
         "volume_l": x.size * voxel_mm3 / 1e6,
         "mass_g": x.size * voxel_mm3 / 1000 * (np.mean(x) + 1000) / 1000,
         "mass_schneider_g": voxel_mm3 / 1000 * schneider_density_g_ml(x).sum(),
@@ -137,6 +155,7 @@ def test_all_regions_match_reference(as_float):
     voxel = 1.25 * 0.7 * 0.65
     rows = parenchyma_phenotypes(hu.astype(np.float32) if as_float else hu, lab, spacing, EYE)
     masks = region_masks(lab, EYE)
+    assert [r["region"] for r in rows] == list(REGIONS) == list(masks)
     for row in rows:
         ref = reference_metrics(hu[masks[row["region"]]], voxel)
         assert row["n_voxels"] == ref["n_voxels"] > 0
@@ -202,25 +221,25 @@ def test_sides_from_labels():
 
 
 @pytest.mark.parametrize("value", [1, 7, 255])
-def test_mask_without_sides_is_binarised(value):
+def test_binary_mask_is_split_into_the_same_sides(value):
     hu, lab = random_case()
     binary = np.where(lab > 0, value, 0).astype(np.uint8)
     with_sides = {r["region"]: r for r in parenchyma_phenotypes(hu, lab, (1, 1, 1), EYE)}
     rows = {r["region"]: r for r in parenchyma_phenotypes(hu, binary, (1, 1, 1), EYE)}
-    for side in ("RightLung", "LeftLung"):
-        assert rows[side]["n_voxels"] == 0 and math.isnan(rows[side]["laa950_pct"])
-    for name in ("WholeLung", "UpperThird", "MiddleThird", "LowerThird"):
+    assert list(rows) == list(REGIONS)
+    for name in REGIONS:
         for col in PHENOTYPE_COLUMNS:
-            assert rows[name][col] == pytest.approx(with_sides[name][col])
+            assert rows[name][col] == pytest.approx(with_sides[name][col]), (name, col)
 
 
-def test_mixed_odd_labels_are_lung_without_sides():
+def test_one_lung_binary_mask_has_no_sides():
     hu, lab = random_case()
-    odd = lab.copy()
-    odd[lab == 2] = 3                                        # e.g. a lobe label
-    rows = {r["region"]: r for r in parenchyma_phenotypes(hu, odd, (1, 1, 1), EYE)}
-    assert rows["WholeLung"]["n_voxels"] == np.count_nonzero(lab)
-    assert rows["LeftLung"]["n_voxels"] == 0
+    one = (lab == 2).astype(np.uint8)
+    rows = {r["region"]: r for r in parenchyma_phenotypes(hu, one, (1, 1, 1), EYE)}
+    assert rows["WholeLung"]["n_voxels"] == np.count_nonzero(lab == 2)
+    for name in ("RightLung", "LeftLung", "LeftUpperThird"):
+        assert rows[name]["n_voxels"] == 0 and math.isnan(rows[name]["laa950_pct"])
+    assert rows["UpperThird"]["n_voxels"] > 0
 
 
 # --- slice curve ------------------------------------------------------------------

@@ -37,7 +37,7 @@ def phantom(seed=0, shape=(40, 64, 72), spacing=SPACING):
     holes = lung & (rng.random(shape) < 0.25) & (z < 0.35 * nz)
     hu[holes] = -980
     vol = CTVolume(hu=hu, spacing_zyx_mm=spacing, origin_xyz_mm=(-27.0, -25.6, 40.0),
-                   direction_xyz=DIRECTION, meta={"kernel": "B30f", "kernel_is_sharp": False})
+                   direction_xyz=DIRECTION, meta={"kernel": "B30f", "kernel_class": "standard"})
     return vol, lab
 
 
@@ -52,7 +52,7 @@ def write_case(tmp_path, vol, lab):
 def test_quantify_volume_table():
     vol, lab = phantom()
     df = quantify_volume(vol, lab)
-    assert list(df.columns) == ["region", *PHENOTYPE_COLUMNS]
+    assert list(df.columns) == ["region", "hu_source", *PHENOTYPE_COLUMNS] and set(df["hu_source"]) == {"raw"}
     assert list(df["region"]) == list(REGIONS)
     rows = df.set_index("region")
     assert rows.loc["WholeLung", "n_voxels"] == np.count_nonzero(lab)
@@ -84,13 +84,53 @@ def test_quantify_path_with_mask_matches_volume(tmp_path):
     np.testing.assert_array_equal(saved, lab)
 
 
-def test_quantify_path_binary_mask_has_no_sides(tmp_path):
+def test_quantify_path_binary_mask_is_split_into_sides(tmp_path, capsys):
     vol, lab = phantom()
     ct, mask = write_case(tmp_path, vol, np.where(lab > 0, 7, 0).astype(np.uint8))
-    table, _ = quantify_path(ct, mask_path=mask)
-    rows = table.set_index("region")
-    assert rows.loc["WholeLung", "n_voxels"] == np.count_nonzero(lab)
-    assert rows.loc["LeftLung", "n_voxels"] == 0 and math.isnan(rows.loc["LeftLung", "hu_mean"])
+    table, extras = quantify_path(ct, mask_path=mask, save_mask_path=tmp_path / "used.nii.gz")
+    pd.testing.assert_frame_equal(table, quantify_volume(vol, lab))     # the same lungs, right and left
+    assert extras["mask_encoding"] == "binary" and any("split" in n for n in extras["mask_notes"])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "used.nii.gz"))), lab)
+    assert run_quantify_cli(["--ct", str(ct), "--mask", str(mask)]) == 0
+    captured = capsys.readouterr()
+    assert "note: mask read as binary lung mask" in captured.err and "(binary)" in captured.out
+
+
+def test_quantify_path_cip_label_map_nrrd(tmp_path, capsys):
+    """A CIP label map (uint16 NRRD: region | type << 8) with airway voxels outside the lung regions."""
+    vol, lab = phantom()
+    cip = np.zeros(lab.shape, np.uint16)
+    cip[lab == 1] = 2                                  # RIGHTLUNG
+    cip[lab == 2] = 3 | (3 << 8)                       # LEFTLUNG, type VESSEL: still lung
+    z, y, x = np.indices(lab.shape)
+    trachea = (lab == 0) & (abs(x - lab.shape[2] / 2) < 3) & (abs(y - lab.shape[1] / 2) < 3)
+    cip[trachea] = 2 << 8                              # AIRWAY in no lung region: not lung
+    ct = tmp_path / "ct.nrrd"
+    mask = tmp_path / "lm.nrrd"
+    sitk.WriteImage(vol.to_sitk(), str(ct))
+    sitk.WriteImage(vol.to_sitk(cip), str(mask))
+    table, extras = quantify_path(ct, mask_path=mask)
+    pd.testing.assert_frame_equal(table, quantify_volume(vol, lab))
+    assert extras["mask_encoding"] == "cip"
+    assert any(f"{np.count_nonzero(trachea)} labelled voxels in no lung region" in n for n in extras["mask_notes"])
+    assert run_quantify_cli(["--ct", str(ct), "--mask", str(mask), "-o", str(tmp_path / "r.json")]) == 0
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["mask_encoding"] == "cip" and doc["regions"][1]["region"] == "RightLung"
+    assert doc["regions"][1]["n_voxels"] == np.count_nonzero(lab == 1)
+    assert "CIP label map" in capsys.readouterr().err
+
+
+def test_quantify_warns_when_the_lung_is_cut_by_the_field_of_view(tmp_path, capsys):
+    vol, lab = phantom()
+    cut = lab.copy()
+    cut[:, :, :4] = 0
+    cut[:, 10:50, :4] = 1                              # the right lung runs into the image edge
+    ct, mask = write_case(tmp_path, vol, cut)
+    _, extras = quantify_path(ct, mask_path=mask)
+    assert extras["fov_truncated"] is True and extras["lung_border_at_fov_edge_pct"] > 1
+    assert any("field of view" in w for w in extras["warnings"])
+    _, ok = quantify_path(*write_case(tmp_path, vol, lab))
+    assert ok["fov_truncated"] is False and ok["lung_border_at_fov_edge_pct"] == 0
 
 
 def test_cli_csv_and_json(tmp_path, capsys):
@@ -148,12 +188,12 @@ def test_cli_bad_output_suffix(tmp_path, capsys):
 
 
 def test_scan_notes_sharp_and_multi_kernel():
-    kernel, warnings = scan_notes({"kernel": "B70f", "kernel_is_sharp": True,
+    kernel, warnings = scan_notes({"kernel": "B70f", "kernel_class": "very_sharp",
                                    "multi_kernel_kernels": ("B70f", "B30f")})
     assert kernel == "B70f"
     assert any("sharp" in w for w in warnings)
     assert any("2 kernels" in w and "B30f" in w for w in warnings)
-    assert scan_notes({"kernel": "B30f", "kernel_is_sharp": False, "multi_kernel_kernels": ()}) == ("B30f", [])
+    assert scan_notes({"kernel": "B30f", "kernel_class": "standard", "multi_kernel_kernels": ()}) == ("B30f", [])
 
 
 def test_quantify_path_segments_without_mask(tmp_path):

@@ -25,8 +25,8 @@ def test_every_schema_file_is_valid_and_versioned():
 
 def test_phenotype_schema_matches_the_phenotype_code():
     names = tables.column_names("phenotypes")
-    assert names[:3] == ["scan_key", "config_hash", "region"]
-    assert tuple(names[3:]) == tuple(PHENOTYPE_COLUMNS)
+    assert names[:4] == ["scan_key", "config_hash", "region", "hu_source"]
+    assert tuple(names[4:]) == tuple(PHENOTYPE_COLUMNS)
 
 
 def test_write_read_round_trip_keeps_schema_and_metadata(tmp_path):

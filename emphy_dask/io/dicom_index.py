@@ -25,6 +25,9 @@ _HEADER_TAGS = [
 ]
 # PixelData tag as it appears on disk, little and big endian.
 _PIXEL_TAG_BYTES = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
+#: Media Storage Directory (DICOMDIR): a valid DICOM file that is an index of a CD/export, not
+#: an image; treated like any other non-image file in the tree.
+_DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 
 
 def find_files(root) -> list[Path]:
@@ -52,6 +55,49 @@ def find_files(root) -> list[Path]:
         except (PermissionError, NotADirectoryError, FileNotFoundError):
             continue
     return [Path(p) for p in sorted(out)]
+
+
+def _has_files(folder: Path) -> bool:
+    stack = [str(folder)]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for e in it:
+                    if e.name.startswith("."):
+                        continue
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                    elif e.is_file():
+                        return True
+        except OSError:
+            continue
+    return False
+
+
+def empty_scan_folders(root, keys) -> list[str]:
+    """Keys (paths relative to ``root``) of folders without any file that sit beside scan
+    folders (or directly under ``root``): where a patient folder was expected and is empty.
+
+    Only the parents of the known scan keys are listed (one ``scandir`` each), so this stays
+    cheap on large archives; empty study/series folders inside a patient are not scans.
+    """
+    root = Path(root)
+    folder_keys = {k.split("#")[0] for k in keys if k != root.name}
+    parents = {Path(k).parent for k in folder_keys} | {Path(".")}
+    found = []
+    for parent in sorted(parents):
+        try:
+            subdirs = [e for e in os.scandir(root / parent) if e.is_dir(follow_symlinks=False)
+                       and not e.name.startswith(".")]
+        except OSError:
+            continue
+        for e in subdirs:
+            rel = (parent / e.name).as_posix()
+            if rel in folder_keys or any(k.startswith(rel + "/") for k in folder_keys):
+                continue
+            if not _has_files(Path(e.path)):
+                found.append(rel)
+    return sorted(found)
 
 
 def _str(v):
@@ -90,8 +136,9 @@ def _strs(v) -> list[str]:
 
 
 def _read_dataset(path: str):
-    """(dataset, has_pixels), None when ``path`` is not DICOM, or an error string when it
-    is DICOM (has the "DICM" preamble) but cannot be parsed (truncated / corrupt)."""
+    """(dataset, has_pixels), None when ``path`` is not DICOM or is a DICOMDIR (an index, not
+    an image), or an error string when it is DICOM (has the "DICM" preamble) but cannot be
+    parsed (truncated / corrupt)."""
     with open(path, "rb") as fp:
         try:
             ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
@@ -107,8 +154,13 @@ def _read_dataset(path: str):
                 return None
         except Exception as e:  # DICM preamble present but the header is broken
             return f"truncated or corrupt DICOM header ({type(e).__name__}: {e})"
-        if "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds:
-            return "truncated or empty DICOM dataset (no SOPClassUID / SeriesInstanceUID)"
+        fm = getattr(ds, "file_meta", None)
+        if fm is not None and str(fm.get("MediaStorageSOPClassUID", "")) == _DICOMDIR_CLASS:
+            return None   # DICOMDIR
+        if "SeriesInstanceUID" not in ds:
+            # Type 1 in every image object: without it the header stopped early (a truncated
+            # copy), and the file must fail its scan rather than drop out of its series
+            return "truncated or incomplete DICOM header (no SeriesInstanceUID)"
         # stop_before_pixels leaves the file positioned at the PixelData element if any.
         has_pixels = fp.read(4) in _PIXEL_TAG_BYTES
     return ds, has_pixels

@@ -34,13 +34,18 @@ def image_format(path) -> str | None:
 
 
 def _read_sitk(path) -> sitk.Image:
+    from .nifti_check import nifti_truncation
+
     path = Path(path)
     if not path.is_file():
-        raise ScanError(path, "file not found")
+        raise ScanError(path, "not a file (a folder?)" if path.exists() else "file not found")
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as e:
         raise ScanError(path, f"cannot read image {path.name}: {str(e).strip().splitlines()[-1]}") from e
+    cut = nifti_truncation(path)   # ITK zero-fills a truncated NIfTI silently
+    if cut:
+        raise ScanError(path, f"cannot read image {path.name}: {cut}")
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
         raise ScanError(path, f"expected a 3-D scalar image, got {img.GetDimension()}-D with "
                               f"{img.GetNumberOfComponentsPerPixel()} component(s)")
@@ -76,16 +81,15 @@ def _fmt_geom(g: dict) -> str:
     return f"size {g['size']} spacing {r(g['spacing'])} origin {r(g['origin'])} direction {r(g['direction'])}"
 
 
-def read_label_image(path, like: CTVolume) -> np.ndarray:
-    """Lung label image on the grid of ``like`` -> uint8 array (z, y, x).
+def read_label_map(path, like: CTVolume) -> np.ndarray:
+    """Label image on the grid of ``like`` -> its integer values unchanged, array (z, y, x).
 
     The file must be on ``like``'s grid: the same voxel centres in patient space. The same
     grid stored with its axes in another order or direction (e.g. a NIfTI written by another
     converter) is re-indexed exactly (nearest neighbour onto coinciding centres); any other
-    grid is a ScanError naming both geometries (no silent interpolation).
-    Values: if every label is in {0, 1, 2} they are kept (0 background, 1 right lung,
-    2 left lung, the lungmask convention); any other labelling is binarised to
-    (value != 0) -> 1, i.e. "lung, sides unknown" (callers then split sides themselves).
+    grid is a ScanError naming both geometries (no silent interpolation). Values are kept as
+    they are (a CIP label map needs its 16 bits; ``phenotypes.labelmaps`` decodes them);
+    non-integer values are a ScanError.
     """
     img = _read_sitk(path)
     got, want = _geometry(img), _geometry(like)
@@ -97,10 +101,79 @@ def read_label_image(path, like: CTVolume) -> np.ndarray:
             raise ScanError(path, f"label grid does not match the CT: label {_fmt_geom(got)} vs CT {_fmt_geom(want)}")
         img = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, img.GetPixelID())
     arr = sitk.GetArrayFromImage(img)
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not (np.all(np.isfinite(arr)) and np.array_equal(arr, np.rint(arr))):
+            raise ScanError(path, "label image holds non-integer values: not a label map")
+        arr = arr.astype(np.int64)
+    if arr.size and arr.min() < 0:
+        raise ScanError(path, f"label image holds negative values (min {int(arr.min())}): not a label map")
+    return arr
+
+
+def read_label_image(path, like: CTVolume) -> np.ndarray:
+    """Lung label image on the grid of ``like`` -> uint8 array (z, y, x), as the job's masks.
+
+    Grid rules as :func:`read_label_map`. Values: if every label is in {0, 1, 2} they are
+    kept (0 background, 1 right lung, 2 left lung, the lungmask convention); any other
+    labelling is binarised to (value != 0) -> 1, i.e. "lung, sides unknown". To measure
+    a CIP or lobe label map, read it with :func:`read_label_map` (keeps the values).
+    """
+    arr = read_label_map(path, like)
     values = np.unique(arr)
     if np.all(np.isin(values, (0, 1, 2))):
         return arr.astype(np.uint8)
     return (arr != 0).astype(np.uint8)
+
+
+#: A label map has at most this many distinct values (CIP maps: tens of region/type pairs).
+LABEL_MAP_MAX_VALUES = 256
+#: CT always holds air (outside the body, trachea, lungs): some voxel at or below this HU.
+AIR_HU = -800
+
+
+def _distinct_values(arr: np.ndarray, at_most: int) -> np.ndarray | None:
+    """Sorted distinct values of an integer array, or None when there are more than ``at_most``.
+
+    Counted in chunks (a full-size volume never becomes one int64 copy)."""
+    lo, hi = int(arr.min()), int(arr.max())
+    if hi - lo >= 1 << 16:
+        values = np.unique(arr)
+        return values if values.size <= at_most else None
+    counts = np.zeros(hi - lo + 1, np.int64)
+    flat = arr.reshape(-1)
+    step = 1 << 22
+    for i in range(0, flat.size, step):
+        counts += np.bincount(flat[i:i + step].astype(np.int64) - lo, minlength=counts.size)
+    values = np.flatnonzero(counts) + lo
+    return values if values.size <= at_most else None
+
+
+def label_image_reason(path) -> str | None:
+    """Why an image file is a label map rather than a CT, or None when it may be a CT.
+
+    A label map is integer data with a handful of distinct values (at most
+    ``LABEL_MAP_MAX_VALUES``) and no air: no voxel at or below ``AIR_HU``. Every CT holds
+    air (room air, trachea, lungs near -1000 HU), so a CT is never taken for a mask.
+    Unreadable files return None here (the scan then fails with the reader's reason).
+    """
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        if reader.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64) or reader.GetNumberOfComponents() != 1:
+            return None
+        img = reader.Execute()
+    except RuntimeError:
+        return None
+    arr = sitk.GetArrayViewFromImage(img)
+    if arr.size == 0 or arr.min() <= AIR_HU:
+        return None
+    values = _distinct_values(arr, LABEL_MAP_MAX_VALUES)
+    if values is None:
+        return None
+    shown = ", ".join(str(int(v)) for v in values[:6]) + (", ..." if values.size > 6 else "")
+    return (f"a label map, not a CT: integer data with {values.size} distinct value(s) ({shown}) "
+            f"and no air (smallest value {int(arr.min())} > {AIR_HU} HU)")
 
 
 def _same_voxel_centres(img: sitk.Image, ref: sitk.Image, tol_voxels: float = 0.01) -> bool:

@@ -1,4 +1,4 @@
-"""Publishable scan metadata and reconstruction-kernel sharpness.
+"""Publishable scan metadata, with the reconstruction kernel's sharpness class.
 
 Everything here is safe to write into results tables: scanner, kernel, dose-ish
 settings and geometry. Patient-identifying DICOM attributes (``PHI_TAGS``) are never
@@ -7,11 +7,12 @@ cannot leak by accident when a new tag shows up in an archive.
 
 Why the kernel matters: sharp (lung/bone/edge) kernels add high-frequency noise that
 pushes lung voxels below -950 HU, raising LAA%-950 by several percentage points on the
-same lungs. So series selection prefers soft kernels and the result records the kernel.
+same lungs. So series selection prefers soft kernels and the result records the kernel and
+its class (``kernels.py``: soft / standard / sharp / very_sharp / unknown).
 """
 from __future__ import annotations
 
-import re
+from .kernels import is_sharp_class, kernel_class
 
 #: DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile keywords that
 #: identify a patient, a clinician, an institution or a date/time. None of these is ever
@@ -51,101 +52,20 @@ PHI_TAGS: frozenset[str] = frozenset({
 
 #: Keys of the dict returned by ``scan_metadata``: the only scan facts we publish.
 PUBLIC_KEYS: tuple[str, ...] = (
-    "manufacturer", "model", "kernel", "kernel_is_sharp", "kvp", "tube_current_ma",
+    "manufacturer", "model", "kernel", "kernel_class", "kvp", "tube_current_ma",
     "slice_thickness_mm", "spacing_x_mm", "spacing_y_mm", "spacing_z_mm", "n_slices",
     "rows", "columns", "transfer_syntax", "series_uid", "study_uid", "series_number",
     "series_description",
 )
 
-# --- kernel tables ---------------------------------------------------------------
-# GE names (normalised: upper case, no spaces/underscores/dashes). DETAIL sits between
-# STANDARD and BONE but already shifts LAA% upwards, so it counts as sharp.
-_GE_SHARP = {"LUNG", "BONE", "BONEPLUS", "EDGE", "DETAIL", "ULTRA", "HDLUNG", "HDBONE"}
-_GE_SOFT = {"STANDARD", "SOFT", "SMOOTH", "HDSTANDARD", "HDSOFT"}
-# Philips single/double letters: A (smooth), B (standard), C (sharper standard) are
-# body kernels; D, E (sharp), L (lung), Y-series YA..YF (high resolution) are sharp.
-_PHILIPS_SHARP = {"D", "E", "L", "YA", "YB", "YC", "YD", "YE", "YF", "EC", "LA", "LB"}
-_PHILIPS_SOFT = {"A", "B", "C", "CB", "UB", "UA"}
-# Siemens: letter code (B body, Br body regular, Bl lung, Bf/Bv, I/Ir/Il iterative,
-# Q/Qr/Ql ADMIRE, H/Hr head, D/Dr dual energy, U/Ur ultra-high-res) + 2-digit sharpness
-# + optional suffix (f fast, s, d, u, ...). Sharpness >= 50 is sharp (B60f, B70f,
-# Br59, Bl57, I70f); below is soft/standard (B30f, B31f, B35f, Br40, Qr40).
-_SIEMENS_RE = re.compile(r"^(B|BR|BL|BF|BV|BS|I|IR|IL|IV|Q|QR|QL|H|HR|HC|D|DR|U|UR|C|T|S|J|JR)(\d{2})[A-Z]?$")
-_SIEMENS_SHARP_FROM = 50
-# Toshiba / Canon: FC01-FC18 body (soft), FC50-FC56 lung and FC80+ high-res (sharp),
-# FL01-FL05 lung kernels (sharp). Others (FC20-FC49 head, FC60-FC79) -> unknown.
-_TOSHIBA_RE = re.compile(r"^F([CL])(\d{2})$")
-
-
-def _normalise(kernel: str) -> str:
-    # First token only: Siemens writes e.g. "I70f\3" (kernel, strength), Philips may
-    # append the iDose level. Our read_header joins multi-values with "/".
-    first = re.split(r"[\\/,;]", str(kernel).strip())[0]
-    return re.sub(r"[\s_\-]", "", first).upper()
-
-
-_VENDOR_RE = (
-    ("ge", re.compile(r"^GE\b|GENERAL ELECTRIC")),
-    ("siemens", re.compile(r"SIEMENS")),
-    ("philips", re.compile(r"PHILIPS|MARCONI|PICKER")),
-    ("toshiba", re.compile(r"TOSHIBA|CANON")),
-)
-
-
-def _vendor(manufacturer: str | None) -> str | None:
-    m = (manufacturer or "").strip().upper()
-    for key, pattern in _VENDOR_RE:
-        if pattern.search(m):
-            return key
-    return None
-
-
-def _lookup(vendor: str, k: str) -> bool | None:
-    if vendor == "ge":
-        return True if k in _GE_SHARP else False if k in _GE_SOFT else None
-    if vendor == "philips":
-        return True if k in _PHILIPS_SHARP else False if k in _PHILIPS_SOFT else None
-    if vendor == "siemens":
-        m = _SIEMENS_RE.match(k)
-        return None if m is None else int(m.group(2)) >= _SIEMENS_SHARP_FROM
-    if vendor == "toshiba":
-        m = _TOSHIBA_RE.match(k)
-        if m is None:
-            return None
-        kind, n = m.group(1), int(m.group(2))
-        if kind == "L":
-            return True if 1 <= n <= 5 else None
-        if 1 <= n <= 18:
-            return False
-        if 50 <= n <= 56 or n >= 80:
-            return True
-        return None
-    return None
-
 
 def is_sharp_kernel(kernel: str | None, manufacturer: str | None = None) -> bool | None:
-    """Whether a reconstruction kernel is sharp (lung/bone/edge) rather than soft/standard.
+    """Whether a kernel's class (``kernels.kernel_class``) is sharp / very sharp.
 
-    Parameters
-    ----------
-    kernel : str or None
-        DICOM ConvolutionKernel (first value used if multi-valued).
-    manufacturer : str, optional
-        DICOM Manufacturer; picks the vendor table. Unknown or missing -> every table is
-        tried and a unanimous answer is returned.
-
-    Returns
-    -------
-    True (sharp), False (soft/standard) or None (kernel unknown to the tables).
+    True (sharp, very sharp), False (soft, standard) or None (unknown to the tables). Kept
+    for series selection's tie-break; results record the class itself.
     """
-    if kernel is None or not str(kernel).strip():
-        return None
-    k = _normalise(kernel)
-    vendor = _vendor(manufacturer)
-    if vendor is not None:
-        return _lookup(vendor, k)
-    answers = {_lookup(v, k) for v in ("ge", "siemens", "philips", "toshiba")} - {None}
-    return answers.pop() if len(answers) == 1 else None
+    return is_sharp_class(kernel_class(kernel, manufacturer))
 
 
 def scan_metadata(header: dict, n_slices: int, spacing_zyx_mm) -> dict:
@@ -166,7 +86,7 @@ def scan_metadata(header: dict, n_slices: int, spacing_zyx_mm) -> dict:
         "manufacturer": header.get("manufacturer"),
         "model": header.get("model"),
         "kernel": kernel,
-        "kernel_is_sharp": is_sharp_kernel(kernel, header.get("manufacturer")),
+        "kernel_class": kernel_class(kernel, header.get("manufacturer")),
         "kvp": header.get("kvp"),
         "tube_current_ma": header.get("tube_current_ma"),
         "slice_thickness_mm": header.get("slice_thickness_mm"),

@@ -12,7 +12,7 @@ from dataclasses import replace, dataclass, field
 from pathlib import Path
 
 from ..errors import ScanError
-from .dicom_index import find_files, index_files, scan_key_of
+from .dicom_index import empty_scan_folders, find_files, index_files, scan_key_of
 from .metadata import is_sharp_kernel
 
 
@@ -72,6 +72,17 @@ def _is_localizer_record(rec: dict) -> bool:
     return "LOCALIZER" in (rec.get("image_type") or [])
 
 
+def _modality(recs: list[dict]) -> str | None:
+    """The series' Modality; when the tag is missing (it is Type 1, but exports drop it) the
+    SOP class decides: CT Image Storage is CT whatever the tags say is missing."""
+    for r in recs:
+        if r.get("modality"):
+            return r["modality"]
+    if recs and all(r.get("sop_class_uid") in _CT_IMAGE_CLASSES for r in recs):
+        return "CT"
+    return None
+
+
 def _split_reexports(groups: dict) -> dict:
     """A SeriesInstanceUID found in several folders with the same slice positions under other
     SOP instances is a re-export (copies of one series), not one series: one group per folder.
@@ -129,7 +140,7 @@ def group_series(records) -> list[SeriesInfo]:
             series_uid=first.get("series_uid"),
             series_number=first.get("series_number"),
             series_description=first.get("series_description"),
-            modality=first.get("modality"),
+            modality=_modality(files),
             kernel=first.get("kernel"),
             manufacturer=first.get("manufacturer"),
             slice_thickness_mm=first.get("slice_thickness_mm"),
@@ -217,16 +228,17 @@ def select_series(series, where=None) -> SeriesChoice:
     cands = []
     for s in series:
         if (s.modality or "").upper() != "CT":
-            not_picked.append((s.series_uid, f"not CT (modality {s.modality})"))
+            not_picked.append((s.series_uid, f"not CT (modality {s.modality or 'missing'})"))
         elif s.is_localizer:
             not_picked.append((s.series_uid, f"localizer ({s.n_slices} slice(s))"))
         else:
             cands.append(s)
     if not cands:
         n_files = sum(s.n_files or len(s.files) for s in series)
-        mods = sorted({s.modality or "unknown" for s in series})
-        extra = ", only localizers" if any((s.modality or "").upper() == "CT" for s in series) else ""
-        raise ScanError(where, f"no CT series: {n_files} files in {len(series)} series, "
+        mods = sorted({s.modality or "missing" for s in series})
+        extra = (", only localizers (scout images, single slices)"
+                 if any((s.modality or "").upper() == "CT" for s in series) else "")
+        raise ScanError(where, f"no CT series: {n_files} file{'s' * (n_files != 1)} in {len(series)} series, "
                                f"modalities {', '.join(mods) or 'none'}{extra}")
     cands.sort(key=_sort_key)
     best = cands[0]
@@ -310,9 +322,13 @@ def scans_from_index(files, records, root) -> dict:
 
     A scan folder whose files hold no DICOM at all maps to a ScanError too, unless it is a
     collection folder above other scans (README, LICENSE, metadata.csv lie there) or the
-    root itself beside scan folders.
+    root itself beside scan folders. So does an empty folder (no file at any depth) beside
+    the scan folders: a patient whose export failed must not vanish from the results. That
+    look at the folders needs the tree, so it is skipped when ``records`` come without
+    ``files`` (a manifest's rows, keyed by the manifest, not by folders).
     """
     root = Path(root)
+    records = list(records)
     out = choose_by_scan(records, root)
     counts: dict[str, int] = defaultdict(int)
     for f in files:
@@ -325,6 +341,9 @@ def scans_from_index(files, records, root) -> dict:
         if any(other.startswith((key + "/", key + "#")) for other in out):
             continue
         out[key] = ScanError(root / key if key != root.name else root, f"no DICOM files found ({n} other files)")
+    if files or not records:
+        for key in empty_scan_folders(root, set(counts) | set(out)):
+            out.setdefault(key, ScanError(root / key, "empty folder: no files at all"))
     return dict(sorted(out.items()))
 
 

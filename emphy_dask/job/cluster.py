@@ -4,7 +4,8 @@ Workers advertise abstract resources: CPU workers ``CPU=1`` (per thread), GPU wo
 (``dask cuda worker --resources GPU=1``) ``GPU=1``. CPU stages are submitted with
 ``resources={"CPU": 1}`` and GPU stages with ``{"GPU": 1}``, so a mixed cluster routes work
 by itself. A cluster whose workers advertise no resources at all still works: tasks are then
-submitted without them (a warning says so) instead of waiting forever.
+submitted without them (a warning says so) instead of waiting forever. Without GPU workers the
+device stages (lungmask, backbone) run on the CPU workers with ``device="cpu"``.
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ class Connection:
     client: object
     cluster: object | None          # None when joined to an external scheduler
     cpu_resources: dict | None      # what CPU tasks ask for
+    device_resources: dict | None = None   # what device tasks (lungmask, backbone) ask for
+    device: str = "cpu"             # "cuda" when GPU workers exist, else the CPU workers run device tasks
+    n_device_workers: int = 0       # workers that can run device tasks at once
 
     @property
     def dashboard_link(self) -> str | None:
@@ -60,7 +64,11 @@ def connect(settings, scheduler: str | None = None, workers: int | None = None) 
             resources={"CPU": settings.threads_per_worker})
         client = Client(cluster)
         client.wait_for_workers(n_cpu + n_gpu, timeout=180)
-    return Connection(client, cluster, cpu_resources(client))
+    cpu = cpu_resources(client)
+    n_gpu_workers = gpu_worker_count(client)
+    if n_gpu_workers:
+        return Connection(client, cluster, cpu, {"GPU": 1}, "cuda", n_gpu_workers)
+    return Connection(client, cluster, cpu, cpu, "cpu", worker_count(client))
 
 
 def count_gpus() -> int:
@@ -101,6 +109,12 @@ def cpu_resources(client) -> dict | None:
     warnings.warn("no worker advertises a CPU resource (start them with --resources CPU=1); "
                   "CPU tasks are submitted without resource restrictions", stacklevel=2)
     return None
+
+
+def gpu_worker_count(client) -> int:
+    """Workers advertising a ``GPU`` resource (``dask cuda worker --resources GPU=1``)."""
+    workers = client.scheduler_info().get("workers", {}).values()
+    return sum(1 for w in workers if "GPU" in (w.get("resources") or {}))
 
 
 def worker_count(client) -> int:

@@ -1,7 +1,8 @@
 """Job settings: ``jobs/*.toml`` files, validated on load, with a hash of what changes results.
 
-A job file has sections ``[qc]``, ``[resample]``, ``[segment]``, ``[label]`` (these change
-results and enter ``config_hash``), ``[cluster]`` and ``[output]`` (how it runs; they don't).
+A job file has sections ``[qc]``, ``[resample]``, ``[segment]``, ``[label]``, ``[embed]``,
+``[harmonize]`` (these change results and enter ``config_hash``, with the SHA-256 of the weight files in place of their
+paths), ``[cluster]`` and ``[output]`` (how it runs; they don't).
 Every key is optional; defaults are the paper's settings.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from ..phenotypes.label import LabelRule
 from ..preprocess.qc import QCRules
 
-RESULT_SECTIONS = ("qc", "resample", "segment", "label")
+RESULT_SECTIONS = ("qc", "resample", "segment", "label", "embed", "harmonize")
 
 
 class ConfigError(ValueError):
@@ -29,8 +30,28 @@ class ResampleSettings:
 
 
 @dataclass(frozen=True)
+class HarmonizeSettings:
+    enabled: bool = False           # true: phenotypes also on kernel-harmonised HU, and the label uses them
+    method: str = "nps"             # preprocess.harmonize.METHODS
+
+
+@dataclass(frozen=True)
 class SegmentSettings:
-    name: str = "threshold"
+    name: str = "threshold"         # "threshold" (CPU, offline) or "lungmask" (U-Net on GPU workers)
+    model: str = "R231"             # lungmask model: "R231" or "LTRCLobes"
+    weights: str = ""               # lungmask weight file; "" = $EMPHY_LUNGMASK_WEIGHTS, then the torch hub cache
+    batch_size: int = 20            # lungmask slices per forward (halved on out-of-memory)
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    backbone: str = "ct-i3resnet152"  # "ct-i3resnet152" (3D, offline weights), "resnet152" (paper, 2.5D) or "none"
+    weights: str = ""               # weight file; "" = the backbone's default place; "random" = tests only
+    precision: str = "bf16"         # "bf16" (AMX CPUs, GPUs) or "fp32"
+    zone_pooling: str = "lung"      # "lung" (lung-weighted positions) or "slab" (plain average of the zone's rows)
+    margin_mm: float = 10.0         # margin around the lung box of the model input
+    batch_size: int = 8             # scans per forward on a GPU (halved on out-of-memory); 1 on CPU
+    save_feature_maps: bool = True  # layer4 maps in featuremaps/ (for exact class-activation maps)
 
 
 @dataclass(frozen=True)
@@ -59,11 +80,31 @@ class JobConfig:
     resample: ResampleSettings = field(default_factory=ResampleSettings)
     segment: SegmentSettings = field(default_factory=SegmentSettings)
     label: LabelRule = field(default_factory=LabelRule)
+    embed: EmbedSettings = field(default_factory=EmbedSettings)
+    harmonize: HarmonizeSettings = field(default_factory=HarmonizeSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
+    #: SHA-256 of the model weight files actually used ({"embed": ..., "segment": ...}), filled in by
+    #: ``pipeline.resolve_weights`` before any work; it replaces the file paths in the hash.
+    weights_sha256: dict = field(default_factory=dict)
 
     def result_settings(self) -> dict:
-        return {s: dataclasses.asdict(getattr(self, s)) for s in RESULT_SECTIONS}
+        out = {s: dataclasses.asdict(getattr(self, s)) for s in RESULT_SECTIONS}
+        for section in ("embed", "segment"):
+            out[section].pop("weights")              # where a file lies does not change results
+            out[section].pop("batch_size")           # batch invariance is tested
+            out[section]["weights_sha256"] = self.weights_sha256.get(section, "")
+        if self.segment.name != "lungmask":          # lungmask settings matter only when it runs
+            for k in ("model", "weights_sha256"):
+                out["segment"].pop(k)
+        out["embed"].pop("save_feature_maps")
+        if self.embed.backbone == "none":
+            out["embed"] = {"backbone": "none"}
+        elif self.embed.backbone != "ct-i3resnet152":   # zone pooling only exists for the 3D map
+            out["embed"].pop("zone_pooling")
+        if not self.harmonize.enabled:               # the method matters only when it runs
+            out["harmonize"] = {"enabled": False}
+        return out
 
     @property
     def config_hash(self) -> str:
@@ -75,7 +116,8 @@ class JobConfig:
 
 
 _SECTIONS = {"qc": QCRules, "resample": ResampleSettings, "segment": SegmentSettings,
-             "label": LabelRule, "cluster": ClusterSettings, "output": OutputSettings}
+             "label": LabelRule, "embed": EmbedSettings, "harmonize": HarmonizeSettings,
+             "cluster": ClusterSettings, "output": OutputSettings}
 
 
 def _coerce(source: str, where: str, value, default):
@@ -130,10 +172,33 @@ def config_from_dict(data: dict, source: str = "<dict>") -> JobConfig:
     if cfg.segment.name not in SEGMENTERS:
         raise ConfigError(f"{source}: [segment].name {cfg.segment.name!r} is not a known segmenter "
                           f"(known: {', '.join(SEGMENTERS)})")
+    _check_models(cfg, source)
+    from ..preprocess.harmonize import METHODS
+
+    if cfg.harmonize.method not in METHODS:
+        raise ConfigError(f"{source}: [harmonize].method {cfg.harmonize.method!r} is not known (known: {', '.join(METHODS)})")
     if not (cfg.cluster.gpu_workers == "auto" or cfg.cluster.gpu_workers.isdigit()):
         raise ConfigError(f"{source}: [cluster].gpu_workers must be \"auto\" or a count like \"1\", "
                           f"got {cfg.cluster.gpu_workers!r}")
     return cfg
+
+
+def _check_models(cfg: JobConfig, source: str) -> None:
+    from ..embed.backbones import BACKBONES, PRECISIONS
+
+    e = cfg.embed
+    if e.backbone not in (*BACKBONES, "none"):
+        raise ConfigError(f"{source}: [embed].backbone {e.backbone!r} is not a known backbone "
+                          f"(known: {', '.join(BACKBONES)}, none)")
+    if e.precision not in PRECISIONS:
+        raise ConfigError(f"{source}: [embed].precision must be one of {', '.join(PRECISIONS)}, got {e.precision!r}")
+    if e.zone_pooling not in ("lung", "slab"):
+        raise ConfigError(f"{source}: [embed].zone_pooling must be \"lung\" or \"slab\", got {e.zone_pooling!r}")
+    if e.batch_size < 1 or cfg.segment.batch_size < 1 or e.margin_mm < 0:
+        raise ConfigError(f"{source}: [embed].batch_size and [segment].batch_size must be >= 1, "
+                          f"[embed].margin_mm >= 0")
+    if cfg.segment.model not in ("R231", "LTRCLobes"):
+        raise ConfigError(f"{source}: [segment].model must be \"R231\" or \"LTRCLobes\", got {cfg.segment.model!r}")
 
 
 def load_job(path: str | Path | None) -> JobConfig:

@@ -76,7 +76,9 @@ def build_manifest(input_path: str | Path, client=None) -> tuple[Path, list[Scan
     """Index ``input_path`` (a tree, or a manifest file) into scan tasks, sorted by key.
 
     Returns (input root, tasks). Keys that hold no DICOM but a NIfTI/NRRD/MHD file become
-    ``image`` tasks keyed by the file's path without suffix.
+    ``image`` tasks keyed by the file's path without suffix; an image file that is a label
+    map (``io.image_io.label_image_reason``: integer, a handful of values, no air) becomes a
+    ``skipped`` task with the reason: listed in the manifest, never processed, no scans row.
     """
     path = Path(input_path)
     if path.is_file():
@@ -88,9 +90,29 @@ def build_manifest(input_path: str | Path, client=None) -> tuple[Path, list[Scan
     images = [f for f in files if _is_image(f)]
     dicom_candidates = [f for f in files if not _is_image(f) and not f.name.lower().endswith((".raw", ".zraw"))]
     tasks = tasks_from_index(dicom_candidates, _index(dicom_candidates, root, client), root)
-    tasks += [ScanTask(_image_key(f, root), "image", (str(f),), selection_columns(1, [], ()))
-              for f in images]
+    tasks += [_image_task(_image_key(f, root), f, why) for f, why in zip(images, _label_reasons(images, client))]
     return root, unique_keys(tasks)
+
+
+def _label_reasons(images: list[Path], client=None) -> list[str | None]:
+    """Per image file: why it is a label map (not a CT), or None. Read on the workers."""
+    from ..io.image_io import label_image_reason
+
+    if client is not None and len(images) > 1:
+        return client.gather(client.map(label_image_reason, images, pure=False))
+    return [label_image_reason(f) for f in images]
+
+
+def _image_task(key: str, path: Path, label_reason: str | None) -> ScanTask:
+    """An ``image`` task, or a ``skipped`` one (listed in the manifest, never processed) for a label map."""
+    if label_reason is not None:
+        return ScanTask(key, "skipped", (str(path),), error=label_reason, error_path=str(path))
+    return ScanTask(key, "image", (str(path),), selection_columns(1, [], ()))
+
+
+def scan_tasks(tasks: list[ScanTask]) -> tuple[list[ScanTask], list[ScanTask]]:
+    """(tasks to process, ``skipped`` ones: files that are not scans, e.g. label maps)."""
+    return [t for t in tasks if t.kind != "skipped"], [t for t in tasks if t.kind == "skipped"]
 
 
 def unique_keys(tasks: list[ScanTask]) -> list[ScanTask]:
@@ -136,7 +158,7 @@ def read_manifest_file(path: Path, client=None) -> tuple[Path, list[ScanTask]]:
 def _tasks_for_target(key: str, target: Path, root: Path, client=None) -> list[ScanTask]:
     """Tasks of one manifest row: one, or ``key#1``, ``key#2`` when the folder holds several patients."""
     if target.is_file() and _is_image(target):
-        return [ScanTask(key, "image", (str(target),), selection_columns(1, [], ()))]
+        return [_image_task(key, target, _label_reasons([target])[0])]
     if not target.exists():
         return [ScanTask(key, "error", error="listed in the manifest but not found", error_path=str(target))]
     from ..io import find_files
@@ -173,7 +195,7 @@ def write_manifest(out_dir: Path, root: Path, tasks: list[ScanTask]) -> Path:
 
 
 def manifest_summary(tasks: list[ScanTask]) -> dict:
-    """Scan count per kind (dicom / image / error)."""
+    """Scan count per kind (dicom / image / error / skipped)."""
     return dict(Counter(t.kind for t in tasks))
 
 

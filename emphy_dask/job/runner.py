@@ -1,12 +1,13 @@
-"""``emphy extract``: the distributed job. It only orchestrates; the work is ``process_scan``.
+"""``emphy extract``: the distributed job. It only orchestrates; the work is in ``pipeline``
+(CPU stages) and ``device_stages`` (lungmask, backbone).
 
-Flow: connect -> index the input into a manifest (distributed) -> repair/resume the run folder
--> submit one future per remaining scan with bounded in-flight count (backpressure) -> stage
-each result as it completes, write Parquet parts -> ``run.json``.
+Flow: resolve the model weights (a missing file stops the job here) -> connect -> index the
+input into a manifest (distributed) -> repair/resume the run folder -> run each remaining scan
+as a chain of CPU and device tasks with bounded in-flight counts (``flow.ScanFlow``) -> stage each
+result as it completes, write Parquet parts -> ``run.json``.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -18,10 +19,12 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import ScanError
-from ..pipeline import STAGES, ScanTask, process_scan
+from ..pipeline import STAGES, ScanTask, resolve_weights
 from .cluster import connect, worker_count
-from .manifest import build_manifest, manifest_summary, write_manifest
+from .flow import FlowLimits, ScanFlow
+from .manifest import build_manifest, manifest_summary, scan_tasks, write_manifest
 from .store import RunStore, clean_out_dir
+from .summary import exclusion_report
 
 
 @dataclass
@@ -49,18 +52,7 @@ def lost_scan_result(task: ScanTask, config, exc: BaseException) -> dict:
            "error_stage": "worker", "emphy_version": __version__, **task.selection}
     err = {"scan_key": task.scan_key, "config_hash": config.config_hash, "stage": "worker",
            "error_type": type(exc).__name__, "message": message, "path": None}
-    return {"scans": row, "phenotypes": [], "slices": [], "errors": [err]}
-
-
-def _on_worker(task: ScanTask, config, out_dir: str) -> dict:
-    """Runs on a worker: process one scan, tagging the row with the worker's address."""
-    from distributed import get_worker
-
-    try:
-        address = get_worker().address
-    except ValueError:
-        address = None
-    return process_scan(task, config, out_dir, worker=address)
+    return {"scans": row, "phenotypes": [], "slices": [], "embeddings": [], "errors": [err]}
 
 
 class _Progress:
@@ -110,11 +102,10 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
                 limit: int | None = None, overwrite: bool = False, progress: bool = True,
                 log=print) -> ExtractSummary:
     """Run the extract job; see the module docstring. Returns counts and the exit code to use."""
-    from distributed import as_completed
-
     t0 = time.perf_counter()
     if not Path(input_path).exists():
         raise ScanError(input_path, "input not found: neither a folder nor a manifest file", stage="index")
+    config = resolve_weights(config)         # a missing weight file stops here, before any work
     out_dir = Path(out_dir).resolve()
     if overwrite:
         clean_out_dir(out_dir)
@@ -128,41 +119,32 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
         log(f"dashboard: {conn.dashboard_link}  ({worker_count(conn.client)} workers)")
         t_index = time.perf_counter()
         root, tasks = build_manifest(input_path, conn.client)
+        tasks, not_scans = scan_tasks(tasks)       # label maps: listed in the manifest, never processed
         if limit is not None:
             tasks = tasks[:limit]
-        write_manifest(out_dir, root, tasks)
+        write_manifest(out_dir, root, tasks + not_scans)
         t_index = time.perf_counter() - t_index
         done = store.done_keys()
         todo = [t for t in tasks if t.scan_key not in done]
-        log(f"manifest: {len(tasks)} scans {manifest_summary(tasks)}; {len(tasks) - len(todo)} already done; "
+        log(f"manifest: {len(tasks)} scans {manifest_summary(tasks + not_scans)}; "
+            f"{len(tasks) - len(todo)} already done; "
             f"indexing {t_index:.1f} s")
 
         bar = _Progress(len(todo), progress)
-        max_in_flight = config.cluster.max_in_flight or 2 * max(1, worker_count(conn.client))
-        queue = iter(todo)
-
-        owner = {}
-
-        def submit(task):
-            fut = conn.client.submit(_on_worker, task, config, str(out_dir), pure=False,
-                                     key=f"scan-{task.scan_key}-{time.monotonic_ns()}",
-                                     resources=conn.cpu_resources, retries=config.cluster.retries)
-            owner[fut.key] = task
-            return fut
-
-        pool = as_completed([submit(t) for t in itertools.islice(queue, max_in_flight)])
-        for future in pool:
-            task = owner.pop(future.key)
-            try:
-                result = future.result()
-            except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker: the scan killed its workers
-                result = lost_scan_result(task, config, exc)
-            future.release()
+        n_cpu = max(1, worker_count(conn.client) - (conn.n_device_workers if conn.device == "cuda" else 0))
+        cpu_limit = config.cluster.max_in_flight or 2 * n_cpu
+        batch = config.embed.batch_size if conn.device == "cuda" else 1
+        limits = FlowLimits(cpu_limit=cpu_limit, device_backlog=cpu_limit + 2 * batch * max(1, conn.n_device_workers),
+                            batch_size=batch, device_slots=max(1, conn.n_device_workers))
+        log(f"device stages on {conn.device} ({conn.n_device_workers} workers); "
+            f"{cpu_limit} scans in CPU stages at most")
+        flow = ScanFlow(conn.client, config, str(out_dir), conn.cpu_resources, conn.device_resources,
+                        conn.device, limits)
+        for task, result in flow.run(todo):
+            if isinstance(result, BaseException):   # e.g. KilledWorker: the scan killed its workers
+                result = lost_scan_result(task, config, result)
             store.add(result)
             bar.update(result["scans"]["status"])
-            nxt = next(queue, None)
-            if nxt is not None:
-                pool.add(submit(nxt))
         bar.close()
         store.close()
     finally:
@@ -201,6 +183,7 @@ def _write_run_json(out_dir: Path, config, input_path, summary: ExtractSummary, 
         "wall_s": round(summary.wall_s, 3),
         "index_s": round(t_index, 3),
         "worker_seconds_per_stage": _stage_totals(out_dir),
+        "exclusions": exclusion_report(out_dir),   # per QC rule: count, value range, job key, warnings
     }
     tmp = out_dir / ".tmp-run.json"
     tmp.write_text(json.dumps(info, indent=2, default=str))

@@ -107,7 +107,7 @@ class RunStore:
         for table in TABLES:
             if table == "scans":
                 continue
-            rows = [r for res in self._pending for r in res[table]]
+            rows = [r for res in self._pending for r in res.get(table, [])]
             if rows:
                 write_part(table, rows, self.out_dir, pid)
         write_part("scans", [res["scans"] for res in self._pending], self.out_dir, pid)

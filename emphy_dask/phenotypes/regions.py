@@ -1,9 +1,10 @@
-"""Lung regions of a label map: whole lung, sides and cranio-caudal thirds.
+"""Lung regions: names, and the cranio-caudal thirds of a lung mask.
 
-Label convention (``emphy_dask.segment``): 0 background, 1 right lung, 2 left lung.
-A label map whose nonzero values are anything other than exactly {1, 2} (a binary
-mask, a lobe map, one lung only) is treated as *lung without sides*: WholeLung and
-the thirds are reported, RightLung / LeftLung are empty (their metrics are NaN).
+Regions reported (rows of the phenotype table, :data:`REGIONS` order): WholeLung,
+RightLung, LeftLung, Upper/Middle/LowerThird, and the per-lung thirds RightUpperThird ...
+LeftLowerThird (= a side intersected with a third); then the lobes when the label map has
+them (``labelmaps.LOBES``). How a label map gives sides, thirds and lobes:
+:mod:`.labelmaps`.
 
 Thirds (CIP's UpperThird / MiddleThird / LowerThird) are slabs perpendicular to the
 cranio-caudal axis, shared by both lungs, that split the WHOLE-LUNG voxel count
@@ -13,6 +14,7 @@ in the slices above it and ``n`` its own, the slice belongs to third
 ``floor(3 * (c + n / 2) / N)`` (0 upper, 1 middle, 2 lower; N whole-lung voxels),
 i.e. to the third that holds the larger share of its voxels. The rule depends only
 on the superior -> inferior order, so it is the same whichever way the array runs.
+A label map that carries its own thirds (CIP's partial-lung maps) keeps them.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ import numpy as np
 from emphy_dask.volume import craniocaudal_axis
 
 #: Region names in report order (rows of the phenotype table).
-REGIONS = ("WholeLung", "RightLung", "LeftLung", "UpperThird", "MiddleThird", "LowerThird")
+REGIONS = ("WholeLung", "RightLung", "LeftLung", "UpperThird", "MiddleThird", "LowerThird",
+           "RightUpperThird", "RightMiddleThird", "RightLowerThird",
+           "LeftUpperThird", "LeftMiddleThird", "LeftLowerThird")
 THIRDS = ("UpperThird", "MiddleThird", "LowerThird")
 
 RIGHT_LABEL = 1
@@ -81,64 +85,3 @@ def slice_thirds(labels: np.ndarray, direction_xyz) -> tuple[int, np.ndarray]:
     t_sup[n_sup == 0] = -1
     third[order] = t_sup
     return axis, third
-
-
-def region_codes(labels: np.ndarray, direction_xyz) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Side and third of every lung voxel, in C order of ``labels > 0``.
-
-    Compact form of the regions for the phenotype stage: 1-D arrays over lung
-    voxels instead of six full-size boolean masks.
-
-    Returns
-    -------
-    lung : ndarray of bool, shape like ``labels``
-        labels > 0.
-    code : ndarray of uint8, shape (n_lung_voxels,)
-        ``3 * side + third``; side 0 unknown (no sides), 1 right, 2 left;
-        third 0 upper, 1 middle, 2 lower.
-    sides : bool
-        Whether right/left were available (see :func:`has_sides`).
-    """
-    labels = _as_small_int(labels)
-    sides = has_sides(labels)
-    lung = labels > 0
-    axis, third = slice_thirds(labels, direction_xyz)
-    shape = [1] * labels.ndim
-    shape[axis] = -1
-    third_vol = np.broadcast_to(np.maximum(third, 0).astype(np.uint8).reshape(shape), labels.shape)
-    code = third_vol[lung]
-    if sides:
-        code = code + np.uint8(3) * labels[lung]
-    return lung, code, sides
-
-
-def region_masks(labels: np.ndarray, direction_xyz) -> dict[str, np.ndarray]:
-    """Boolean mask of each region, in :data:`REGIONS` order.
-
-    Parameters
-    ----------
-    labels : ndarray, shape (n_z, n_y, n_x)
-        0 background, 1 right, 2 left (other nonzero values: lung without sides).
-    direction_xyz : sequence of 9 float
-        ITK direction matrix; decides which axis is head-feet and which end is up.
-
-    Returns
-    -------
-    dict of str -> ndarray of bool, shape like ``labels``
-        RightLung / LeftLung are all False when the map has no sides.
-    """
-    labels = _as_small_int(labels)
-    lung = labels > 0
-    sides = has_sides(labels)
-    axis, third = slice_thirds(labels, direction_xyz)
-    shape = [1] * labels.ndim
-    shape[axis] = -1
-    third_vol = third.reshape(shape)
-    masks = {
-        "WholeLung": lung,
-        "RightLung": (labels == RIGHT_LABEL) if sides else np.zeros_like(lung),
-        "LeftLung": (labels == LEFT_LABEL) if sides else np.zeros_like(lung),
-    }
-    for k, name in enumerate(THIRDS):
-        masks[name] = lung & (third_vol == k)
-    return {name: masks[name] for name in REGIONS}

@@ -3,9 +3,9 @@
 Every entry of ``SEGMENTERS`` is a callable
 ``f(hu, spacing_zyx_mm, direction_xyz=identity, fov_mask=None) -> ndarray uint8 (z, y, x)``
 taking native-grid HU and returning 0 background, 1 right lung, 2 left lung (the
-lungmask convention). A GPU model (lungmask's ``LMInferer`` on the native HU image,
-its R231 output already uses these labels) slots in as ``SEGMENTERS["lungmask"]``
-without touching callers.
+lungmask convention). ``lungmask`` (R231 U-Net, ``segment/lungmask.py``) runs here in one
+process on the local device; the job runs its preprocessing, U-Net and post-processing as
+separate CPU and device tasks.
 """
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from typing import Callable
 
 import numpy as np
 
+from emphy_dask.segment.lungmask import lung_mask_lungmask
 from emphy_dask.segment.threshold import LEFT, RIGHT, lung_mask_threshold
 from emphy_dask.volume import CTVolume
 
 SEGMENTERS: dict[str, Callable[..., np.ndarray]] = {
     "threshold": lung_mask_threshold,
+    "lungmask": lung_mask_lungmask,     # R231 U-Net; the job splits it into CPU and device tasks
 }
 
 

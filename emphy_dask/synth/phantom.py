@@ -331,7 +331,7 @@ def _binomial_blur(img: np.ndarray, spacing) -> None:
         a[-1] += q[-1]
 
 
-def make_phantom(shape_zyx, spacing_zyx_mm, severity_pct: float, pattern: str, rng) -> Phantom:
+def make_phantom(shape_zyx, spacing_zyx_mm, severity_pct: float, pattern: str, rng, scanner: bool = True) -> Phantom:
     """Build one synthetic chest CT.
 
     Parameters
@@ -345,6 +345,9 @@ def make_phantom(shape_zyx, spacing_zyx_mm, severity_pct: float, pattern: str, r
     pattern : {"none", "centrilobular", "panlobular"}
         "none" adds no emphysema (severity ignored; the noise alone gives ~0.5 % LAA950).
     rng : numpy.random.Generator or int seed
+    scanner : bool
+        False: the noise-free object (no PSF blur, no quantum noise), for rendering with a
+        reconstruction kernel (``synth.kernels.render_kernel``).
 
     Returns
     -------
@@ -382,7 +385,8 @@ def make_phantom(shape_zyx, spacing_zyx_mm, severity_pct: float, pattern: str, r
     del gl
 
     # scanner: PSF blur, smooth lung texture, white noise
-    _binomial_blur(img, spacing)
+    if scanner:
+        _binomial_blur(img, spacing)
     vals = flat[lung_flat]
     # undo the chest-wall partial-volume bias on the lung mean, but keep the parenchyma
     # >= -900 HU so a healthy lung keeps a low LAA950 (a few %) at any resolution
@@ -392,7 +396,8 @@ def make_phantom(shape_zyx, spacing_zyx_mm, severity_pct: float, pattern: str, r
     vals += _TEXTURE_SD_HU * _sample_coarse(c, f, pts)
     flat[lung_flat] = vals
     del vals
-    img += rng.standard_normal(shape, dtype=np.float32) * _NOISE_SD_HU
+    if scanner:
+        img += rng.standard_normal(shape, dtype=np.float32) * _NOISE_SD_HU
 
     if pattern != "none" and severity_pct > 0:
         _add_emphysema(flat, lung_flat, pts, vl, g, shape, pattern, float(severity_pct), rng)

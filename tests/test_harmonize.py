@@ -1,0 +1,188 @@
+"""Kernel harmonisation: the same lungs give the same numbers whatever the reconstruction kernel."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from emphy_dask.job.config import ConfigError, JobConfig, config_from_dict
+from emphy_dask.preprocess.harmonize import filter_planes, harmonize_kernel, transfer_function
+from emphy_dask.preprocess.kernel_estimate import estimate_kernel
+from emphy_dask.quantify import quantify_path
+from emphy_dask.synth.kernels import render_kernel
+from emphy_dask.synth.phantom import make_phantom
+
+from .conftest import DX_SHARP, DX_SOFT
+
+
+def _lung_stats(hu, lung) -> dict:
+    v = hu[lung].astype(np.float64)
+    return {"laa950": 100 * np.mean(v < -950), "laa910": 100 * np.mean(v < -910),
+            "perc15": np.percentile(v, 15), "mld": v.mean()}
+
+
+# --- the real pair: one acquisition, Philips L (sharp) and B (standard) ---------------------------
+
+@pytest.fixture(scope="module")
+def real_pair():
+    """``emphy quantify`` on each series, with and without --harmonize (each series segmented itself)."""
+    out = {}
+    for name, path in (("sharp", DX_SHARP), ("soft", DX_SOFT)):
+        table, extras = quantify_path(path, harmonize=True)
+        plain, plain_extras = quantify_path(path)
+        whole = table[table["region"] == "WholeLung"].set_index("hu_source")
+        out[name] = {"raw": whole.loc["raw"], "harmonized": whole.loc["harmonized"], "extras": extras,
+                     "plain": plain.set_index("region").loc["WholeLung"], "plain_extras": plain_extras}
+    return out
+
+
+def test_real_pair_agrees_over_the_histogram_after_harmonisation(real_pair):
+    s, b = real_pair["sharp"]["harmonized"], real_pair["soft"]["harmonized"]
+    assert abs(s["laa950_pct"] - b["laa950_pct"]) < 0.5          # measured 0.08 vs 0.12
+    assert abs(s["laa910_pct"] - b["laa910_pct"]) < 2.0          # 4.4 vs 3.9
+    assert abs(s["perc15_hu"] - b["perc15_hu"]) < 5.0            # -889 vs -888
+    assert abs(s["hu_mean"] - b["hu_mean"]) < 5.0                # -797.7 vs -797.7
+    assert real_pair["sharp"]["extras"]["harmonize"]["applied"] is True
+    assert real_pair["sharp"]["extras"]["hu_source"] == "harmonized"
+
+
+def test_real_pair_raw_difference_is_kept_without_harmonize(real_pair):
+    s, b = real_pair["sharp"], real_pair["soft"]
+    assert s["raw"]["laa950_pct"] - b["raw"]["laa950_pct"] > 10        # 13.2 vs 0.1: the kernel's effect
+    for x in (s, b):                                                   # raw rows = plain quantify
+        assert x["raw"]["laa950_pct"] == x["plain"]["laa950_pct"] and x["raw"]["hu_mean"] == x["plain"]["hu_mean"]
+    assert s["plain_extras"]["harmonize"] is None and s["plain_extras"]["hu_source"] == "raw"
+    assert any("--harmonize" in w for w in s["plain_extras"]["warnings"])
+
+
+def test_soft_series_is_left_as_is(real_pair):
+    b = real_pair["soft"]
+    assert abs(b["harmonized"]["laa950_pct"] - b["raw"]["laa950_pct"]) < 0.3
+    assert b["harmonized"]["hu_mean"] == b["raw"]["hu_mean"]          # standard class: not filtered at all
+    assert b["extras"]["harmonize"]["applied"] is False and b["extras"]["kernel_class"] == "standard"
+
+
+# --- phantoms rendered with two kernels from one noise realisation ---------------------------------
+
+@pytest.fixture(scope="module", params=[(10.0, "centrilobular", 1), (25.0, "panlobular", 4)],
+                ids=["centrilobular10", "panlobular25"])
+def phantom(request):
+    severity, pattern, seed = request.param
+    ph = make_phantom((24, 384, 384), (5.0, 0.78, 0.78), severity, pattern, seed, scanner=False)
+    assert 8 < ph.truth["laa950_pct"] < 27
+    return ph
+
+
+def _render(ph, kernel, floor_hu, noise_sd_hu=10.0):
+    return render_kernel(ph.hu, ph.spacing_zyx_mm, kernel, noise_sd_hu=noise_sd_hu, seed=3,
+                         fov_mask_yx=ph.fov_mask_yx, floor_hu=floor_hu)
+
+
+def test_phantom_sharp_rendering_harmonised_matches_soft(phantom):
+    """Scanner storing values below -1024 (signed pixels): nothing clipped, 0.5-point agreement."""
+    lung, fov = phantom.lung_labels > 0, np.broadcast_to(phantom.fov_mask_yx, phantom.hu.shape)
+    soft = _lung_stats(_render(phantom, "standard", -2048), lung)
+    sharp_hu = _render(phantom, "sharp", -2048)
+    harmonized, params = harmonize_kernel(sharp_hu, phantom.spacing_zyx_mm, "sharp", fov_mask=fov)
+    raw, harm = _lung_stats(sharp_hu, lung), _lung_stats(harmonized, lung)
+    assert raw["laa950"] - soft["laa950"] > 5                         # the sharp kernel's effect
+    assert abs(harm["laa950"] - soft["laa950"]) < 0.5                 # emphysema kept, noise removed
+    assert abs(harm["laa910"] - soft["laa910"]) < 2.0
+    assert abs(harm["mld"] - soft["mld"]) < 5.0
+    assert params["strength_source"] == "image" and params["strength"] == pytest.approx(1.0, abs=0.1)
+
+
+def test_phantom_clipped_at_minus_1024_stays_close(phantom):
+    """Stored from -1024 up (Philips, Siemens): the sharp kernel clips 15-20 % of these lungs;
+    the censored-tail fill keeps the harmonised LAA%-950 within 1.5 points (without it: 2-5 low)."""
+    lung, fov = phantom.lung_labels > 0, np.broadcast_to(phantom.fov_mask_yx, phantom.hu.shape)
+    soft = _lung_stats(_render(phantom, "standard", -1024), lung)
+    sharp_hu = _render(phantom, "sharp", -1024)
+    assert np.mean(sharp_hu[lung] <= -1024) > 0.1
+    harmonized, params = harmonize_kernel(sharp_hu, phantom.spacing_zyx_mm, "sharp", fov_mask=fov)
+    harm = _lung_stats(harmonized, lung)
+    assert abs(harm["laa950"] - soft["laa950"]) < 1.5
+    assert abs(harm["mld"] - soft["mld"]) < 8.0
+    assert params["clipped_n_clipped"] > 0 and params["clipped_fill_mean_hu"] < -1024
+    plain = _lung_stats(filter_planes(sharp_hu, phantom.spacing_zyx_mm, params["strength"], fov_mask=fov,
+                                      floor_hu=-1024.0), lung)
+    assert abs(harm["laa950"] - soft["laa950"]) < abs(plain["laa950"] - soft["laa950"])
+
+
+def test_phantom_kernel_strength_is_recovered_and_standard_left_alone(phantom):
+    fov = np.broadcast_to(phantom.fov_mask_yx, phantom.hu.shape)
+    very = estimate_kernel(_render(phantom, "very_sharp", -2048, 20.0), phantom.spacing_zyx_mm, fov_mask=fov)
+    assert very.kernel_class == "very_sharp" and very.strength == pytest.approx(1.6, abs=0.12)
+    std_hu = _render(phantom, "standard", -1024, 20.0)
+    out, params = harmonize_kernel(std_hu, phantom.spacing_zyx_mm, "unknown", fov_mask=fov)
+    assert out is std_hu and params["kernel_class"] == "standard" and params["kernel_class_source"] == "image"
+    assert params["estimate_noise_ratio"] > 1                         # 20 HU: noisier than the reference
+
+
+# --- the filter itself ----------------------------------------------------------------------------
+
+def test_transfer_keeps_large_scale_density_and_removes_high_frequencies():
+    f = np.linspace(0, 0.8, 81)
+    h = transfer_function(f, 1.0)
+    assert h[0] == 1.0 and np.all(np.diff(h) < 0) and h[50] < 0.11    # 0.5 lp/mm: ~0.1 (L -> B)
+    rng = np.random.default_rng(0)
+    vol = np.full((3, 160, 160), -1000, np.int16)
+    vol[:, 30:130, 30:130] = -850 + rng.normal(0, 80, (3, 100, 100)).round().astype(np.int16)
+    out = filter_planes(vol, (5.0, 0.8, 0.8), 1.0)
+    inner = (slice(None), slice(60, 100), slice(60, 100))               # > 24 mm from the square's edge
+    assert abs(out[inner].mean() - vol[inner].mean()) < 2.0             # unit gain at f = 0
+    assert out[inner].std() < 0.3 * vol[inner].std()                   # white noise mostly removed
+
+
+def test_unknown_method_and_config_section():
+    with pytest.raises(ValueError, match="unknown harmonisation method"):
+        harmonize_kernel(np.zeros((2, 32, 32), np.int16), (1, 1, 1), "sharp", method="gauss")
+    base = JobConfig()
+    on = config_from_dict({"harmonize": {"enabled": True}})
+    assert on.harmonize.enabled and on.config_hash != base.config_hash            # it changes results
+    assert config_from_dict({"harmonize": {"method": "nps"}}).config_hash == base.config_hash
+    assert dataclasses.replace(on, harmonize=dataclasses.replace(on.harmonize, method="nps")) == on
+    with pytest.raises(ConfigError, match=r"\[harmonize\].method"):
+        config_from_dict({"harmonize": {"enabled": True, "method": "gauss"}}, "job.toml")
+
+
+# --- the job: [harmonize] on, rows read back with their schemas ----------------------------------
+
+def test_job_rows_carry_kernel_class_both_hu_sources_and_harmonised_label(tmp_path):
+    import json
+    from pathlib import Path
+
+    from emphy_dask.pipeline import ScanTask, process_scan
+    from emphy_dask.tables import read_frame, write_part
+
+    cfg = config_from_dict({"harmonize": {"enabled": True}, "qc": {"max_hu": 4000.0}, "embed": {"backbone": "none"},
+                            "output": {"write_masks": False, "write_qc_png": False}})
+    task = ScanTask("dx-sharp", "dicom", tuple(str(p) for p in sorted(Path(DX_SHARP).glob("*.dcm"))))
+    result = process_scan(task, cfg, tmp_path)
+    row = result["scans"]
+    assert row["status"] == "ok", row["reason"]
+    assert (row["kernel"], row["kernel_class"], row["kernel_class_source"]) == ("L", "sharp", "table")
+    assert row["harmonize_applied"] is True and row["hu_source"] == "harmonized"
+    assert json.loads(row["harmonize_params"])["strength"] == pytest.approx(row["harmonize_strength"])
+    assert row["laa950_pct"] < 0.5 and row["label"] == 0                    # raw: 13.2 %
+    write_part("scans", [row], tmp_path, "p")
+    write_part("phenotypes", result["phenotypes"], tmp_path, "p")
+    scans, pheno = read_frame(tmp_path, "scans"), read_frame(tmp_path, "phenotypes")
+    assert scans.loc[0, "kernel_class"] == "sharp" and scans.loc[0, "kernel_strength"] > 0.8
+    whole = pheno[pheno["region"] == "WholeLung"].set_index("hu_source")
+    counts = pheno["hu_source"].value_counts()
+    assert set(counts.index) == {"raw", "harmonized"} and counts["raw"] == counts["harmonized"]
+    assert whole.loc["raw", "laa950_pct"] > 10 and whole.loc["harmonized", "laa950_pct"] == pytest.approx(
+        row["laa950_pct"])
+
+
+def test_sharp_scan_is_taken_to_its_own_vendors_standard():
+    from emphy_dask.io import load_ct
+    from emphy_dask.preprocess.harmonize import VENDOR_STANDARD_STRENGTH, harmonize_volume
+
+    philips = load_ct(DX_SHARP)
+    as_ge = philips.with_hu(philips.hu, meta={**philips.meta, "manufacturer": "GE MEDICAL SYSTEMS", "kernel": "LUNG"})
+    _, p_philips = harmonize_volume(philips)
+    out, p_ge = harmonize_volume(as_ge)
+    assert p_philips["target_strength"] == 0.0 and p_ge["target_strength"] == VENDOR_STANDARD_STRENGTH["ge"]
+    assert p_ge["strength"] == pytest.approx(p_philips["strength"] - VENDOR_STANDARD_STRENGTH["ge"], abs=1e-3)
+    assert p_ge["applied"] and out.hu.dtype == np.int16 and out.hu.shape == philips.hu.shape
