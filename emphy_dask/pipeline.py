@@ -281,7 +281,12 @@ def finish_scan(state: ScanState, raw_labels, config, out_dir) -> ScanState:
 def _measure(state: ScanState, run: StageClock, key: str, volume, resampled, labels, config,
              out_dir: Path) -> ScanState:
     row, h = state.row, config.config_hash
-    pheno = run("phenotypes", _phenotypes, volume, labels, config)
+    lobes = config.segment.name == "lungmask" and config.segment.model == "LTRCLobes"
+    pheno = run("phenotypes", _phenotypes, volume, labels, config, "ltrc-lobes" if lobes else None)
+    if lobes:                       # lobes measured; the mask file and model inputs keep the sides
+        from .segment.lungmask import LOBES_TO_SIDE
+
+        labels = LOBES_TO_SIDE[labels]
     row.update(pheno["summary"])
     state.result["phenotypes"] = [{"scan_key": key, "config_hash": h, **r} for r in pheno["regions"]]
     state.result["slices"] = [{"scan_key": key, "config_hash": h, **r} for r in pheno["slices"]]
@@ -340,7 +345,7 @@ def _segment(volume, config):
     return segment_lungs(volume, config.segment.name)
 
 
-def _phenotypes(volume, labels, config) -> dict:
+def _phenotypes(volume, labels, config, encoding: str | None = None) -> dict:
     from .phenotypes import fov_columns, measure_lungs, region_phenotypes
 
     # kernel class (+ image estimate) always; harmonised HU when [harmonize] is on: then the
@@ -348,7 +353,7 @@ def _phenotypes(volume, labels, config) -> dict:
     kernel_cols, harmonized = kernel_stage(volume, config)
     source = "raw" if harmonized is None else "harmonized"
     label_hu = volume.hu if harmonized is None else harmonized.hu
-    m = measure_lungs(label_hu, labels, volume.spacing_zyx_mm, volume.direction_xyz, config.label)
+    m = measure_lungs(label_hu, labels, volume.spacing_zyx_mm, volume.direction_xyz, config.label, encoding)
     regions = [{**r, "hu_source": source} for r in m.regions]
     if harmonized is not None:
         regions = [{**r, "hu_source": "raw"} for r in region_phenotypes(volume.hu, m.mask, volume.spacing_zyx_mm)] + regions

@@ -55,10 +55,9 @@ def _job(tmp_path, text: str = "", name: str = "job.toml"):
     return f
 
 
-@pytest.fixture(scope="module")
-def random_unet(tmp_path_factory):
+def _random_unet(folder, n_classes: int):
     """A randomly initialised lungmask U-Net saved to a file; its last bias centres the logits so
-    that the random net labels some voxels as each lung (an all-background net tests nothing)."""
+    that the random net gives every class some voxels (an all-background net tests nothing)."""
     from lungmask.resunet import UNet
 
     from emphy_dask.segment.lungmask import lungmask_preprocess
@@ -66,7 +65,8 @@ def random_unet(tmp_path_factory):
     from emphy_dask.volume import CTVolume
 
     torch.manual_seed(0)
-    net = UNet(n_classes=3, padding=True, depth=5, up_mode="upsample", batch_norm=True, residual=False).eval()
+    net = UNet(n_classes=n_classes, padding=True, depth=5, up_mode="upsample", batch_norm=True,
+               residual=False).eval()
     ph = make_phantom(*FEW_SLICES, 10.0, "centrilobular", np.random.default_rng(0))
     vol = CTVolume(hu=np.maximum(ph.hu, -1024).astype(np.int16), spacing_zyx_mm=ph.spacing_zyx_mm)
     x = lungmask_preprocess(vol).slices
@@ -74,9 +74,32 @@ def random_unet(tmp_path_factory):
         logits = net(torch.as_tensor((np.minimum(x, 600).astype(np.float32) + 1024) / 1624)[:, None])
     state = net.state_dict()
     state["last.bias"] -= logits.mean(dim=(0, 2, 3))
-    path = tmp_path_factory.mktemp("unet") / "unet_random.pth"
+    path = folder / f"unet_random_{n_classes}.pth"
     torch.save(state, path)
     return path, vol
+
+
+@pytest.fixture(scope="module")
+def random_unet(tmp_path_factory):
+    return _random_unet(tmp_path_factory.mktemp("unet"), 3)
+
+
+def test_lungmask_lobes_are_measured_and_the_mask_keeps_sides(tmp_path, thick_cohort):
+    path, _ = _random_unet(tmp_path, 6)
+    cfg = load_job(_job(tmp_path, f'[segment]\nname = "lungmask"\nmodel = "LTRCLobes"\nweights = "{path}"\n'
+                                  '[embed]\nbackbone = "none"\n'))
+    _, tasks = build_manifest(thick_cohort, None)
+    result = process_scan(tasks[0], cfg, tmp_path / "out")
+    row = result["scans"]
+    assert row["status"] == "ok", row["reason"]
+    assert row["segmenter"] == "lungmask:LTRCLobes"
+    regions = {r["region"]: r for r in result["phenotypes"]}
+    lobes = [k for k in regions if k.endswith("Lobe")]
+    assert len(lobes) == 5 and sum(regions[k]["n_voxels"] for k in lobes) == regions["WholeLung"]["n_voxels"]
+    right = sum(regions[k]["n_voxels"] for k in lobes if k.startswith("Right"))
+    assert right == regions["RightLung"]["n_voxels"]
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / row["mask_path"])))
+    assert set(np.unique(mask)) <= {0, 1, 2} and (mask == 1).sum() == right
 
 
 def test_lungmask_split_equals_lminferer(random_unet):

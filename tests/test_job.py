@@ -18,6 +18,7 @@ from PIL import Image
 
 from emphy_dask.job.config import load_job
 from emphy_dask.job.runner import run_extract
+from emphy_dask.phenotypes.regions import REGIONS
 from emphy_dask.tables import TABLES, part_ids, read_frame
 
 from .conftest import SHARED_DATA
@@ -63,7 +64,7 @@ def test_local_cluster_run_writes_every_table(clean_run, cohort):
     assert scans["worker"].nunique() == 2 and (scans["kernel"] == "STANDARD").all()
     assert (scans[["grid_1mm_z", "grid_1mm_y", "grid_1mm_x"]] > 0).all().all()
     pheno = read_frame(out, "phenotypes")
-    assert len(pheno) == 6 * N_PATIENTS and set(pheno["region"]) >= {"WholeLung", "UpperThird", "LeftLung"}
+    assert len(pheno) == len(REGIONS) * N_PATIENTS and set(pheno["region"]) >= {"WholeLung", "UpperThird", "LeftLung"}
     assert len(read_frame(out, "slices")) > 10 * N_PATIENTS and read_frame(out, "errors").empty
     # the same tables through pyarrow.dataset and DuckDB
     assert ds.dataset(out / "phenotypes", format="parquet").count_rows() == len(pheno)
@@ -172,8 +173,11 @@ def test_cli_extract_over_the_real_shared_data(tmp_path, job_file):
                           timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     scans = read_frame(out, "scans").set_index("scan_key")
-    assert sorted(scans.index) == ["lidc-idri-slabs/LIDC-IDRI-0001", "lidc-idri-slabs/LIDC-IDRI-0002",
-                                   "lidc-idri-slabs/LIDC-IDRI-0003", "lung-pet-ct-dx/Lung_Dx-A0001"]
+    assert sorted(scans.index) == ["lidc-idri-full/LIDC-IDRI-0013", "lidc-idri-slabs/LIDC-IDRI-0001",
+                                   "lidc-idri-slabs/LIDC-IDRI-0002", "lidc-idri-slabs/LIDC-IDRI-0003",
+                                   "lung-pet-ct-dx/Lung_Dx-A0001"]
+    full = scans.loc["lidc-idri-full/LIDC-IDRI-0013"]        # saturated bone: the paper's rule excludes it
+    assert full["status"] == "excluded" and full["qc_max_hu"] == 3071 and full["n_slices"] == 125
     assert set(scans["status"]) <= {"ok", "excluded"}
     excluded = scans[scans["status"] == "excluded"]
     assert (excluded["qc_max_hu"] > 1600).all() and excluded["reason"].str.startswith("QC rule max_hu>1600").all()
@@ -192,6 +196,10 @@ def test_cli_extract_over_the_real_shared_data(tmp_path, job_file):
     pheno = read_frame(out2, "phenotypes")
     dx = pheno[pheno["scan_key"] == "lung-pet-ct-dx/Lung_Dx-A0001"].set_index("region")
     assert dx.loc["RightLung", "volume_l"] > dx.loc["LeftLung", "volume_l"] > 1.0
+    emb = read_frame(out2, "embeddings")     # every ok scan: 4 zones x 2048 finite, non-constant values
+    assert set(emb["scan_key"]) == set(scans.index) and (emb.groupby("scan_key")["zone"].nunique() == 4).all()
+    vectors = np.stack(emb["embedding"])
+    assert vectors.shape[1] == 2048 and np.isfinite(vectors).all() and (vectors.std(axis=1) > 0).all()
 
 
 PHI = {"PatientName": "DOE^JANE^Q", "PatientBirthDate": "19470312", "PatientID": "MRN-99887766",

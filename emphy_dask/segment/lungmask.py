@@ -10,7 +10,7 @@ first and last parts are CPU work that would keep a GPU idle. Here they are sepa
   slices in batches (halved on out-of-memory); uint8 labels at 256 x 256 come back;
 - ``lungmask_postprocess`` (CPU): lungmask's ``utils.postprocessing`` and ``reshape_mask``, then
   back to the volume's orientation; labels 1 right / 2 left (R231), or the lobes of LTRCLobes
-  (1 left upper, 2 left lower, 3 right upper, 4 right middle, 5 right lower) mapped to sides.
+  (1 left upper, 2 left lower, 3 right upper, 4 right middle, 5 right lower).
 
 ``lung_mask_lungmask`` chains the three in one process (``emphy quantify``, tests).
 """
@@ -114,7 +114,11 @@ def lungmask_infer(inp: LungmaskInput, model, device: str = "cpu", batch_size: i
 
 def lungmask_postprocess(raw: np.ndarray, inp: LungmaskInput, volume: CTVolume,
                          model_name: str = "R231") -> np.ndarray:
-    """lungmask's post-processing, back onto ``volume``'s grid: uint8 0 / 1 right / 2 left."""
+    """lungmask's post-processing, back onto ``volume``'s grid.
+
+    Returns uint8 labels: R231 0 / 1 right / 2 left; LTRCLobes the lobes 1-5 (``LOBES_TO_SIDE``
+    maps them to sides; the phenotypes report each lobe).
+    """
     from lungmask import utils
 
     mask = utils.postprocessing(raw, disable_tqdm=True)
@@ -126,8 +130,6 @@ def lungmask_postprocess(raw: np.ndarray, inp: LungmaskInput, volume: CTVolume,
     if mask.shape != volume.shape:
         raise ScanError("<array>", f"lungmask returned shape {mask.shape} for a volume of {volume.shape}",
                         stage="segment")
-    if model_name == "LTRCLobes":
-        mask = LOBES_TO_SIDE[np.clip(mask, 0, 5)]
     if not mask.any():
         raise ScanError("<array>", "no lung found by lungmask", stage="segment")
     return mask.astype(np.uint8)
@@ -144,4 +146,5 @@ def lung_mask_lungmask(hu, spacing_zyx_mm, direction_xyz=(1, 0, 0, 0, 1, 0, 0, 0
     volume = CTVolume(hu=np.asarray(hu), spacing_zyx_mm=tuple(spacing_zyx_mm), direction_xyz=tuple(direction_xyz))
     inp = lungmask_preprocess(volume)
     raw = lungmask_infer(inp, load_lungmask_model(weights, model_name, device), device, batch_size)
-    return lungmask_postprocess(raw, inp, volume, model_name)
+    labels = lungmask_postprocess(raw, inp, volume, model_name)
+    return LOBES_TO_SIDE[labels] if model_name == "LTRCLobes" else labels

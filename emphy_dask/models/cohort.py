@@ -1,0 +1,136 @@
+"""The cohort a model sees, read from the Parquet tables of an ``extract`` run (never the images).
+
+``load_cohort`` joins ``scans/`` (status, weak label, scanner), ``embeddings/`` (one 2048-d
+vector per scan x zone) and ``phenotypes/`` (WholeLung, raw HU) into arrays keyed by scan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..tables import read_frame, read_table
+
+PHENOTYPE_FEATURES = ("laa950_pct", "hu_mean", "perc15_hu")
+
+
+class CohortError(ValueError):
+    """The run cannot give a model cohort (no embeddings, several backbones, too few scans)."""
+
+
+@dataclass
+class Cohort:
+    """Scans with an embedding of every requested zone, in scan-key order.
+
+    ``X`` (n, 2048 x zones) float64: the zones' embeddings side by side; ``y`` (n,) int weak
+    label; ``pheno`` (n, 3) laa950_pct %, hu_mean HU, perc15_hu HU (WholeLung, raw HU; NaN when
+    missing); ``scans`` the scans rows in the same order.
+    """
+
+    keys: np.ndarray
+    X: np.ndarray
+    y: np.ndarray
+    pheno: np.ndarray
+    scans: pd.DataFrame
+    backbone: str
+    weights_sha256: str
+    zones: tuple
+    feature_names: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def feature_names(zones, dim: int) -> list[str]:
+    """``<zone>:<channel>`` (channel = the layer4 channel, 0-based) for every column of X."""
+    return [f"{z}:{c:04d}" for z in zones for c in range(dim)]
+
+
+def run_backbones(out_dir) -> pd.DataFrame:
+    """Distinct (backbone, weights_sha256) of a run's embeddings with their scan counts."""
+    t = read_table(out_dir, "embeddings", columns=["scan_key", "backbone", "weights_sha256"]).to_pandas()
+    return t.groupby(["backbone", "weights_sha256"], as_index=False)["scan_key"].nunique()
+
+
+def pick_backbone(out_dir, backbone: str = "") -> tuple[str, str]:
+    """(backbone, weights_sha256) to use: the run's only one, or the one asked for."""
+    found = run_backbones(out_dir)
+    if found.empty:
+        raise CohortError(f"{out_dir}: no embeddings/ table (run extract with an [embed].backbone)")
+    if backbone:
+        found = found[found["backbone"] == backbone]
+        if found.empty:
+            raise CohortError(f"{out_dir}: no embeddings of backbone {backbone!r}")
+    if len(found) > 1:
+        opts = "; ".join(f"{r.backbone} ({r.weights_sha256[:12]}, {r.scan_key} scans)" for r in found.itertuples())
+        raise CohortError(f"{out_dir}: embeddings of several backbones/weights ({opts}): choose one with --backbone")
+    row = found.iloc[0]
+    return str(row["backbone"]), str(row["weights_sha256"])
+
+
+def wholelung_phenotypes(out_dir) -> pd.DataFrame:
+    """scan_key + laa950_pct, hu_mean, perc15_hu of the WholeLung region on raw HU."""
+    ph = read_frame(out_dir, "phenotypes")
+    if "hu_source" in ph.columns:
+        ph = ph[ph["hu_source"].fillna("raw") == "raw"]
+    ph = ph[ph["region"] == "WholeLung"]
+    return ph[["scan_key", *PHENOTYPE_FEATURES]].drop_duplicates("scan_key")
+
+
+def embedding_matrix(out_dir, backbone: str, weights_sha256: str, zones) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, X): scans holding every zone in ``zones``, X (n, 2048 x len(zones)) float64."""
+    t = read_table(out_dir, "embeddings", columns=["scan_key", "backbone", "weights_sha256", "zone", "embedding"])
+    df = t.select(["scan_key", "backbone", "weights_sha256", "zone"]).to_pandas()
+    keep = (df["backbone"] == backbone) & (df["weights_sha256"] == weights_sha256) & df["zone"].isin(zones)
+    idx = np.flatnonzero(keep.to_numpy())
+    if idx.size == 0:
+        return np.array([], dtype=object), np.zeros((0, 0))
+    emb = t.column("embedding").take(idx).combine_chunks()
+    dim = emb.type.list_size
+    vectors = emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float64)
+    sub = df.iloc[idx].reset_index(drop=True)
+    sub["row"] = np.arange(len(sub))
+    wide = sub.pivot_table(index="scan_key", columns="zone", values="row", aggfunc="first")
+    wide = wide.reindex(columns=list(zones)).dropna().sort_index()
+    keys = wide.index.to_numpy(dtype=object)
+    rows = wide.to_numpy(dtype=np.int64)                     # (n, zones)
+    return keys, vectors[rows].reshape(len(keys), -1)
+
+
+def load_cohort(out_dir, zones=("middle",), backbone: str = "") -> Cohort:
+    """The ok scans of a run with their embeddings of ``zones``, label and phenotypes."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "scans").is_dir():
+        raise CohortError(f"{out_dir}: not an extract run (no scans/ table)")
+    bb, sha = pick_backbone(out_dir, backbone)
+    keys, X = embedding_matrix(out_dir, bb, sha, zones)
+    scans = read_frame(out_dir, "scans")
+    scans = scans[(scans["status"] == "ok") & scans["label"].notna()].set_index("scan_key")
+    keep = np.isin(keys, scans.index.to_numpy())
+    keys, X = keys[keep], X[keep]
+    rows = scans.loc[keys].reset_index()
+    ph = wholelung_phenotypes(out_dir).set_index("scan_key").reindex(keys)
+    pheno = ph[list(PHENOTYPE_FEATURES)].to_numpy(dtype=np.float64)
+    y = rows["label"].to_numpy().astype(np.int64)
+    names = feature_names(zones, X.shape[1] // max(len(zones), 1)) if len(keys) else []
+    return Cohort(keys, X, y, pheno, rows, bb, sha, tuple(zones), names)
+
+
+def check_classes(y: np.ndarray, min_per_class: int, where: str) -> None:
+    """Refuse a cohort with fewer than ``min_per_class`` scans in either class."""
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    if min(n_pos, n_neg) < min_per_class:
+        raise CohortError(f"{where}: {n_pos} emphysema-positive and {n_neg} negative scans with status ok and "
+                          f"embeddings; a model needs at least {min_per_class} per class: no model fitted")
+
+
+def balanced_subset(y: np.ndarray, seed: int) -> np.ndarray:
+    """Indices of the paper's balanced subset: every scan of the smaller class and as many of the
+    larger class drawn without replacement with ``seed`` (sorted)."""
+    rng = np.random.default_rng([seed, 7])
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    small, large = (pos, neg) if len(pos) <= len(neg) else (neg, pos)
+    drawn = rng.choice(large, size=len(small), replace=False)
+    return np.sort(np.concatenate([small, drawn]))
