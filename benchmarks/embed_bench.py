@@ -23,7 +23,8 @@ import torch
 from emphy_dask.embed import load_model, run_batches, zone_embeddings
 from emphy_dask.embed.weights import resolve_backbone_weights
 from emphy_dask.job.config import JobConfig
-from emphy_dask.pipeline import ScanTask, prepare_scan, resolve_weights
+from emphy_dask.device_stages import resolve_weights
+from emphy_dask.pipeline import ScanTask, prepare_scan
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SCANS = {

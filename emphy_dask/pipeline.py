@@ -13,7 +13,6 @@ in a loop, a test or on workers.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -167,37 +166,6 @@ def fail_scan(state: ScanState, config, stage: str, exc: BaseException) -> None:
     state.volume = state.resampled = state.lungmask_input = state.model_input = None
 
 
-def resolve_weights(config):
-    """``config`` with the SHA-256 of its model weight files; raises ``WeightsMissing`` first.
-
-    Call it on the driver before any scan is processed: a missing file stops the job at once,
-    naming the file. The hashes enter ``config_hash``.
-    """
-    from .embed.weights import resolve_backbone_weights, resolve_lungmask_weights
-
-    shas = {}
-    if config.embed.backbone != "none":
-        shas["embed"] = resolve_backbone_weights(config.embed.backbone, config.embed.weights or None).sha256
-    if config.segment.name == "lungmask":
-        shas["segment"] = resolve_lungmask_weights(config.segment.model, config.segment.weights or None).sha256
-    return dataclasses.replace(config, weights_sha256=shas)
-
-
-def worker_weights(config, section: str):
-    """The weight file of ``section`` (``embed`` / ``segment``) on this machine, checked against the driver's."""
-    from .embed.weights import resolve_backbone_weights, resolve_lungmask_weights
-
-    if section == "embed":
-        w = resolve_backbone_weights(config.embed.backbone, config.embed.weights or None)
-    else:
-        w = resolve_lungmask_weights(config.segment.model, config.segment.weights or None)
-    want = config.weights_sha256.get(section)
-    if want and w.sha256 != want:
-        raise ScanError(w.path or section, f"weight file differs from the driver's (SHA-256 {w.sha256[:12]}... "
-                        f"vs {want[:12]}...)", stage=section)
-    return w
-
-
 def prepare_scan(task: ScanTask, config, out_dir, worker: str | None = None) -> ScanState:
     """CPU half of a scan: ingest -> QC -> resample -> segment -> phenotypes -> artifacts -> inputs.
 
@@ -207,7 +175,7 @@ def prepare_scan(task: ScanTask, config, out_dir, worker: str | None = None) -> 
     Parameters
     ----------
     task : ScanTask
-    config : emphy_dask.job.config.JobConfig (weights resolved, see ``resolve_weights``)
+    config : emphy_dask.job.config.JobConfig (weights resolved, see ``device_stages.resolve_weights``)
     out_dir : path
         Run folder; masks go to ``masks/``, QC images to ``qc/`` (paths in the row are relative).
     worker : str, optional
@@ -323,7 +291,7 @@ def process_scan(task: ScanTask, config, out_dir, worker: str | None = None, dev
     The same functions the job runs as separate CPU and device tasks, chained here; the job's
     tables equal the rows of this function called scan by scan.
     """
-    from .device_stages import embed_states, lungmask_on_device
+    from .device_stages import embed_states, lungmask_on_device, resolve_weights
 
     if not config.weights_sha256 and (config.embed.backbone != "none" or config.segment.name == "lungmask"):
         config = resolve_weights(config)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from emphy_dask.embed import inputs as inp
-from emphy_dask.embed.backbones import (build_module, feature_maps, load_model, load_state, run_batches,
+from emphy_dask.embed.backbones import (feature_maps, load_model, load_state, run_batches,
                                         zone_embeddings)
 from emphy_dask.embed.inputs import ModelInput, slab_inputs, to_ras, volume_input
 from emphy_dask.embed.weights import WeightsFile, WeightsMissing, resolve_backbone_weights, sha256_file

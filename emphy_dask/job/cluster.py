@@ -6,6 +6,14 @@ Workers advertise abstract resources: CPU workers ``CPU=1`` (per thread), GPU wo
 by itself. A cluster whose workers advertise no resources at all still works: tasks are then
 submitted without them (a warning says so) instead of waiting forever. Without GPU workers the
 device stages (lungmask, backbone) run on the CPU workers with ``device="cpu"``.
+
+LocalCluster workers start without ``MALLOC_TRIM_THRESHOLD_`` (the nanny sets 65536 by default,
+which turns off glibc's dynamic mmap threshold: every large numpy array is then mmap'ed and
+page-faulted afresh, 1.7x the page faults on this pipeline); external clusters get the same from
+``deploy/dask.yaml`` (``distributed.nanny.pre-spawn-environ``) read by the process that starts
+the nannies. ``security`` (``distributed.security.Security``) secures every connection with TLS:
+a LocalCluster then listens on ``tls://``; joining a cluster, it holds the CA and client
+certificate (``--tls-ca-file``, ``--tls-cert``, ``--tls-key``).
 """
 from __future__ import annotations
 
@@ -35,7 +43,12 @@ class Connection:
             self.cluster.close()
 
 
-def connect(settings, scheduler: str | None = None, workers: int | None = None) -> Connection:
+#: The nanny's environment for LocalCluster workers: no MALLOC_TRIM_THRESHOLD_ (see the module doc).
+NANNY_ENV = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+
+
+def connect(settings, scheduler: str | None = None, workers: int | None = None,
+            security=None) -> Connection:
     """Start or join a cluster.
 
     Parameters
@@ -46,24 +59,32 @@ def connect(settings, scheduler: str | None = None, workers: int | None = None) 
         ``tcp://HOST:PORT`` (or a scheduler file path) of a running cluster to join.
     workers : int, optional
         Overrides ``settings.workers`` for the LocalCluster.
+    security : distributed.security.Security, optional
+        TLS for the scheduler, workers and client (LocalCluster), or the client's side of it.
     """
+    import dask
     from distributed import Client, LocalCluster
 
+    kw = {"security": security} if security is not None else {}
     if scheduler:
         if scheduler.endswith(".json"):
-            client = Client(scheduler_file=scheduler, timeout="30s")
+            client = Client(scheduler_file=scheduler, timeout="30s", **kw)
         else:
-            client = Client(scheduler, timeout="30s")
+            client = Client(scheduler, timeout="30s", **kw)
         cluster = None
     else:
         n_cpu = workers or settings.workers
         n_gpu = count_gpus() if settings.gpu_workers == "auto" else int(settings.gpu_workers)
-        cluster = local_cuda_cluster(settings, n_cpu, n_gpu) if n_gpu else LocalCluster(
-            n_workers=n_cpu, threads_per_worker=settings.threads_per_worker, processes=True,
-            memory_limit=settings.memory_limit, host="127.0.0.1", dashboard_address=settings.dashboard_address,
-            resources={"CPU": settings.threads_per_worker})
-        client = Client(cluster)
-        client.wait_for_workers(n_cpu + n_gpu, timeout=180)
+        if security is not None:
+            kw["protocol"] = "tls://"
+        # the nannies read their environment when created (here) and reuse it on restarts
+        with dask.config.set(NANNY_ENV):
+            cluster = local_cuda_cluster(settings, n_cpu, n_gpu, security) if n_gpu else LocalCluster(
+                n_workers=n_cpu, threads_per_worker=settings.threads_per_worker, processes=True,
+                memory_limit=settings.memory_limit, host="127.0.0.1", dashboard_address=settings.dashboard_address,
+                resources={"CPU": settings.threads_per_worker}, **kw)
+            client = Client(cluster, **({"security": security} if security is not None else {}))
+            client.wait_for_workers(n_cpu + n_gpu, timeout=180)
     cpu = cpu_resources(client)
     n_gpu_workers = gpu_worker_count(client)
     if n_gpu_workers:
@@ -81,7 +102,7 @@ def count_gpus() -> int:
         return 0
 
 
-def local_cuda_cluster(settings, n_cpu: int, n_gpu: int):
+def local_cuda_cluster(settings, n_cpu: int, n_gpu: int, security=None):
     """A LocalCUDACluster (one ``GPU=1`` worker per GPU) plus ``n_cpu`` ``CPU=1`` workers on its scheduler.
 
     The same scheduler and routing as a hand-started mixed cluster (``dask cuda worker`` beside
@@ -90,12 +111,14 @@ def local_cuda_cluster(settings, n_cpu: int, n_gpu: int):
     from dask_cuda import LocalCUDACluster
     from distributed import Nanny
 
+    tls = {"security": security, "protocol": "tls://"} if security is not None else {}
     cluster = LocalCUDACluster(n_workers=n_gpu, threads_per_worker=1, host="127.0.0.1",
-                               dashboard_address=settings.dashboard_address, resources={"GPU": 1})
+                               dashboard_address=settings.dashboard_address, resources={"GPU": 1}, **tls)
     for i in range(n_cpu):
         cluster.worker_spec[f"cpu-{i}"] = {"cls": Nanny, "options": {
             "nthreads": settings.threads_per_worker, "memory_limit": settings.memory_limit, "host": "127.0.0.1",
-            "resources": {"CPU": settings.threads_per_worker}}}
+            "resources": {"CPU": settings.threads_per_worker},
+            **({"security": security} if security is not None else {})}}
     cluster.scale(len(cluster.worker_spec))   # starts the added specs
     return cluster
 

@@ -17,11 +17,21 @@ device stage stay under ``device_backlog``. The device never idles while inputs 
 batch is sent as soon as a device slot is free, and when it is busy scans accumulate into full
 batches. Device tasks have higher priority than new CPU work, so on a CPU-only cluster finished
 inputs are embedded before more scans are decoded.
+
+Task keys read ``<stage>-<n>-<run token>-<scan key>`` (``prepare-12-3fa2b9c1-LIDC-IDRI-0001``):
+Dask groups tasks by the key's leading words up to the first one that is not alphabetic, so the
+dashboard's progress bars and task stream show one group per stage (prepare, lungmask-input,
+lungmask, finish, embed) and the hover names the scan. The token keeps keys of two runs on one
+scheduler apart.
+
+A future that comes back cancelled means the client lost the scheduler (Dask cancels every
+future then): the flow raises ``SchedulerLost`` instead of recording those scans, so a rerun
+does them again.
 """
 from __future__ import annotations
 
 import itertools
-import time
+import uuid
 from dataclasses import dataclass, field
 
 from ..device_stages import embed_states, lungmask_on_device
@@ -57,6 +67,10 @@ def _embed_task(states, config, out_dir, device):
     return embed_states(list(states), config, out_dir, device, worker=_address())
 
 
+class SchedulerLost(RuntimeError):
+    """The client lost its scheduler mid-run: the scans in flight have no result."""
+
+
 def _exception(fut) -> BaseException:
     try:
         return fut.exception()
@@ -84,9 +98,11 @@ class ScanFlow:
     device: str
     limits: FlowLimits
     _n: itertools.count = field(default_factory=itertools.count)
+    _token: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    in_flight: int = 0                 # scans submitted and not yet yielded (for progress metrics)
 
     def _submit(self, fn, *args, stage: str, name: str, resources, priority: int = 0):
-        key = f"{stage}-{name}-{next(self._n)}-{time.monotonic_ns()}"
+        key = f"{stage}-{next(self._n)}-{self._token}-{name}"
         return self.client.submit(fn, *args, key=key, pure=False, resources=resources, priority=priority,
                                   retries=self.config.cluster.retries)
 
@@ -144,6 +160,8 @@ class ScanFlow:
         admit()
         for fut in pool:
             kind, who = owner.pop(fut.key)
+            if fut.status == "cancelled":
+                raise SchedulerLost(self._lost_message(in_cpu + len(ready) + in_device))
             if kind == "cpu":
                 in_cpu -= 1
                 if fut.status != "finished":
@@ -165,3 +183,9 @@ class ScanFlow:
             admit()
             if embed:
                 send_batches()
+            self.in_flight = in_cpu + len(ready) + in_device
+
+    def _lost_message(self, n: int) -> str:
+        address = getattr(getattr(self.client, "scheduler", None), "address", None) or "the scheduler"
+        return (f"lost the scheduler {address} (client {getattr(self.client, 'status', '?')}); "
+                f"{n} scan(s) in flight were not recorded: rerun the same command to resume")

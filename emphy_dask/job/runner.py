@@ -19,7 +19,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import ScanError
-from ..pipeline import STAGES, ScanTask, resolve_weights
+from ..device_stages import resolve_weights
+from ..pipeline import STAGES, ScanTask
 from .cluster import connect, worker_count
 from .flow import FlowLimits, ScanFlow
 from .manifest import build_manifest, manifest_summary, scan_tasks, write_manifest
