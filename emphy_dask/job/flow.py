@@ -154,6 +154,8 @@ class ScanFlow:
                                    resources=self.device_resources, priority=2)
                 owner[fut.key] = ("embed", tasks_)
                 pool.add(fut)
+                for _, f in batch:      # the embed task holds them now: drop the driver's references
+                    f.release()
                 in_device += len(batch)
                 device_tasks += 1
 
@@ -167,7 +169,8 @@ class ScanFlow:
                 if fut.status != "finished":
                     yield who, _exception(fut)
                 elif embed:
-                    ready.append((who, fut))
+                    ready.append((who, fut))   # kept (not released) until its embed task is submitted
+                    fut = None
                 else:                  # no device stage: the state holds no arrays, only rows
                     yield who, fut.result().result
             else:
@@ -179,7 +182,8 @@ class ScanFlow:
                     exc = _exception(fut)
                     for task in who:
                         yield task, exc
-            fut.release()
+            if fut is not None:
+                fut.release()
             admit()
             if embed:
                 send_batches()

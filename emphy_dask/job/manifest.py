@@ -1,20 +1,29 @@
 """The patient/scan manifest: which series of which scan to process, from headers only.
 
-Indexing is itself distributed: the tree is listed per top-level folder and headers are read
-in chunks of files on the workers (``client.map``); grouping and series selection, which need
-every header of a scan, run on the driver and are cheap. Without a client it runs in-process.
+Streamed, so that the driver's memory does not grow with the archive: indexing is split into
+units, one per top-level folder of INPUT (a patient folder in the LIDC-IDRI layout) or one per
+row of a CSV manifest; each unit is listed, its headers read and its series picked on a worker
+(``index_unit``), at most ``in_flight`` units at a time, and only the unit's ``ScanTask``s come
+back, in unit order. The manifest is written to Parquet as they arrive (``ManifestWriter``) and
+read back in batches for the run (``iter_manifest_file``): no list of every file, header or
+scan is ever held. A scan key never spans two units (a key is the file's path up to the patient
+folder, which starts with the top-level folder), so the result equals indexing the whole tree at
+once (``io.scans_from_index``; a test compares them). Without a client it runs in-process.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
+import os
+import uuid
+from collections import Counter, deque
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import ScanError
 from ..pipeline import ScanTask, selection_columns
-from ..tables import to_arrow
+from ..tables import arrow_schema, to_arrow
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 MANIFEST_FILE = "manifest.parquet"
@@ -32,38 +41,17 @@ def _image_key(path: Path, root: Path) -> str:
     return rel
 
 
-def _list_files(root: Path, client=None) -> list[Path]:
-    from ..io import find_files
-
-    tops = sorted(p for p in root.iterdir() if not p.name.startswith("."))
-    dirs = [p for p in tops if p.is_dir()]
-    files = [p for p in tops if p.is_file()]
-    if client is not None and len(dirs) > 1:
-        listed = client.gather(client.map(find_files, dirs, pure=False))
-    else:
-        listed = [find_files(d) for d in dirs]
-    for chunk in listed:
-        files.extend(chunk)
-    return sorted(files)
-
-
-def _index(files: list[Path], root: Path, client=None, chunk_size: int = 512) -> list[dict]:
-    from ..io import index_files
-
-    chunks = [files[i:i + chunk_size] for i in range(0, len(files), chunk_size)]
-    if client is not None and len(chunks) > 1:
-        parts = client.gather(client.map(index_files, chunks, root=root, pure=False))
-    else:
-        parts = [index_files(c, root) for c in chunks]
-    return [rec for part in parts for rec in part]
-
-
 def tasks_from_index(files: list[Path], records: list[dict], root: Path) -> list[ScanTask]:
-    """One task per scan key: the picked series, or the reason none could be picked."""
+    """One task per scan key of a whole tree (``io.scans_from_index``): the picked series, or
+    the reason none could be picked. The streamed manifest gives the same tasks unit by unit."""
     from ..io import scans_from_index
 
+    return _tasks_from_choices(scans_from_index(files, records, root))
+
+
+def _tasks_from_choices(choices: dict) -> list[ScanTask]:
     tasks = []
-    for key, choice in scans_from_index(files, records, root).items():
+    for key, choice in choices.items():
         if isinstance(choice, ScanError):
             tasks.append(ScanTask(key, "error", error=choice.reason, error_path=choice.path))
             continue
@@ -72,35 +60,169 @@ def tasks_from_index(files: list[Path], records: list[dict], root: Path) -> list
     return tasks
 
 
-def build_manifest(input_path: str | Path, client=None) -> tuple[Path, list[ScanTask]]:
-    """Index ``input_path`` (a tree, or a manifest file) into scan tasks, sorted by key.
+def _dicom_candidates(files: list[Path]) -> list[Path]:
+    return [f for f in files if not _is_image(f) and not f.name.lower().endswith((".raw", ".zraw"))]
 
-    Returns (input root, tasks). Keys that hold no DICOM but a NIfTI/NRRD/MHD file become
-    ``image`` tasks keyed by the file's path without suffix; an image file that is a label
-    map (``io.image_io.label_image_reason``: integer, a handful of values, no air) becomes a
-    ``skipped`` task with the reason: listed in the manifest, never processed, no scans row.
+
+def index_unit(unit: str, root: str) -> tuple[list[ScanTask], int]:
+    """Tasks of one top-level folder of INPUT (runs on a worker): list it, read its headers, pick
+    each scan's series, tell label images from CT. Returns (tasks sorted by key, DICOM-candidate
+    file count). The same choices as ``io.scans_from_index`` on the whole tree, restricted to the
+    unit; empty folders directly under INPUT are the driver's (an empty unit)."""
+    from collections import defaultdict
+
+    from ..io import find_files, index_files, scan_key_of
+    from ..io.image_io import label_image_reason
+    from ..io.series import choose_by_scan
+
+    root_p, unit_p = Path(root), Path(unit)
+    files = find_files(unit_p)
+    if not files:
+        rel = unit_p.relative_to(root_p).as_posix()
+        return [ScanTask(rel, "error", error="empty folder: no files at all", error_path=str(unit_p))], 0
+    dicom = _dicom_candidates(files)
+    out = choose_by_scan(index_files(dicom, root_p), root_p)
+    counts: dict[str, int] = defaultdict(int)
+    for f in dicom:
+        counts[scan_key_of(f, root_p)] += 1
+    for key, n in counts.items():       # as io.scans_from_index: folders holding no DICOM at all
+        if key in out or (key == root_p.name and (out or len(counts) > 1)):
+            continue
+        if any(other.startswith((key + "/", key + "#")) for other in out):
+            continue                    # a collection folder above other scans (README, metadata.csv)
+        out[key] = ScanError(root_p / key, f"no DICOM files found ({n} other files)")
+    for key in _empty_folders_below(root_p, set(counts) | set(out)):
+        out.setdefault(key, ScanError(root_p / key, "empty folder: no files at all"))
+    tasks = _tasks_from_choices(dict(sorted(out.items())))
+    images = [f for f in files if _is_image(f)]
+    tasks += [_image_task(_image_key(f, root_p), f, label_image_reason(f)) for f in images]
+    return unique_keys(tasks), len(dicom)
+
+
+def _empty_folders_below(root: Path, keys) -> list[str]:
+    """``io.dicom_index.empty_scan_folders`` without the folders directly under ``root`` (each is
+    a unit of its own): empty folders beside scan folders inside a collection folder."""
+    from ..io.dicom_index import _has_files
+
+    folder_keys = {k.split("#")[0] for k in keys if k != root.name}
+    parents = {Path(k).parent for k in folder_keys} - {Path(".")}
+    found = []
+    for parent in sorted(parents):
+        try:
+            subdirs = [e for e in os.scandir(root / parent) if e.is_dir(follow_symlinks=False)
+                       and not e.name.startswith(".")]
+        except OSError:
+            continue
+        for e in subdirs:
+            rel = (parent / e.name).as_posix()
+            if rel in folder_keys or any(k.startswith(rel + "/") for k in folder_keys):
+                continue
+            if not _has_files(Path(e.path)):
+                found.append(rel)
+    return sorted(found)
+
+
+def _root_files(files: list[Path], root: Path, beside_scans: bool) -> list[ScanTask]:
+    """Tasks of the files directly in INPUT: a series dropped in the root (key = its name), image files."""
+    from ..io import index_files
+    from ..io.image_io import label_image_reason
+    from ..io.series import choose_by_scan
+
+    dicom = _dicom_candidates(files)
+    out = choose_by_scan(index_files(dicom, root), root) if dicom else {}
+    if dicom and root.name not in out and not beside_scans:
+        out[root.name] = ScanError(root, f"no DICOM files found ({len(dicom)} other files)")
+    tasks = _tasks_from_choices(dict(sorted(out.items())))
+    return tasks + [_image_task(_image_key(f, root), f, label_image_reason(f)) for f in files if _is_image(f)]
+
+
+def ordered_map(client, fn, items, *, in_flight: int = 32, name: str = "index", **kwargs):
+    """``fn(item, **kwargs)`` for each item, on the workers with at most ``in_flight`` at once,
+    results yielded in item order (in-process without a client). A unit whose task fails (e.g.
+    its worker died) yields the exception instead of stopping the manifest."""
+    items = iter(items)
+    if client is None:
+        for item in items:
+            try:
+                yield item, fn(item, **kwargs)
+            except Exception as exc:  # noqa: BLE001
+                yield item, exc
+        return
+    token = uuid.uuid4().hex[:8]
+    pending: deque = deque()
+    n = 0
+    while True:
+        while len(pending) < in_flight:
+            item = next(items, None)
+            if item is None:
+                break
+            pending.append((item, client.submit(fn, item, **kwargs, key=f"{name}-{n}-{token}", pure=False)))
+            n += 1
+        if not pending:
+            return
+        item, fut = pending.popleft()
+        try:
+            result = fut.result()
+        except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker on a pathological file
+            if fut.status == "cancelled":
+                from .flow import SchedulerLost
+
+                raise SchedulerLost(f"lost the scheduler while indexing ({exc!r}): rerun the same command") from exc
+            result = exc
+        fut.release()
+        yield item, result
+
+
+def iter_tree(root: Path, client=None, in_flight: int = 32):
+    """The tasks of a DICOM/image tree, unit by unit (see the module doc)."""
+    with os.scandir(root) as it:
+        entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it if not e.name.startswith("."))
+    dirs = [str(root / name) for name, is_dir in entries if is_dir]
+    files = [root / name for name, is_dir in entries if not is_dir and (root / name).is_file()]
+    # keys a root-level file may take (a series in the root, image stems): a unit's task with the
+    # same key came first and keeps it (as unique_keys on the whole tree)
+    watch = {root.name} | {_image_key(f, root) for f in files if _is_image(f)}
+    seen: Counter = Counter()
+    any_dicom = False
+    for unit, result in ordered_map(client, index_unit, dirs, in_flight=in_flight, root=str(root)):
+        if isinstance(result, BaseException):
+            rel = Path(unit).relative_to(root).as_posix()
+            result = ([ScanTask(rel, "error", error=f"indexing this folder failed: {type(result).__name__}: "
+                                                      f"{' '.join(str(result).split())[:300]}", error_path=unit)], 0)
+        tasks, n_dicom = result
+        any_dicom |= n_dicom > 0
+        for t in tasks:
+            if t.scan_key in watch:
+                seen[t.scan_key] += 1
+            yield t
+    for t in _root_files(files, root, beside_scans=any_dicom):
+        n = seen[t.scan_key]
+        seen[t.scan_key] += 1
+        yield t if n == 0 else dataclasses.replace(t, scan_key=f"{t.scan_key}~{n + 1}")
+
+
+def build_manifest(input_path: str | Path, client=None) -> tuple[Path, list[ScanTask]]:
+    """Index ``input_path`` (a tree, or a manifest file) into scan tasks, as a list (for small
+    inputs and tests; the job streams them with ``iter_manifest``).
+
+    Keys that hold no DICOM but a NIfTI/NRRD/MHD file become ``image`` tasks keyed by the file's
+    path without suffix; an image file that is a label map (``io.image_io.label_image_reason``:
+    integer, a handful of values, no air) becomes a ``skipped`` task with the reason: listed in
+    the manifest, never processed, no scans row.
     """
+    root, tasks = iter_manifest(input_path, client)
+    return root, list(tasks)
+
+
+def iter_manifest(input_path: str | Path, client=None, in_flight: int = 32):
+    """(input root, iterator of ScanTask) of a tree, a CSV manifest or a run's manifest.parquet."""
     path = Path(input_path)
     if path.is_file():
-        return read_manifest_file(path, client)
+        return read_manifest_file(path, client, in_flight)
     if not path.is_dir():
         raise ScanError(path, "input not found: neither a folder nor a manifest file", stage="index")
     root = path.resolve()
-    files = _list_files(root, client)
-    images = [f for f in files if _is_image(f)]
-    dicom_candidates = [f for f in files if not _is_image(f) and not f.name.lower().endswith((".raw", ".zraw"))]
-    tasks = tasks_from_index(dicom_candidates, _index(dicom_candidates, root, client), root)
-    tasks += [_image_task(_image_key(f, root), f, why) for f, why in zip(images, _label_reasons(images, client))]
-    return root, unique_keys(tasks)
-
-
-def _label_reasons(images: list[Path], client=None) -> list[str | None]:
-    """Per image file: why it is a label map (not a CT), or None. Read on the workers."""
-    from ..io.image_io import label_image_reason
-
-    if client is not None and len(images) > 1:
-        return client.gather(client.map(label_image_reason, images, pure=False))
-    return [label_image_reason(f) for f in images]
+    return root, iter_tree(root, client, in_flight)
 
 
 def _image_task(key: str, path: Path, label_reason: str | None) -> ScanTask:
@@ -126,76 +248,137 @@ def unique_keys(tasks: list[ScanTask]) -> list[ScanTask]:
     return unique
 
 
-def read_manifest_file(path: Path, client=None) -> tuple[Path, list[ScanTask]]:
-    """A manifest: our own ``manifest.parquet`` or a CSV with columns ``scan_key,path``.
+PSEUDONYMIZED = b"emphy.pseudonymized"
+
+
+def read_manifest_file(path: Path, client=None, in_flight: int = 32):
+    """(root, iterator of ScanTask) of a manifest: our own ``manifest.parquet`` or a CSV with
+    columns ``scan_key,path``.
 
     In a CSV, ``path`` is a series folder, a patient folder or an image file, relative to the
-    CSV's folder or absolute.
+    CSV's folder or absolute; each row is indexed on a worker. A key listed twice becomes ``key~2``.
     """
     if path.suffix == ".parquet":
-        table = pq.read_table(path)
-        root = Path(table.schema.metadata.get(b"emphy.input_root", b".").decode())
-        tasks = []
-        for row in table.to_pylist():
-            sel = {k: row[k] for k in ("n_candidate_series", "not_picked", "multi_kernel", "kernels_in_study")}
-            tasks.append(ScanTask(row["scan_key"], row["kind"], tuple(str(root / p) for p in row["paths"] or ()),
-                                  sel, row["error"], row["error_path"]))
-        return root, tasks
+        meta = pq.ParquetFile(path).schema_arrow.metadata or {}
+        if meta.get(PSEUDONYMIZED) == b"true":
+            raise ScanError(path, "the manifest of a --pseudonymize run holds no paths; give the original INPUT",
+                            stage="index")
+        return Path(meta.get(b"emphy.input_root", b".").decode()), iter_manifest_file(path)
     import csv
 
     root = path.parent.resolve()
-    tasks = []
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"scan_key", "path"} <= set(reader.fieldnames):
             raise ScanError(path, "manifest CSV needs the columns scan_key,path", stage="index")
-        for row in reader:
-            target = (root / row["path"]).resolve()
-            tasks.extend(_tasks_for_target(row["scan_key"], target, root, client))
-    return root, unique_keys(tasks)
+
+    def rows():
+        with path.open(newline="") as fh:
+            for row in csv.DictReader(fh):
+                yield row["scan_key"], str((root / row["path"]).resolve())
+
+    def tasks():
+        seen: Counter = Counter()
+        for (key, target), result in ordered_map(client, _row_tasks, rows(), in_flight=in_flight, root=str(root)):
+            if isinstance(result, BaseException):
+                result = [ScanTask(key, "error", error=f"indexing failed: {type(result).__name__}: {result}",
+                                   error_path=target)]
+            for t in result:
+                n = seen[t.scan_key]
+                seen[t.scan_key] += 1
+                yield t if n == 0 else dataclasses.replace(t, scan_key=f"{t.scan_key}~{n + 1}")
+
+    return root, tasks()
 
 
-def _tasks_for_target(key: str, target: Path, root: Path, client=None) -> list[ScanTask]:
-    """Tasks of one manifest row: one, or ``key#1``, ``key#2`` when the folder holds several patients."""
+def _row_tasks(row: tuple[str, str], root: str) -> list[ScanTask]:
+    """Tasks of one CSV row (on a worker): one, or ``key#1``, ``key#2`` when the folder holds several patients."""
+    from ..io import find_files, index_files
+    from ..io.image_io import label_image_reason
+
+    key, target = row[0], Path(row[1])
     if target.is_file() and _is_image(target):
-        return [_image_task(key, target, _label_reasons([target])[0])]
+        return [_image_task(key, target, label_image_reason(target))]
     if not target.exists():
         return [ScanTask(key, "error", error="listed in the manifest but not found", error_path=str(target))]
-    from ..io import find_files
-
     files = [target] if target.is_file() else find_files(target)
-    records = [dict(r, scan_key=key) for r in _index(files, root, client)]
+    records = [dict(r, scan_key=key) for r in index_files(files, Path(root))]
     if not records:
         return [ScanTask(key, "error", error="no DICOM files found", error_path=str(target))]
-    return tasks_from_index([], records, root)
+    return tasks_from_index([], records, Path(root))
 
 
-def write_manifest(out_dir: Path, root: Path, tasks: list[ScanTask]) -> Path:
-    """Save the manifest (paths relative to ``root``) atomically as OUT/manifest.parquet."""
-    rows = []
-    for t in tasks:
+def iter_manifest_file(path: Path, batch_rows: int = 1024):
+    """The ScanTasks of a ``manifest.parquet``, read in batches."""
+    root = Path((pq.ParquetFile(path).schema_arrow.metadata or {}).get(b"emphy.input_root", b".").decode())
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+        for row in batch.to_pylist():
+            sel = {k: row[k] for k in ("n_candidate_series", "not_picked", "multi_kernel", "kernels_in_study")}
+            yield ScanTask(row["scan_key"], row["kind"], tuple(str(root / p) for p in row["paths"] or ()),
+                           sel, row["error"], row["error_path"])
+
+
+class ManifestWriter:
+    """Writes ScanTasks to a manifest Parquet file as they come (batches of ``batch_rows``),
+    atomically: the file appears under its name only on ``close``.
+
+    ``drop_paths``: the public manifest of a ``--pseudonymize`` run (no paths under INPUT).
+    """
+
+    def __init__(self, final: Path, root: Path, drop_paths: bool = False, batch_rows: int = 4096):
+        self.final, self.root, self.drop_paths, self.batch_rows = Path(final), Path(root), drop_paths, batch_rows
+        meta = {b"emphy.input_root": str(root).encode()}
+        if drop_paths:
+            meta[PSEUDONYMIZED] = b"true"
+        schema = arrow_schema("manifest")
+        self.schema = schema.with_metadata({**(schema.metadata or {}), **meta})
+        self.tmp = self.final.with_name(".tmp-" + self.final.name)
+        self.writer = pq.ParquetWriter(self.tmp, self.schema)
+        self.rows: list[dict] = []
+        self.kinds: Counter = Counter()
+
+    def add(self, t: ScanTask) -> None:
         rel = []
-        for p in t.paths:
-            try:
-                rel.append(Path(p).resolve().relative_to(root).as_posix())
-            except ValueError:
-                rel.append(str(p))
+        if not self.drop_paths:
+            for p in t.paths:
+                try:
+                    rel.append(Path(p).relative_to(self.root).as_posix())
+                except ValueError:
+                    rel.append(str(p))
         sel = t.selection
-        rows.append({"scan_key": t.scan_key, "kind": t.kind, "paths": rel, "error": t.error,
-                     "error_path": t.error_path,
-                     **{k: sel.get(k) for k in ("n_candidate_series", "not_picked", "multi_kernel",
-                                                 "kernels_in_study")}})
-    table = to_arrow("manifest", rows)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"emphy.input_root": str(root).encode()})
-    final = Path(out_dir) / MANIFEST_FILE
-    tmp = final.with_name(".tmp-" + final.name)
-    pq.write_table(table, tmp)
-    tmp.replace(final)
-    return final
+        self.rows.append({"scan_key": t.scan_key, "kind": t.kind, "paths": None if self.drop_paths else rel, "error": t.error,
+                          "error_path": t.error_path,
+                          **{k: sel.get(k) for k in ("n_candidate_series", "not_picked", "multi_kernel",
+                                                      "kernels_in_study")}})
+        self.kinds[t.kind] += 1
+        if len(self.rows) >= self.batch_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.rows:
+            self.writer.write_table(pa.Table.from_batches(to_arrow("manifest", self.rows).to_batches(),
+                                                          schema=self.schema))
+            self.rows = []
+
+    def close(self) -> Path:
+        self._flush()
+        self.writer.close()
+        os.replace(self.tmp, self.final)
+        return self.final
+
+    def abort(self) -> None:
+        self.writer.close()
+        self.tmp.unlink(missing_ok=True)
 
 
-def manifest_summary(tasks: list[ScanTask]) -> dict:
+def write_manifest(out_dir: Path, root: Path, tasks) -> Path:
+    """Save the manifest (paths relative to ``root``) atomically as OUT/manifest.parquet."""
+    w = ManifestWriter(Path(out_dir) / MANIFEST_FILE, root)
+    for t in tasks:
+        w.add(t)
+    return w.close()
+
+
+def manifest_summary(tasks) -> dict:
     """Scan count per kind (dicom / image / error / skipped)."""
     return dict(Counter(t.kind for t in tasks))
-
-
