@@ -1,4 +1,4 @@
-"""Seconds per stage for full-size synthetic scans, one process, no Dask.
+"""Seconds per stage for full-size synthetic scans, one process, one thread, no Dask.
 
 ``python benchmarks/stage_times.py [N_PATIENTS]``: synthesises N full-size patients
 (512x512, 250-350 slices), runs ``process_scan`` on each and prints per-stage seconds and
@@ -18,6 +18,9 @@ from emphy_dask.synth import synth_patient
 
 
 def main(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)        # per core, as on a one-thread Dask worker
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -30,6 +33,7 @@ def main(n: int) -> None:
             scans = process_scan(task, JobConfig(), tmp / "out")["scans"]
             rows.append({"scan": task.scan_key, "status": scans["status"], "n_slices": scans.get("n_slices"),
                          **{s: scans[f"t_{s}_s"] for s in STAGES}, "total": scans["t_total_s"]})
+            print(json.dumps(rows[-1]), flush=True)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"synth_s_per_patient": round(synth_s / n, 1), "peak_rss_mb": round(peak_mb), "scans": rows},
                      indent=1))

@@ -1,4 +1,4 @@
-"""The ``emphy`` command: synth, quantify, extract, demo, schemas."""
+"""The ``emphy`` command: synth, quantify, extract, fit, predict, report, demo, schemas."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,31 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="process only the first N scans of the manifest")
     p.add_argument("--overwrite", action="store_true", help="start clean instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--pseudonymize", action="store_true",
+                   help="scan keys -> keyed hashes (secret in $EMPHY_PSEUDONYM_KEY) in every table, file name and log")
+    tls = p.add_argument_group("TLS (a cluster started with distributed's TLS settings; see README)")
+    tls.add_argument("--tls-ca-file", help="CA certificate (PEM) the cluster's certificates are signed with")
+    tls.add_argument("--tls-cert", help="this client's certificate (PEM); with --workers, also the local cluster's")
+    tls.add_argument("--tls-key", help="the private key of --tls-cert (PEM), if not in the same file")
+
+
+def _security(args):
+    """A ``distributed.security.Security`` from the --tls-* flags, or None (then Dask's own
+    config, e.g. ``distributed.comm.tls`` in DASK_CONFIG, still applies)."""
+    ca, cert, key = (getattr(args, a, None) for a in ("tls_ca_file", "tls_cert", "tls_key"))
+    if not (ca or cert or key):
+        return None
+    from distributed.security import Security
+
+    from .job.config import ConfigError
+
+    if not (ca and cert):
+        raise ConfigError("--tls-ca-file and --tls-cert go together (and --tls-key unless the key is in the cert file)")
+    for f in (ca, cert, key):
+        if f and not Path(f).is_file():
+            raise ConfigError(f"{f}: TLS file not found")
+    return Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key, tls_scheduler_cert=cert,
+                    tls_scheduler_key=key, tls_worker_cert=cert, tls_worker_key=key, require_encryption=True)
 
 
 def _job_config(args):
@@ -47,16 +72,21 @@ def cmd_extract(args) -> int:
     from .embed.weights import WeightsMissing
     from .errors import ScanError
     from .job.config import ConfigError
-    from .job.runner import run_extract
+    from .job.pseudonym import PseudonymError
+    from .job.runner import SchedulerLost, run_extract
     from .job.store import ConfigMismatch
 
     try:
         cfg = _job_config(args)
         summary = run_extract(args.input, args.out, cfg, scheduler=args.scheduler, workers=args.workers,
-                              limit=args.limit, overwrite=args.overwrite, progress=not args.no_progress)
-    except (ConfigError, ConfigMismatch, ScanError, WeightsMissing) as exc:
+                              limit=args.limit, overwrite=args.overwrite, progress=not args.no_progress,
+                              security=_security(args), pseudonymize=args.pseudonymize)
+    except (ConfigError, ConfigMismatch, ScanError, WeightsMissing, PseudonymError) as exc:
         print(f"emphy extract: {exc}", file=sys.stderr)
         return 2
+    except SchedulerLost as exc:
+        print(f"emphy extract: {exc}", file=sys.stderr)
+        return 3
     c = summary.counts
     print(f"{summary.out_dir}: {summary.n_scans} scans ({summary.n_skipped} resumed) - ok {c.get('ok', 0)}, "
           f"excluded {c.get('excluded', 0)}, failed {c.get('failed', 0)} in {summary.wall_s:.1f} s")
@@ -106,6 +136,10 @@ def cmd_demo(args) -> int:
     print(f"\nlabels agree with truth: {agree}/{len(table)}; "
           f"LAA950 mean abs error {abs(table['laa950_pct'] - table['true_laa950_pct']).mean():.2f} points")
     print(f"outputs: {out / 'extract'} (scans/, phenotypes/, slices/, errors/, masks/, qc/, run.json)")
+    from .cli_models import demo_fit_and_report
+
+    index = demo_fit_and_report(out / "extract")
+    print(f"report: {index.resolve()}  (open it in a browser; emphy report --scan KEY redraws one scan)")
     return summary.exit_code
 
 
@@ -144,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job", help="job file (default jobs/demo.toml)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    from .cli_models import add_commands
+
+    add_commands(sub)    # fit, predict, report
 
     p = sub.add_parser("schemas", help="print the output tables' docs (Markdown), generated from schemas/")
     p.add_argument("--markdown", action="store_true", help="(default) Markdown tables")

@@ -1,7 +1,7 @@
 """One scan, start to finish, as plain functions: the units of work the Dask job schedules.
 
-The CPU half of a scan is ``prepare_scan`` (ingest -> QC -> resample 1 mm -> segment ->
-phenotypes -> artifacts -> model inputs); with the ``lungmask`` segmenter it stops after
+The CPU half of a scan is ``prepare_scan`` (ingest -> QC -> segment -> phenotypes -> artifacts
+-> resample the lung box to 1 mm -> model inputs); with the ``lungmask`` segmenter it stops after
 lungmask's preprocessing, the U-Net runs on a device (``device_stages.lungmask_on_device``) and
 ``finish_scan`` does the rest. The device half is ``device_stages.embed_states`` (backbone
 forward on a batch of scans). Each returns a ``ScanState``: the rows for every output table
@@ -27,7 +27,7 @@ from . import __version__
 from .errors import ScanError
 from .volume import CTVolume
 
-STAGES = ("ingest", "qc", "resample", "segment", "phenotypes", "artifacts", "inputs", "embed")
+STAGES = ("ingest", "qc", "segment", "phenotypes", "artifacts", "resample", "inputs", "embed")
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,8 @@ class ScanState:
     ----------
     result : dict
         ``{"scans": row, "phenotypes": [...], "slices": [...], "embeddings": [...], "errors": [...]}``.
-    volume, resampled : CTVolume or None
-        Native and 1 mm volumes, kept only while lungmask runs (they stay on the CPU worker).
+    volume : CTVolume or None
+        The native volume, kept only while lungmask runs (it stays on the CPU worker).
     lungmask_input : segment.lungmask.LungmaskInput or None
         What the lungmask device task needs.
     model_input : embed.inputs.ModelInput or None
@@ -74,7 +74,6 @@ class ScanState:
 
     result: dict
     volume: CTVolume | None = None
-    resampled: CTVolume | None = None
     lungmask_input: object | None = None
     model_input: object | None = None
 
@@ -88,16 +87,19 @@ class ScanState:
 
 
 def artifact_stem(scan_key: str) -> str:
-    """Relative path (no suffix) of a scan's masks/QC files: the key's folders kept as folders.
+    """Relative path (no suffix) of a scan's masks/QC/feature-map files: ``<shard>/<key>``.
 
-    Characters outside ``[A-Za-z0-9._-]`` become ``_``; when that changed anything, a short hash
-    of the key is appended so two keys never share files.
+    The shard (two hex digits of the key's SHA-256, 256 folders) keeps every folder small
+    however large the archive: 100,000 scans put ~390 masks and ~2,300 QC pictures in each. The
+    key's folders are kept as folders; characters outside ``[A-Za-z0-9._-]`` become ``_`` and,
+    when that changed anything, a short hash of the key is appended so two keys never share files.
     """
+    digest = hashlib.sha256(scan_key.encode()).hexdigest()
     parts = [re.sub(r"[^A-Za-z0-9._-]+", "_", p).strip(".") or "_" for p in scan_key.split("/")]
     stem = "/".join(parts)
     if stem != scan_key:
-        stem += "-" + hashlib.sha256(scan_key.encode()).hexdigest()[:8]
-    return stem
+        stem += "-" + digest[:8]
+    return f"{digest[:2]}/{stem}"
 
 
 def _meta_columns(meta: dict) -> dict:
@@ -163,14 +165,14 @@ def fail_scan(state: ScanState, config, stage: str, exc: BaseException) -> None:
         state.result[table] = []
     state.result["errors"].append({"scan_key": key, "config_hash": config.config_hash, "stage": stage,
                                    "error_type": type(exc).__name__, "message": message, "path": path})
-    state.volume = state.resampled = state.lungmask_input = state.model_input = None
+    state.volume = state.lungmask_input = state.model_input = None
 
 
 def prepare_scan(task: ScanTask, config, out_dir, worker: str | None = None) -> ScanState:
-    """CPU half of a scan: ingest -> QC -> resample -> segment -> phenotypes -> artifacts -> inputs.
+    """CPU half of a scan: ingest -> QC -> segment -> phenotypes -> artifacts -> resample -> inputs.
 
     With ``[segment].name = "lungmask"`` it stops after lungmask's preprocessing (the state then
-    carries ``lungmask_input`` and the volumes); ``finish_scan`` goes on once the U-Net ran.
+    carries ``lungmask_input`` and the volume); ``finish_scan`` goes on once the U-Net ran.
 
     Parameters
     ----------
@@ -181,7 +183,7 @@ def prepare_scan(task: ScanTask, config, out_dir, worker: str | None = None) -> 
     worker : str, optional
         Recorded in the scans row.
     """
-    from .preprocess import resample_volume
+    from .preprocess import resampled_shape
 
     row = {"scan_key": task.scan_key, "config_hash": config.config_hash, "status": "ok",
            "emphy_version": __version__, "worker": worker, **task.selection,
@@ -197,19 +199,19 @@ def prepare_scan(task: ScanTask, config, out_dir, worker: str | None = None) -> 
         if not qc.passed:
             row.update(status="excluded", reason=f"QC rule {qc.rule}: value {qc.value:.1f}")
             return state
-        resampled = run("resample", resample_volume, volume, tuple(config.resample.spacing_mm))
-        row.update(grid_1mm_z=resampled.shape[0], grid_1mm_y=resampled.shape[1], grid_1mm_x=resampled.shape[2],
+        grid = resampled_shape(volume, tuple(config.resample.spacing_mm))
+        row.update(grid_1mm_z=grid[0], grid_1mm_y=grid[1], grid_1mm_x=grid[2],
                    segmenter=config.segment.name if config.segment.name != "lungmask"
                    else f"lungmask:{config.segment.model}")
         if config.segment.name == "lungmask":
             from .segment.lungmask import lungmask_preprocess
 
             state.lungmask_input = run("segment", lungmask_preprocess, volume)
-            state.volume, state.resampled = volume, resampled
+            state.volume = volume
             return state
         labels = run("segment", _segment, volume, config)
         row["device_segment"] = "cpu"
-        return _measure(state, run, task.scan_key, volume, resampled, labels, config, Path(out_dir))
+        return _measure(state, run, task.scan_key, volume, labels, config, Path(out_dir))
     except Exception as exc:  # noqa: BLE001 - every failure becomes a row, the job goes on
         return run.fail(exc)
     finally:
@@ -237,17 +239,16 @@ def finish_scan(state: ScanState, raw_labels, config, out_dir) -> ScanState:
             raise raw_labels.value
         labels = run("segment", lungmask_postprocess, raw_labels.value, state.lungmask_input, state.volume,
                      config.segment.model)
-        volume, resampled = state.volume, state.resampled
-        state.volume = state.resampled = state.lungmask_input = None
-        return _measure(state, run, state.row["scan_key"], volume, resampled, labels, config, Path(out_dir))
+        volume = state.volume
+        state.volume = state.lungmask_input = None
+        return _measure(state, run, state.row["scan_key"], volume, labels, config, Path(out_dir))
     except Exception as exc:  # noqa: BLE001
         return run.fail(exc)
     finally:
         state.row["t_total_s"] = round(state.row["t_total_s"] + time.perf_counter() - t0, 4)
 
 
-def _measure(state: ScanState, run: StageClock, key: str, volume, resampled, labels, config,
-             out_dir: Path) -> ScanState:
+def _measure(state: ScanState, run: StageClock, key: str, volume, labels, config, out_dir: Path) -> ScanState:
     row, h = state.row, config.config_hash
     lobes = config.segment.name == "lungmask" and config.segment.model == "LTRCLobes"
     pheno = run("phenotypes", _phenotypes, volume, labels, config, "ltrc-lobes" if lobes else None)
@@ -260,18 +261,34 @@ def _measure(state: ScanState, run: StageClock, key: str, volume, resampled, lab
     state.result["slices"] = [{"scan_key": key, "config_hash": h, **r} for r in pheno["slices"]]
     row.update(run("artifacts", _artifacts, key, volume, labels, pheno, config, out_dir))
     if config.embed.backbone != "none":
-        state.model_input = run("inputs", _model_input, key, volume, resampled, labels, config, out_dir)
+        resampled, labels_1mm = run("resample", _resample_lung_box, volume, labels, config)
+        state.model_input = run("inputs", _model_input, key, resampled, labels_1mm, config, out_dir)
     return state
 
 
-def _model_input(key: str, volume, resampled, labels, config, out_dir: Path):
+def _resample_lung_box(volume, labels, config):
+    """The 1 mm volume and mask over the lung box plus the input's margin only: the same voxels as
+    resampling the whole scan (``preprocess.roi_on_grid``), at a fraction of the cost."""
+    from .embed import BACKBONES
+    from .embed.inputs import ras_axes
+    from .preprocess import resample_labels, resample_volume, roi_on_grid
+
+    spacing = tuple(config.resample.spacing_mm)
+    # the 2.5D recipe cuts an in-plane square around the lung box: widen the box to it
+    square = ras_axes(volume.direction_xyz)[0][1:] if BACKBONES[config.embed.backbone].recipe == "slabs" else ()
+    roi = roi_on_grid(volume, labels > 0, spacing, config.embed.margin_mm, square_axes=square)
+    resampled = resample_volume(volume, spacing, roi=roi)
+    resampled.meta["roi_1mm_zyx"] = [list(b) for b in roi]     # where the box lies on the whole 1 mm grid
+    return resampled, resample_labels(labels, volume, resampled)
+
+
+def _model_input(key: str, resampled, labels_1mm, config, out_dir: Path):
     """The backbone's input from the 1 mm volume and mask; its QC pictures go to ``qc/``."""
     from .embed import inputs_for
-    from .preprocess import resample_labels
 
-    labels_1mm = resample_labels(labels, volume, resampled)
     mi = inputs_for(config.embed, resampled.hu, labels_1mm, resampled.direction_xyz,
                     clip_hu=(config.qc.clip_min_hu, config.qc.clip_max_hu))
+    mi.meta["roi_1mm_zyx"] = resampled.meta.get("roi_1mm_zyx")
     if config.output.write_qc_png:
         from PIL import Image
 

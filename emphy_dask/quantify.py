@@ -254,11 +254,15 @@ def run_quantify_cli(argv=None) -> int:
     if args.output is not None and Path(args.output).suffix.lower() not in (".csv", ".json"):
         print(f"emphy quantify: {args.output}: output must end in .csv or .json", file=sys.stderr)
         return 2
+    from emphy_dask.embed.weights import WeightsMissing, resolve_lungmask_weights
+
     try:
+        if args.segmenter == "lungmask" and not args.mask:
+            resolve_lungmask_weights("R231")      # a missing weight file stops here, before reading the CT
         table, extras = quantify_path(args.ct, mask_path=args.mask, save_mask_path=args.save_mask,
                                       segmenter=args.segmenter, mask_encoding=args.mask_encoding,
                                       harmonize=args.harmonize)
-    except ScanError as exc:
+    except (ScanError, WeightsMissing) as exc:
         print(f"emphy quantify: {exc}", file=sys.stderr)
         return 2
     for note in extras["mask_notes"]:

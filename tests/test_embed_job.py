@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -190,6 +191,9 @@ def test_missing_weights_fail_before_any_work(tmp_path, cohort, monkeypatch):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and name in lines[0] and "download" in lines[0], proc.stderr
         assert not (out / "scans").exists() and not (out / "manifest.parquet").exists()
+    proc = subprocess.run([sys.executable, "-m", "emphy_dask.cli", "quantify", "--ct", str(DX_SOFT),
+                           "--segmenter", "lungmask"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unet_r231-d5d2fc3d.pth" in proc.stderr and len(proc.stderr.splitlines()) == 1
 
 
 def test_a_weight_file_of_the_wrong_model_fails_each_scan_with_the_reason(tmp_path, cohort):

@@ -126,3 +126,27 @@ def test_resample_labels_nearest_and_round_trip():
         assert _dice(back == k, labels == k) > 0.95
     with pytest.raises(ValueError):
         resample_labels(labels[:-1], v, iso)
+
+
+def test_resampling_a_region_of_interest_equals_that_part_of_the_whole():
+    """The lung box alone on the 1 mm grid: the same voxels, labels and geometry as cutting it out
+    of the whole resampled scan, whatever the direction cosines."""
+    from emphy_dask.preprocess import resample_labels, resample_volume, resampled_shape, roi_on_grid
+    from emphy_dask.synth.phantom import make_phantom
+
+    ph = make_phantom((30, 64, 64), (5.0, 4.0, 4.0), 10.0, "centrilobular", np.random.default_rng(1))
+    for direction in [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, 1, 0, 0, 0, -1), (0, 1, 0, 1, 0, 0, 0, 0, 1)]:
+        vol = CTVolume(hu=np.maximum(ph.hu, -1024).astype(np.int16), spacing_zyx_mm=ph.spacing_zyx_mm,
+                       origin_xyz_mm=(3.0, -7.0, 11.0), direction_xyz=direction)
+        full = resample_volume(vol)
+        assert full.shape == resampled_shape(vol)
+        labels = resample_labels(ph.lung_labels, vol, full)
+        roi = roi_on_grid(vol, ph.lung_labels > 0, (1.0, 1.0, 1.0), margin_mm=10.0, square_axes=(1, 2))
+        part = resample_volume(vol, roi=roi)
+        box = tuple(slice(a, b) for a, b in roi)
+        assert np.array_equal(part.hu, full.hu[box])
+        assert np.array_equal(resample_labels(ph.lung_labels, vol, part), labels[box])
+        assert labels[box].sum() == labels.sum()                        # every lung voxel is inside
+        clamped = any(roi[a][0] == 0 or roi[a][1] == full.shape[a] for a in (1, 2))
+        assert clamped or roi[1][1] - roi[1][0] == roi[2][1] - roi[2][0]                   # in-plane square
+        assert part.hu.size < 0.7 * full.hu.size

@@ -9,7 +9,8 @@ from emphy_dask.tables import part_ids, read_frame
 
 def result(key, h="h1"):
     return {"scans": {"scan_key": key, "config_hash": h, "status": "ok"},
-            "phenotypes": [{"scan_key": key, "config_hash": h, "region": "WholeLung", "laa950_pct": 1.0}],
+            "phenotypes": [{"scan_key": key, "config_hash": h, "region": "WholeLung", "hu_source": "raw",
+                            "laa950_pct": 1.0}],
             "slices": [{"scan_key": key, "config_hash": h, "slice_index": 0, "rank_from_superior": 0,
                         "n_lung_voxels": 5, "laa950_pct": 0.0}],
             "errors": []}
@@ -65,12 +66,27 @@ def test_overwrite_refuses_non_run_folders(tmp_path):
 def test_artifact_names_never_collide_and_keep_plain_keys():
     from emphy_dask.pipeline import artifact_stem
 
-    assert artifact_stem("LIDC-IDRI-0001") == "LIDC-IDRI-0001"
-    assert artifact_stem("lidc-idri-slabs/LIDC-IDRI-0001") == "lidc-idri-slabs/LIDC-IDRI-0001"
+    import hashlib
+
+    shard = hashlib.sha256(b"LIDC-IDRI-0001").hexdigest()[:2]
+    assert artifact_stem("LIDC-IDRI-0001") == f"{shard}/LIDC-IDRI-0001"
+    assert artifact_stem("lidc-idri-slabs/LIDC-IDRI-0001").endswith("/lidc-idri-slabs/LIDC-IDRI-0001")
     keys = ["a b", "a_b", "a/b", "a#1", "a#2", "ä", "../x", "a_b-1"]
     stems = [artifact_stem(k) for k in keys]
     assert len(set(stems)) == len(keys)
     assert all(".." not in s.split("/") and not s.startswith("/") for s in stems)
+
+
+def test_artifact_folders_stay_small_at_archive_scale():
+    """100,000 keys of one flat collection: 256 shard folders, none above a few thousand files
+    (a mask, two QC pictures and four input pictures per scan)."""
+    from collections import Counter
+
+    from emphy_dask.pipeline import artifact_stem
+
+    per_folder = Counter(artifact_stem(f"collection/PATIENT-{i:06d}").rsplit("/", 1)[0] for i in range(100_000))
+    assert len(per_folder) == 256
+    assert max(per_folder.values()) * 6 < 3000 and min(per_folder.values()) > 300
 
 
 def test_staging_names_are_distinct_for_keys_that_look_alike(tmp_path):

@@ -56,7 +56,9 @@ class ModelInput:
     png_slices : dict
         zone -> 2D float array (0..1) in radiological view, for the QC picture of the input.
     meta : dict
-        Geometry of the crop (JSON-friendly), recorded next to the feature maps.
+        Geometry of the crop (JSON-friendly), recorded next to the feature maps: ``crop_sra_1mm`` is
+        the crop in the RAS view of the 1 mm array given (the pipeline gives the lung box of the
+        1 mm grid, ``roi_1mm_zyx``).
     """
 
     array: np.ndarray

@@ -191,5 +191,7 @@ class ScanFlow:
 
     def _lost_message(self, n: int) -> str:
         address = getattr(getattr(self.client, "scheduler", None), "address", None) or "the scheduler"
-        return (f"lost the scheduler {address} (client {getattr(self.client, 'status', '?')}); "
-                f"{n} scan(s) in flight were not recorded: rerun the same command to resume")
+        status = getattr(self.client, "status", "?")
+        what = (f"lost the scheduler {address} (client {status})" if status != "running"
+                else f"the scheduler {address} cancelled this job's tasks")
+        return f"{what}; {n} scan(s) in flight were not recorded: rerun the same command to resume"

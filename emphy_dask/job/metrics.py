@@ -72,6 +72,12 @@ class EmphyMetricsPlugin(SchedulerPlugin):
         self.runs: dict[str, _Run] = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self):           # pickled to the scheduler: without the lock
+        return {"runs": {}}
+
+    def __setstate__(self, state):
+        self.__init__()
+
     def start(self, scheduler) -> None:
         _Collector.attach(self)
 

@@ -2,16 +2,25 @@
 (CPU stages) and ``device_stages`` (lungmask, backbone).
 
 Flow: resolve the model weights (a missing file stops the job here) -> connect -> index the
-input into a manifest (distributed) -> repair/resume the run folder -> run each remaining scan
-as a chain of CPU and device tasks with bounded in-flight counts (``flow.ScanFlow``) -> stage each
-result as it completes, write Parquet parts -> ``run.json``.
+input into ``manifest.parquet``, streamed unit by unit on the workers (``manifest``) ->
+repair/resume the run folder -> read the manifest back in batches and run each remaining scan as
+a chain of CPU and device tasks with bounded in-flight counts (``flow.ScanFlow``) -> stage each
+result as it completes, write Parquet parts -> ``run.json``. The driver holds no per-file data
+and no future per scan beyond those in flight: its memory is flat in the archive's size except
+for the set of done keys (~100 bytes a scan).
+
+Progress goes to the progress bar and to the scheduler's Prometheus ``/metrics`` (``metrics``).
+``--pseudonymize`` (``pseudonym``) replaces every key before any work. A lost scheduler stops the
+job (``SchedulerLost``; the CLI exits 3) with every finished scan written: a rerun resumes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,10 +31,14 @@ from ..errors import ScanError
 from ..device_stages import resolve_weights
 from ..pipeline import STAGES, ScanTask
 from .cluster import connect, worker_count
-from .flow import FlowLimits, ScanFlow
-from .manifest import build_manifest, manifest_summary, scan_tasks, write_manifest
+from .flow import FlowLimits, ScanFlow, SchedulerLost
+from .manifest import MANIFEST_FILE, ManifestWriter, iter_manifest, iter_manifest_file
+from .metrics import MetricsReporter
+from .pseudonym import Pseudonymizer
 from .store import RunStore, clean_out_dir
 from .summary import exclusion_report
+
+__all__ = ["run_extract", "ExtractSummary", "SchedulerLost"]
 
 
 @dataclass
@@ -44,10 +57,30 @@ class ExtractSummary:
         return 0 if (processed > 0 or (self.n_scans > 0 and self.n_skipped == self.n_scans)) else 1
 
 
-def lost_scan_result(task: ScanTask, config, exc: BaseException) -> dict:
+#: Scans lost with their workers are retried one at a time after the run (a dying worker takes
+#: down the tasks queued on it too); at most this many are kept for that, the rest fail at once.
+MAX_ISOLATED_RETRIES = 1000
+
+
+def _killed_worker(exc: BaseException) -> bool:
+    from distributed import KilledWorker
+
+    return isinstance(exc, KilledWorker)
+
+
+def lost_scan_result(task: ScanTask, config, exc: BaseException, memory_limit: str | None = None) -> dict:
     """Rows for a scan whose task died with its worker(s) (e.g. out of memory) after all retries."""
-    message = f"{task.scan_key}: worker lost while processing ({type(exc).__name__}: {exc}); " \
-              "likely out of memory on this scan"
+    from dask.utils import key_split
+
+    limit = f" (workers' memory limit {memory_limit})" if memory_limit else ""
+    if _killed_worker(exc):
+        stage = key_split(str(getattr(exc, "task", "") or "")) or "a"
+        n = (getattr(exc, "allowed_failures", None) or 0) + 1
+        message = (f"{task.scan_key}: {n} worker(s) died running its {stage} task, the last time with this "
+                   f"scan alone on the cluster (KilledWorker); likely out of memory on this scan{limit}")
+    else:
+        message = f"{task.scan_key}: worker lost while processing ({type(exc).__name__}: {exc}); " \
+                  f"likely out of memory on this scan{limit}"
     message = " ".join(message.split())[:1000]
     row = {"scan_key": task.scan_key, "config_hash": config.config_hash, "status": "failed", "reason": message,
            "error_stage": "worker", "emphy_version": __version__, **task.selection}
@@ -99,13 +132,67 @@ def _versions() -> dict:
     return out
 
 
+@dataclass
+class _Indexed:
+    root: Path
+    work_manifest: Path             # the manifest the run reads (real paths; pseudonymised keys)
+    n_tasks: int = 0                # scans to process (label maps etc. left out)
+    n_done: int = 0                 # of those, already in OUT
+    kinds: Counter = field(default_factory=Counter)
+
+
+def _index(input_path, out_dir: Path, client, done: dict, limit: int | None, pseudo, tmp: Path) -> _Indexed:
+    """Stream the manifest of ``input_path`` into OUT/manifest.parquet (and, pseudonymised, a
+    working copy with the paths outside OUT); count what is to do."""
+    root, stream = iter_manifest(input_path, client)
+    public = ManifestWriter(out_dir / MANIFEST_FILE, root, drop_paths=pseudo is not None)
+    work = ManifestWriter(tmp / MANIFEST_FILE, root) if pseudo is not None else public
+    if pseudo is not None:
+        pseudo = dataclasses.replace(pseudo, root=root)
+    info = _Indexed(root, work.final)
+    try:
+        for task in stream:
+            if pseudo is not None:
+                task = pseudo.task(task)
+            if task.kind != "skipped":
+                if limit is not None and info.n_tasks >= limit:
+                    break
+                info.n_tasks += 1
+                info.n_done += task.scan_key in done
+            info.kinds[task.kind] += 1
+            public.add(task)
+            if work is not public:
+                work.add(task)
+    except BaseException:
+        for w in {id(public): public, id(work): work}.values():
+            w.abort()
+        raise
+    stream.close()
+    public.close()
+    if work is not public:
+        work.close()
+    return info
+
+
+def _memory_limit(client) -> str | None:
+    limits = {w.get("memory_limit") for w in client.scheduler_info().get("workers", {}).values()}
+    limits.discard(None)
+    return ", ".join(f"{b / 2**30:.1f} GiB" for b in sorted(limits) if b) or None
+
+
 def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, workers: int | None = None,
                 limit: int | None = None, overwrite: bool = False, progress: bool = True,
-                log=print) -> ExtractSummary:
-    """Run the extract job; see the module docstring. Returns counts and the exit code to use."""
+                log=print, security=None, pseudonymize: bool = False) -> ExtractSummary:
+    """Run the extract job; see the module docstring. Returns counts and the exit code to use.
+
+    ``security``: a ``distributed.security.Security`` (TLS) for the LocalCluster or the client.
+    ``pseudonymize``: keys -> HMAC pseudonyms (secret in ``EMPHY_PSEUDONYM_KEY``), paths scrubbed.
+    Raises ``SchedulerLost`` when the scheduler goes away mid-run (finished scans are written).
+    """
     t0 = time.perf_counter()
     if not Path(input_path).exists():
         raise ScanError(input_path, "input not found: neither a folder nor a manifest file", stage="index")
+    pseudo = Pseudonymizer.from_env() if pseudonymize else None   # no secret: stops here
     config = resolve_weights(config)         # a missing weight file stops here, before any work
     out_dir = Path(out_dir).resolve()
     if overwrite:
@@ -113,25 +200,28 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
     out_dir.mkdir(parents=True, exist_ok=True)
     store = RunStore(out_dir, config.output.part_size)
     store.check_config(config.config_hash)   # before any work: refuse mixing settings in one OUT
+    store.check_pseudonym(pseudo.fingerprint if pseudo else None)
     repaired = store.repair()
 
-    conn = connect(config.cluster, scheduler=scheduler, workers=workers)
+    conn = connect(config.cluster, scheduler=scheduler, workers=workers, security=security)
+    metrics = MetricsReporter(conn.client, out_dir.name, {"job": config.name, "config_hash": config.config_hash,
+                                                          "version": __version__}, log=log)
+    bar = _Progress(0, False)
+    tmp = tempfile.TemporaryDirectory(prefix="emphy-manifest-")
     try:
         log(f"dashboard: {conn.dashboard_link}  ({worker_count(conn.client)} workers)")
+        metrics.register()
         t_index = time.perf_counter()
-        root, tasks = build_manifest(input_path, conn.client)
-        tasks, not_scans = scan_tasks(tasks)       # label maps: listed in the manifest, never processed
-        if limit is not None:
-            tasks = tasks[:limit]
-        write_manifest(out_dir, root, tasks + not_scans)
-        t_index = time.perf_counter() - t_index
         done = store.done_keys()
-        todo = [t for t in tasks if t.scan_key not in done]
-        log(f"manifest: {len(tasks)} scans {manifest_summary(tasks + not_scans)}; "
-            f"{len(tasks) - len(todo)} already done; "
-            f"indexing {t_index:.1f} s")
+        idx = _index(input_path, out_dir, conn.client, done, limit, pseudo, Path(tmp.name))
+        t_index = time.perf_counter() - t_index
+        n_todo = idx.n_tasks - idx.n_done
+        log(f"manifest: {idx.n_tasks} scans {dict(idx.kinds)}; {idx.n_done} already done; indexing {t_index:.1f} s")
+        if pseudo is not None:
+            pseudo = dataclasses.replace(pseudo, root=idx.root)
 
-        bar = _Progress(len(todo), progress)
+        bar = _Progress(n_todo, progress)
+        metrics.start(in_manifest=idx.n_tasks, remaining=n_todo)
         n_cpu = max(1, worker_count(conn.client) - (conn.n_device_workers if conn.device == "cuda" else 0))
         cpu_limit = config.cluster.max_in_flight or 2 * n_cpu
         batch = config.embed.batch_size if conn.device == "cuda" else 1
@@ -141,22 +231,61 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
             f"{cpu_limit} scans in CPU stages at most")
         flow = ScanFlow(conn.client, config, str(out_dir), conn.cpu_resources, conn.device_resources,
                         conn.device, limits)
-        for task, result in flow.run(todo):
-            if isinstance(result, BaseException):   # e.g. KilledWorker: the scan killed its workers
-                result = lost_scan_result(task, config, result)
+        todo = _todo(idx.work_manifest, done, idx.n_tasks)
+        mem = _memory_limit(conn.client)
+        left = n_todo
+        retry: list = []
+
+        def record(task, result, in_flight: int) -> None:
+            nonlocal left
+            if isinstance(result, BaseException):
+                result = lost_scan_result(task, config, result, mem)
+            if pseudo is not None:
+                result = pseudo.scrub_result(result, task)
             store.add(result)
+            left -= 1
             bar.update(result["scans"]["status"])
-        bar.close()
-        store.close()
+            metrics.scan(result["scans"], in_flight, left)
+
+        for task, result in flow.run(todo):
+            # a worker that died (out of memory) also took the tasks queued on it: such scans are
+            # retried alone at the end, so only the scan that kills workers is marked failed
+            if isinstance(result, BaseException) and _killed_worker(result) and len(retry) < MAX_ISOLATED_RETRIES:
+                retry.append(task)
+                continue
+            record(task, result, flow.in_flight)
+        if retry:
+            log(f"{len(retry)} scan(s) were lost with their workers; retrying them one at a time")
+            solo = ScanFlow(conn.client, config, str(out_dir), conn.cpu_resources, conn.device_resources,
+                            conn.device, FlowLimits(cpu_limit=1, device_backlog=1, batch_size=1, device_slots=1))
+            for task, result in solo.run(iter(retry)):
+                record(task, result, solo.in_flight)
     finally:
+        bar.close()
+        store.close()                          # what finished is written, also when the scheduler is lost
+        metrics.finish()
         link = conn.dashboard_link
         conn.close()
+        tmp.cleanup()
 
     wall = time.perf_counter() - t0
     counts = Counter(store.counts())
-    summary = ExtractSummary(out_dir, len(tasks), len(tasks) - len(todo), counts, wall, link)
-    _write_run_json(out_dir, config, input_path, summary, t_index, repaired, bar.counts)
+    summary = ExtractSummary(out_dir, idx.n_tasks, idx.n_done, counts, wall, link)
+    _write_run_json(out_dir, config, input_path, summary, t_index, repaired, bar.counts, pseudo)
     return summary
+
+
+def _todo(manifest: Path, done: dict, n_tasks: int):
+    """The manifest's scans to process, read back in batches (the first ``n_tasks`` processable ones)."""
+    n = 0
+    for task in iter_manifest_file(manifest):
+        if task.kind == "skipped":
+            continue
+        if n >= n_tasks:
+            return
+        n += 1
+        if task.scan_key not in done:
+            yield task
 
 
 def _stage_totals(out_dir: Path) -> dict:
@@ -168,10 +297,11 @@ def _stage_totals(out_dir: Path) -> dict:
 
 
 def _write_run_json(out_dir: Path, config, input_path, summary: ExtractSummary, t_index: float,
-                    repaired: dict, this_run: Counter) -> None:
+                    repaired: dict, this_run: Counter, pseudo=None) -> None:
     info = {
         "command": "extract",
-        "input": str(Path(input_path).resolve()),
+        "input": str(Path(input_path).resolve()) if pseudo is None else pseudo.key(str(Path(input_path).resolve())),
+        "pseudonymized": pseudo is not None,
         "config": config.to_dict(),
         "config_hash": config.config_hash,
         "versions": _versions(),

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from ..tables import TABLES, part_ids, read_table, write_part
 
 STAGING = "_staging"
+PSEUDONYM_FILE = "pseudonym.json"      # fingerprint of the --pseudonymize secret of this OUT
 
 
 def _plain(obj):
@@ -83,6 +84,27 @@ class RunStore:
             raise ConfigMismatch(
                 f"{self.out_dir} holds results made with other settings (config hash {', '.join(sorted(other))}, "
                 f"this job {config_hash}); rerun with --overwrite or write to a new OUT")
+
+    def check_pseudonym(self, fingerprint: str | None) -> None:
+        """Refuse mixing real keys and pseudonyms (or two secrets) in one OUT; mark a new
+        pseudonymised OUT with the secret's fingerprint (``job.pseudonym``), never the secret."""
+        marker = self.out_dir / PSEUDONYM_FILE
+        have = json.loads(marker.read_text())["fingerprint"] if marker.exists() else None
+        if have == fingerprint:
+            return
+        has_rows = bool(part_ids(self.out_dir, "scans")) or any(self.staging.glob("*.json"))
+        if have is None and not has_rows:
+            tmp = marker.with_name(".tmp-" + marker.name)
+            tmp.write_text(json.dumps({"fingerprint": fingerprint}))
+            os.replace(tmp, marker)
+            return
+        if have is None:
+            why = "holds results under real scan keys; --pseudonymize needs a new OUT (or --overwrite)"
+        elif fingerprint is None:
+            why = "holds pseudonymised results; rerun with --pseudonymize and the same secret"
+        else:
+            why = "was pseudonymised with another secret (EMPHY_PSEUDONYM_KEY); use the same one or a new OUT"
+        raise ConfigMismatch(f"{self.out_dir} {why}")
 
     def _staged(self, scan_key: str) -> Path:
         # hashed: any key (slashes, unicode) maps to its own flat file name

@@ -110,11 +110,13 @@ def load_cohort(out_dir, zones=("middle",), backbone: str = "") -> Cohort:
     scans = scans[(scans["status"] == "ok") & scans["label"].notna()].set_index("scan_key")
     keep = np.isin(keys, scans.index.to_numpy())
     keys, X = keys[keep], X[keep]
+    if not len(keys):
+        raise CohortError(f"{out_dir}: no ok scan has {bb} embeddings of every zone in {', '.join(zones)}")
     rows = scans.loc[keys].reset_index()
     ph = wholelung_phenotypes(out_dir).set_index("scan_key").reindex(keys)
     pheno = ph[list(PHENOTYPE_FEATURES)].to_numpy(dtype=np.float64)
     y = rows["label"].to_numpy().astype(np.int64)
-    names = feature_names(zones, X.shape[1] // max(len(zones), 1)) if len(keys) else []
+    names = feature_names(zones, X.shape[1] // len(zones))
     return Cohort(keys, X, y, pheno, rows, bb, sha, tuple(zones), names)
 
 

@@ -112,8 +112,8 @@ def pr_band(y: np.ndarray, P: np.ndarray, n_boot: int, seed: int) -> dict:
         rows = []
         for p in PP:
             pr, rc, _ = precision_recall_curve(yy, p)
-            # interpolated precision: the best precision at recall >= r (monotone, as AP's envelope)
-            env = np.maximum.accumulate(pr[::-1])[::-1]
+            # interpolated precision: the best precision at recall >= r (recall falls along the arrays)
+            env = np.maximum.accumulate(pr)
             rows.append(np.interp(GRID, rc[::-1], env[::-1]))
         return np.mean(rows, axis=0)
 

@@ -12,13 +12,14 @@ from pathlib import Path
 
 from ..job.config import ConfigError, config_from_dict
 
-ZONE_SETS = {"middle": ("middle",), "zones": ("upper", "middle", "lower")}
+ZONE_SETS = {"middle": ("middle",), "zones": ("upper", "middle", "lower"), "whole": ("whole",)}
 
 
 @dataclass(frozen=True)
 class FitSettings:
     backbone: str = ""              # "" = the run's only backbone; required when it holds several
-    features: str = "middle"        # "middle" (paper: the middle zone's 2048-d embedding) or "zones" (three concatenated)
+    features: str = "middle"        # "middle" (paper: the middle zone's 2048-d embedding), "zones" (upper, middle,
+    #                                 lower concatenated) or "whole" (ct-i3resnet152's whole-lung embedding)
     n_features: int = 20            # t-test top k (paper: 20)
     folds: int = 5                  # honest protocol: repeated stratified k-fold ...
     repeats: int = 5                # ... folds x repeats

@@ -42,7 +42,56 @@ def _resample(img: sitk.Image, size, spacing, origin, direction, interp, default
     return f.Execute(img)
 
 
-def resample_volume(volume: CTVolume, spacing_zyx_mm=(1.0, 1.0, 1.0)) -> CTVolume:
+def resampled_shape(volume: CTVolume, spacing_zyx_mm=(1.0, 1.0, 1.0)) -> tuple:
+    """(n_z, n_y, n_x) of the grid ``resample_volume`` makes, without resampling anything."""
+    return tuple(_target_geometry(volume, spacing_zyx_mm)[0][::-1])
+
+
+def roi_on_grid(volume: CTVolume, mask: np.ndarray, spacing_zyx_mm=(1.0, 1.0, 1.0), margin_mm=0.0,
+                square_axes: tuple = ()) -> tuple:
+    """Index box, on the ``spacing_zyx_mm`` grid of ``volume``, covering ``mask`` plus a margin.
+
+    Parameters
+    ----------
+    volume : CTVolume
+    mask : ndarray of bool, shape ``volume.shape`` (e.g. the lungs)
+    spacing_zyx_mm : the target grid's spacing (as ``resample_volume``)
+    margin_mm : float
+        Added on every side (plus one voxel for interpolation), clamped to the grid.
+    square_axes : tuple of numpy axes
+        These axes are widened to the largest extent among them (e.g. an in-plane square).
+
+    Returns
+    -------
+    tuple of 3 (start, stop) index pairs (z, y, x) on the target grid.
+    """
+    size, sp, origin = _target_geometry(volume, spacing_zyx_mm)
+    idx = np.argwhere(mask)
+    if idx.size == 0:
+        raise ValueError("empty mask: no region of interest")
+    d = np.asarray(volume.direction_xyz, float).reshape(3, 3)
+    old_sp = np.asarray(volume.spacing_zyx_mm, float)[::-1]
+    corners = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], float)
+    lo, hi = idx.min(0)[::-1], idx.max(0)[::-1]                     # x, y, z voxel indices
+    pts = lo + corners * (hi - lo)                                   # the box's corner voxel centres
+    world = np.asarray(volume.origin_xyz_mm) + (pts * old_sp) @ d.T
+    new = np.linalg.solve(d, (world - origin).T).T / np.asarray(sp)  # continuous indices, new grid
+    start_f, stop_f = new.min(0), new.max(0)
+    pad = np.asarray(margin_mm) / np.asarray(sp) + 1.0
+    start, stop = np.floor(start_f - pad), np.ceil(stop_f + pad) + 1
+    if square_axes:
+        xyz = [2 - a for a in square_axes]
+        width = max(stop[i] - start[i] for i in xyz)
+        for i in xyz:
+            grow = width - (stop[i] - start[i])
+            start[i] -= np.floor(grow / 2)
+            stop[i] += np.ceil(grow / 2)
+    start = np.clip(start, 0, np.asarray(size)).astype(int)
+    stop = np.clip(stop, 0, np.asarray(size)).astype(int)
+    return tuple((int(a), int(b)) for a, b in zip(start[::-1], stop[::-1]))
+
+
+def resample_volume(volume: CTVolume, spacing_zyx_mm=(1.0, 1.0, 1.0), roi=None) -> CTVolume:
     """Resample HU with linear interpolation onto a grid of ``spacing_zyx_mm``.
 
     Parameters
@@ -59,8 +108,16 @@ def resample_volume(volume: CTVolume, spacing_zyx_mm=(1.0, 1.0, 1.0)) -> CTVolum
         direction, origin shifted so the physical extent is kept. Voxels outside the
         old grid get ``PADDING_HU``. ``fov_mask`` is resampled nearest-neighbour (None
         if every new voxel is inside the old FOV). ``meta`` is copied.
+    roi : tuple of 3 (start, stop), optional
+        Only this index box of the new grid (``roi_on_grid``): the same voxels, values and
+        geometry as that part of the whole resampled grid, at a fraction of the cost.
     """
     size, sp, origin = _target_geometry(volume, spacing_zyx_mm)
+    if roi is not None:
+        d = np.asarray(volume.direction_xyz, float).reshape(3, 3)
+        start_xyz = np.array([roi[2][0], roi[1][0], roi[0][0]], float)
+        origin = tuple(float(o) for o in np.asarray(origin) + d @ (start_xyz * np.asarray(sp)))
+        size = [roi[2][1] - roi[2][0], roi[1][1] - roi[1][0], roi[0][1] - roi[0][0]]
     img = volume.to_sitk(volume.hu.astype(np.float32))
     out = _resample(img, size, sp, origin, volume.direction_xyz, sitk.sitkLinear,
                     float(PADDING_HU), sitk.sitkFloat32)

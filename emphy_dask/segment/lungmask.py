@@ -6,7 +6,7 @@ first and last parts are CPU work that would keep a GPU idle. Here they are sepa
 
 - ``lungmask_preprocess`` (CPU): the volume, LPS-oriented as lungmask does, through lungmask's
   own ``utils.preprocess``; int16 slices + crop boxes (what crosses to the GPU worker);
-- ``lungmask_infer`` (GPU): lungmask's U-Net, built by ``LMInferer`` from a weight file, on the
+- ``lungmask_infer`` (GPU): lungmask's U-Net, built as ``LMInferer`` builds it (``load_unet``), on the
   slices in batches (halved on out-of-memory); uint8 labels at 256 x 256 come back;
 - ``lungmask_postprocess`` (CPU): lungmask's ``utils.postprocessing`` and ``reshape_mask``, then
   back to the volume's orientation; labels 1 right / 2 left (R231), or the lobes of LTRCLobes
@@ -70,15 +70,26 @@ def lungmask_preprocess(volume: CTVolume) -> LungmaskInput:
 
 @lru_cache(maxsize=2)
 def _cached_inferer(path: str, sha256: str, model_name: str, device: str):
-    from lungmask import LMInferer
+    return load_unet(path).to(device)
 
-    inferer = LMInferer(modelname=model_name, modelpath=path, force_cpu=(device == "cpu"), tqdm_disable=True)
-    inferer.model.to(device)
-    return inferer.model
+
+def load_unet(path: str):
+    """lungmask's U-Net from a weight file, as ``lungmask.mask.get_model`` builds it, but loaded
+    with ``torch.load(weights_only=True)``: a weight file cannot run code. (lungmask 0.2.22 calls
+    ``torch.load`` without it: safe by default only from torch 2.6 on, and the environment variable
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 switches it off; an explicit True cannot be switched off.)"""
+    import torch
+    from lungmask.resunet import UNet
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    n_classes = len(list(state.values())[-1])
+    model = UNet(n_classes=n_classes, padding=True, depth=5, up_mode="upsample", batch_norm=True, residual=False)
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def load_lungmask_model(weights: WeightsFile, model_name: str = "R231", device: str = "cpu"):
-    """lungmask's U-Net, built by ``LMInferer`` from ``weights``, once per process and device."""
+    """lungmask's U-Net from ``weights`` (``load_unet``), once per process and device."""
     if weights.is_random:
         raise ValueError("lungmask needs a weight file; random weights are for the backbones' tests only")
     with _LOCK:
