@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
+import re
 import shutil
-import signal
 import subprocess
-import sys
+import time
 
 import duckdb
 import numpy as np
@@ -21,8 +20,9 @@ from emphy_dask.job.runner import run_extract
 from emphy_dask.phenotypes.regions import REGIONS
 from emphy_dask.tables import TABLES, part_ids, read_frame
 
-from .conftest import SHARED_DATA
-from .jobutil import DaskCLICluster, assert_same_tables, extract_cmd, kill_group, popen, wait_for
+from .conftest import REPO, SHARED_DATA
+from .jobutil import (DaskCLICluster, assert_readable, assert_same_tables, executing, extract_cmd, kill_group, popen,
+                      wait_for)
 
 N_PATIENTS = 6
 
@@ -93,40 +93,144 @@ def test_rerun_resumes_and_writes_nothing_twice(clean_run, cohort, job_file, tmp
     assert_same_tables(out, clean_run[0])
 
 
-def test_dask_cli_cluster_with_worker_killed_mid_run(clean_run, cohort, job_file, tmp_path):
+def _poll(fn, timeout: float = 300, every: float = 0.2):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every)
+    return None
+
+
+def _no_duplicates(out) -> None:
+    for table, key in (("scans", ["scan_key"]), ("phenotypes", ["scan_key", "region", "hu_source"]),
+                       ("slices", ["scan_key", "slice_index"]), ("embeddings", ["scan_key", "zone"]),
+                       ("errors", ["scan_key", "stage"])):
+        assert not read_frame(out, table).duplicated(key).any(), table
+
+
+def _same_feature_maps(out, clean) -> None:
+    """Every scan's layer4 map identical, bit for bit, to the clean run's; no file beside them."""
+    rows = read_frame(clean, "scans")
+    assert rows["featuremap_path"].notna().all()
+    for rel in rows["featuremap_path"]:
+        with np.load(out / rel, allow_pickle=False) as a, np.load(clean / rel, allow_pickle=False) as b:
+            assert np.array_equal(a["layer4"], b["layer4"]), rel
+    on_disk = {p.relative_to(out).as_posix() for p in (out / "featuremaps").rglob("*") if p.is_file()}
+    assert on_disk == set(rows["featuremap_path"])
+
+
+def test_workers_killed_in_a_cpu_and_in_the_device_stage(clean_run, cohort, job_file, tmp_path):
+    """Real processes: one worker SIGKILLed while it decodes a scan, another while it runs the
+    backbone (the device stage, on CPU workers here); replacements join. The tables equal the
+    undisturbed run's; the scheduler's Prometheus /metrics show the run; tasks group by stage."""
+    from dask.utils import key_split
+    from prometheus_client.parser import text_string_to_metric_families
+
     cluster = DaskCLICluster(n_workers=2)
     try:
         out = tmp_path / "out"
         job = popen(extract_cmd(cohort[0], out, "--job", str(job_file), "--scheduler", cluster.address))
-        # the dashboard answers /health and Prometheus /metrics while the job runs
         status, body = cluster.http("/health")
         assert status == 200 and body.strip() == "ok"
+        with cluster.client() as watch:
+            for prefix, replacement in (("prepare-", "cpu-2"), ("embed-", "cpu-3")):
+                victim = _poll(lambda: executing(watch, prefix))
+                assert victim, f"no {prefix} task seen running"
+                cluster.kill_worker(victim)                        # the process and its nanny die
+                cluster.add_worker(replacement)
+            stdout, _ = job.communicate(timeout=900)
+            assert job.returncode == 0, stdout
+            prefixes = watch.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
         status, body = cluster.http("/metrics")
-        assert status == 200 and "dask_scheduler_workers" in body
-        assert wait_for(lambda: any((out / "_staging").glob("*.json")) or part_ids(out, "scans"), timeout=180)
-        kill_group(cluster.workers[0])                                  # a real worker process dies
-        stdout, _ = job.communicate(timeout=600)
-        assert job.returncode == 0, stdout
     finally:
         cluster.close()
     assert_same_tables(out, clean_run[0])
-    assert read_frame(out, "scans")["worker"].nunique() >= 1
+    _same_feature_maps(out, clean_run[0])
+    # the dashboard groups tasks by stage (one progress bar per stage, not per scan)
+    assert set(prefixes) == {"index", "prepare", "embed"}
+    assert key_split("prepare-12-3fa2b9c1-lidc-idri-slabs/LIDC-IDRI-0001") == "prepare"
+    # the run on the scheduler's /metrics, beside Dask's own series
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(body) for s in fam.samples}
+    run = (("job", "test"), ("run", "out"))
+
+    def value(name, **labels):
+        return samples[(name, tuple(sorted(dict(run, **labels).items())))]
+
+    assert value("emphy_scans_total", status="ok") == N_PATIENTS
+    assert value("emphy_scans_total", status="failed") == 0
+    assert value("emphy_stage_seconds_count", stage="embed") == N_PATIENTS
+    assert value("emphy_stage_seconds_bucket", stage="segment", le="+Inf") == N_PATIENTS
+    assert value("emphy_stage_seconds_sum", stage="total") > 0
+    assert value("emphy_scans_in_manifest") == N_PATIENTS and value("emphy_scans_remaining") == 0
+    assert value("emphy_run_active") == 0 and value("emphy_scans_in_flight") == 0
+    assert any(name == "dask_scheduler_workers" for name, _ in samples)
+    # every series the Grafana dashboard plots is one the scheduler serves
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "emphy-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = {m for e in exprs for m in re.findall(r"\b((?:emphy|dask)_[a-z_]+)", e)}
+    served = {name for name, _ in samples}
+    assert used and used <= served, used - served
 
 
 def test_job_killed_mid_run_then_rerun(clean_run, cohort, job_file, tmp_path):
     out = tmp_path / "out"
     job = popen(extract_cmd(cohort[0], out, "--job", str(job_file)))
-    assert wait_for(lambda: any((out / "_staging").glob("*.json")) or part_ids(out, "scans"), timeout=180)
+    assert wait_for(lambda: any((out / "_staging").glob("*.json")) or part_ids(out, "scans"), timeout=300)
     kill_group(job)                                                     # SIGKILL: no clean-up at all
+    seen = assert_readable(out)            # what a reader sees after the crash: no partial file
+    assert seen["npz"] >= 1 and seen["nii.gz"] >= 1
     rerun = subprocess.run(extract_cmd(cohort[0], out, "--job", str(job_file)), capture_output=True, text=True,
-                           timeout=600)
+                           timeout=900)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert_same_tables(out, clean_run[0])
-    for table in TABLES:
-        df = read_frame(out, table)
-        key = {"scans": ["scan_key"], "phenotypes": ["scan_key", "region"],
-               "slices": ["scan_key", "slice_index"], "errors": ["scan_key", "stage"]}[table]
-        assert not df.duplicated(key).any(), table
+    _no_duplicates(out)
+    _same_feature_maps(out, clean_run[0])
+    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
+    assert not (out / "_staging").exists()
+    assert assert_readable(out)["npz"] == N_PATIENTS
+
+
+def test_scheduler_lost_stops_the_job_and_a_rerun_resumes(clean_run, cohort, job_file, tmp_path):
+    out = tmp_path / "out"
+    cluster = DaskCLICluster(n_workers=2)
+    try:
+        job = popen(extract_cmd(cohort[0], out, "--job", str(job_file), "--scheduler", cluster.address))
+        assert wait_for(lambda: any((out / "_staging").glob("*.json")) or part_ids(out, "scans"), timeout=300)
+        kill_group(cluster.scheduler)
+        stdout, _ = job.communicate(timeout=180)
+    finally:
+        cluster.close()
+    assert job.returncode == 3, stdout
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("emphy extract: lost the scheduler tcp://127.0.0.1:") and "rerun" in last, stdout
+    written = read_frame(out, "scans")
+    assert 1 <= len(written) < N_PATIENTS and (written["status"] == "ok").all()   # finished scans kept
+    assert_readable(out)
+    cluster = DaskCLICluster(n_workers=1)
+    try:
+        rerun = subprocess.run(extract_cmd(cohort[0], out, "--job", str(job_file), "--scheduler", cluster.address),
+                               capture_output=True, text=True, timeout=900)
+    finally:
+        cluster.close()
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"{len(written)} already done" in rerun.stdout
+    assert_same_tables(out, clean_run[0])
+    _no_duplicates(out)
+
+
+@pytest.mark.parametrize("n_workers", [1, 3])
+def test_same_tables_and_feature_maps_with_1_2_and_3_workers(clean_run, cohort, job_file, tmp_path, n_workers):
+    """Same inputs, settings and seed: every table (embeddings included) identical to the
+    2-worker run, volatile columns (timings, workers) aside; feature maps bit for bit."""
+    out = tmp_path / "out"
+    summary = run_extract(cohort[0], out, load_job(job_file), workers=n_workers, progress=False, log=lambda *a: None)
+    assert summary.counts == {"ok": N_PATIENTS}
+    assert read_frame(out, "scans")["worker"].nunique() == n_workers
+    assert_same_tables(out, clean_run[0], exact=True)
+    _same_feature_maps(out, clean_run[0])
 
 
 def _write_bad_scans(root):
@@ -245,7 +349,9 @@ def test_cli_errors_before_any_work(tmp_path, capsys):
     assert main(["extract", str(tmp_path), "-o", str(tmp_path / "out"), "--job", str(bad)]) == 2
     assert "unknown key [qc].max_hux" in capsys.readouterr().err
     assert main(["extract", str(tmp_path), "-o", str(tmp_path / "out"), "--segmenter", "magic"]) == 2
-    assert "unknown segmenter 'magic' (known: threshold)" in capsys.readouterr().err
+    assert "unknown segmenter 'magic' (known: threshold, lungmask)" in capsys.readouterr().err
+    assert main(["extract", str(tmp_path), "-o", str(tmp_path / "out"), "--backbone", "vgg"]) == 2
+    assert "[embed].backbone 'vgg' is not a known backbone" in capsys.readouterr().err
 
 
 def test_nifti_files_and_csv_manifest_as_input(cohort, clean_run, job_file, tmp_path):

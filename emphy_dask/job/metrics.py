@@ -81,7 +81,7 @@ class EmphyMetricsPlugin(SchedulerPlugin):
     def start(self, scheduler) -> None:
         _Collector.attach(self)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         _Collector.detach(self)
 
     def log_event(self, topic: str, msg) -> None:

@@ -83,13 +83,15 @@ class Pseudonymizer:
         pairs: dict[str, str] = {}
         for path in (p for p in (*task.paths, task.error_path) if p):
             p = Path(path)
+            if not p.is_absolute() and self.root is not None:
+                p = self.root / p                 # index records name files relative to INPUT
             folders = self._folders(p)
             is_file = path != task.error_path or p.is_file()
             if is_file:
                 name = p.name
                 if task.kind == "image" or any(len(f.name) >= 3 and f.name in name for f in folders):
                     name = "file-" + hashlib.sha256(name.encode()).hexdigest()[:8] + "".join(p.suffixes[-2:])
-                for form in _forms(path, self.root):
+                for form in {*_forms(str(p), self.root), path}:
                     pairs.setdefault(form, f"{alias}/{name}")
             else:
                 folders = [p, *folders]
@@ -114,8 +116,8 @@ class Pseudonymizer:
 
     def scrub_result(self, result: dict, task) -> dict:
         """Every string in ``result`` (rows of every table) without the real paths of ``task``
-        (a task from ``self.task``: pseudonymised key, real paths)."""
-        return scrub(result, self.replacements(task, task.scan_key))
+        (a task from ``self.task``: pseudonymised key and error path, real paths)."""
+        return scrub(result, self.replacements(dataclasses.replace(task, error_path=None), task.scan_key))
 
 
 def scrub(value, pairs: list[tuple[str, str]]):

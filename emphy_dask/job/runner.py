@@ -208,8 +208,9 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
                                                           "version": __version__}, log=log)
     bar = _Progress(0, False)
     tmp = tempfile.TemporaryDirectory(prefix="emphy-manifest-")
+    link = conn.dashboard_link
     try:
-        log(f"dashboard: {conn.dashboard_link}  ({worker_count(conn.client)} workers)")
+        log(f"scheduler {conn.client.scheduler.address}; dashboard: {link}  ({worker_count(conn.client)} workers)")
         metrics.register()
         t_index = time.perf_counter()
         done = store.done_keys()
@@ -260,19 +261,36 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
                             conn.device, FlowLimits(cpu_limit=1, device_backlog=1, batch_size=1, device_slots=1))
             for task, result in solo.run(iter(retry)):
                 record(task, result, solo.in_flight)
+    except SchedulerLost:
+        bar.close()
+        store.close()                          # what finished is written: a rerun resumes from there
+        _close_quietly(conn)
+        raise
+    except BaseException:
+        _close_quietly(conn)                   # staged results stay in _staging/ for the next start
+        raise
     finally:
         bar.close()
-        store.close()                          # what finished is written, also when the scheduler is lost
-        metrics.finish()
-        link = conn.dashboard_link
-        conn.close()
         tmp.cleanup()
+    store.close()
+    metrics.finish()
+    conn.close()
 
     wall = time.perf_counter() - t0
     counts = Counter(store.counts())
     summary = ExtractSummary(out_dir, idx.n_tasks, idx.n_done, counts, wall, link)
     _write_run_json(out_dir, config, input_path, summary, t_index, repaired, bar.counts, pseudo)
     return summary
+
+
+def _close_quietly(conn) -> None:
+    """Close a client whose scheduler is gone without waiting for its reconnection attempts."""
+    try:
+        conn.client.close(timeout=5)
+    except Exception:  # noqa: BLE001 - nothing left to close cleanly
+        pass
+    if conn.cluster is not None:
+        conn.cluster.close()
 
 
 def _todo(manifest: Path, done: dict, n_tasks: int):

@@ -219,7 +219,9 @@ def _embedding_views(c: Cohort, s: FitSettings) -> dict:
     scores = pca.transform(Z)
     # perplexity must stay below n; small cohorts get ~n/4 (sklearn's default 30 needs n > 90)
     perplexity = float(max(2.0, min(30.0, (len(c) - 1) / 4.0)))
-    xy = TSNE(2, perplexity=perplexity, init="pca", random_state=s.seed).fit_transform(scores)
+    # exact gradients are faster than Barnes-Hut below a few hundred points (and exact)
+    method = "exact" if len(c) <= 250 else "barnes_hut"
+    xy = TSNE(2, perplexity=perplexity, init="pca", random_state=s.seed, method=method).fit_transform(scores)
     return {"ratio": pca.explained_variance_ratio_[:k], "scores": scores, "tsne": xy, "perplexity": perplexity}
 
 

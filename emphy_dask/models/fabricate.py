@@ -1,0 +1,110 @@
+"""Fabricated extract runs for tests and benchmarks: tables written from random arrays.
+
+``fabricate_run`` writes ``scans/``, ``phenotypes/``, ``embeddings/`` (and, on request, shared
+feature maps and PNGs) exactly as ``extract`` lays them out, with no image processing:
+
+- ``signal = 0``: pure noise; labels drawn at random, independent of the embeddings.
+- ``signal > 0``: a density signal; LAA%-950 drives the label (paper rule) and shifts the first
+  ``n_signal`` embedding channels by ``signal`` standard deviations per standard deviation of LAA%;
+  every 8th scan over 6 % has an MLD above -850 HU, hence label 0 (the paper's discordant case).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..tables import write_part
+
+ZONES = ("whole", "upper", "middle", "lower")
+
+
+def fabricate_run(out, n_scans: int, *, seed: int = 0, signal: float = 0.0, n_signal: int = 10, dim: int = 2048,
+                  backbone: str = "ct-i3resnet152", weights_sha256: str = "f" * 64, n_excluded: int = 0,
+                  n_featuremaps: int = 0, part_size: int = 200) -> Path:
+    """Write a run of ``n_scans`` ok scans (+ ``n_excluded`` excluded ones) under ``out``.
+
+    ``n_featuremaps`` > 0: that many random float16 layer4 files (shape of ct-i3resnet152) and
+    grey PNGs, shared cyclically by the scans (for the report's scale benchmark; the maps do not
+    reproduce the table's embeddings).
+    """
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    n = n_scans
+    if signal > 0:
+        laa = np.where(rng.random(n) < 0.5, rng.uniform(6.5, 25, n), rng.uniform(0.2, 5, n))
+        mld = -845.0 - 1.3 * laa + rng.normal(0, 2, n)
+        over = np.flatnonzero(laa >= 6)
+        mld[over[::8]] = rng.uniform(-849, -835, len(over[::8]))   # dense lungs over 6 %: label 0 (discordant)
+        label = ((laa >= 6) & (mld < -850)).astype(int)
+    else:
+        laa = rng.uniform(0.2, 25, n)
+        mld = rng.uniform(-880, -830, n)
+        label = rng.permutation(np.arange(n) % 2)          # random, balanced, unrelated to anything
+    emb = rng.normal(size=(n, len(ZONES), dim)).astype(np.float32)
+    if signal > 0:
+        z = (laa - laa.mean()) / laa.std()
+        emb[:, :, :n_signal] += (signal * z)[:, None, None]
+    maps = _shared_files(out, n_featuremaps, rng) if n_featuremaps else []
+    manufacturers = np.array(["SIEMENS", "GE MEDICAL SYSTEMS", "Philips"])
+    kernels = {"SIEMENS": ("B30f", "standard"), "GE MEDICAL SYSTEMS": ("LUNG", "sharp"), "Philips": ("B", "soft")}
+    scans, pheno, embs = [], [], []
+    for i in range(n + n_excluded):
+        key = f"FAB-{i:05d}"
+        man = str(manufacturers[i % 3])
+        files = maps[i % len(maps)] if maps else {}
+        row = {"scan_key": key, "config_hash": "fabricated", "status": "ok", "manufacturer": man,
+               "kernel": kernels[man][0], "kernel_class": kernels[man][1], "qc_max_hu": 1200.0, "qc_std_hu": 400.0,
+               "segmenter": "threshold", "qc_montage_path": files.get("montage"), "qc_curve_path": files.get("curve")}
+        if i >= n:                                         # excluded by the max-HU rule, mostly one vendor
+            row.update(status="excluded", qc_rule="max_hu>1600", qc_max_hu=3071.0, reason="max HU 3071 > 1600",
+                       manufacturer="GE MEDICAL SYSTEMS", kernel="LUNG", kernel_class="sharp")
+            scans.append(row)
+            continue
+        row.update(laa950_pct=float(laa[i]), hu_mean=float(mld[i]), label=int(label[i]), lung_volume_l=4.5,
+                   cluster_d=1.5, backbone=backbone, backbone_weights_sha256=weights_sha256,
+                   featuremap_path=files.get("featuremap"))
+        scans.append(row)
+        for region, f in (("WholeLung", 1.0), ("UpperThird", 1.3), ("MiddleThird", 1.0), ("LowerThird", 0.7)):
+            pheno.append({"scan_key": key, "config_hash": "fabricated", "region": region, "hu_source": "raw",
+                          "n_voxels": 100000, "laa950_pct": float(laa[i] * f), "hu_mean": float(mld[i]),
+                          "perc15_hu": float(mld[i] - 60 - 2 * laa[i] * f), "volume_l": 1.5})
+        for zi, zone in enumerate(ZONES):
+            embs.append({"scan_key": key, "config_hash": "fabricated", "backbone": backbone,
+                         "weights_sha256": weights_sha256, "precision": "fp32", "zone": zone,
+                         "zone_pooling": "lung", "embedding": emb[i, zi].tolist(),
+                         "featuremap_path": files.get("featuremap"), "input_png_path": files.get(zone)})
+    for table, rows, per in (("scans", scans, part_size), ("phenotypes", pheno, part_size * 4),
+                             ("embeddings", embs, part_size * len(ZONES))):
+        for j in range(0, len(rows), per):
+            write_part(table, rows[j:j + per], out, f"fab{j // per:04d}")
+    (out / "run.json").write_text(json.dumps({"command": "fabricated", "config": {
+        "label": {"laa950_min_pct": 6.0, "mld_max_hu": -850.0}}}))
+    return out
+
+
+def _shared_files(out: Path, k: int, rng) -> list[dict]:
+    """k random feature-map files (float16 layer4, zone weights, meta) with grey PNGs of their zones."""
+    from PIL import Image
+
+    files = []
+    for j in range(k):
+        stem = f"fab{j:03d}"
+        rel = {"featuremap": f"featuremaps/{stem}.npz", "montage": f"qc/{stem}_montage.png",
+               "curve": f"qc/{stem}_laa_curve.png"}
+        zw = rng.random((len(ZONES), 10, 7, 7)).astype(np.float32)
+        zw /= zw.sum(axis=(1, 2, 3), keepdims=True)
+        meta = {"input_size": [160, 224, 224], "png_depth": {z: 20 + 40 * i for i, z in enumerate(ZONES)},
+                "png_paths": {}, "axes": "S,R,A"}
+        for zone in ZONES:
+            rel[zone] = meta["png_paths"][zone] = f"qc/{stem}_input_{zone}.png"
+        (out / "featuremaps").mkdir(parents=True, exist_ok=True)
+        (out / "qc").mkdir(parents=True, exist_ok=True)
+        np.savez(out / rel["featuremap"], layer4=np.abs(rng.normal(size=(2048, 10, 7, 7))).astype(np.float16),
+                 zones=np.array(ZONES), zone_weights=zw, meta=np.array(json.dumps(meta)))
+        for name in (*ZONES, "montage", "curve"):
+            size = (224, 224) if name in ZONES else ((600, 600) if name == "montage" else (400, 200))
+            Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(out / rel[name])
+        files.append(rel)
+    return files
