@@ -29,7 +29,7 @@ def main() -> None:
     run = root / "run"
     shutil.rmtree(run, ignore_errors=True)
     t = time.perf_counter()
-    fabricate_run(run, args.n, seed=0, signal=0.5, n_excluded=args.n // 20, n_featuremaps=8)
+    fabricate_run(run, args.n, seed=0, signal=0.5, n_excluded=args.n // 20, n_featuremaps=8, discordant_every=8)
     print(f"fabricated {args.n} ok + {args.n // 20} excluded scans in {time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
     m = fit_run(run, FitSettings())

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 SCHEMA_DIR = Path(os.environ.get("EMPHY_SCHEMA_DIR", Path(__file__).resolve().parents[1] / "schemas"))
 TABLES = ("scans", "phenotypes", "slices", "embeddings", "errors")   # the partitioned datasets of a run
-DOCUMENTED = TABLES + ("manifest",)
+DOCUMENTED = TABLES + ("manifest", "predictions")
 _TYPES = {
     "string": pa.string(), "bool": pa.bool_(), "int8": pa.int8(), "int16": pa.int16(),
     "int32": pa.int32(), "int64": pa.int64(), "float32": pa.float32(), "float64": pa.float64(),
@@ -121,7 +121,7 @@ def schema_markdown() -> str:
     out = []
     for table in DOCUMENTED:
         spec = schema_spec(table)
-        where = "manifest.parquet" if table == "manifest" else f"{table}/"
+        where = {"manifest": "manifest.parquet", "predictions": "predictions/ (emphy predict)"}.get(table, f"{table}/")
         out.append(f"#### `{where}` (schema v{spec['version']})\n\n{spec['doc']}\n")
         out.append("| column | type | unit | description |\n|---|---|---|---|")
         for f in spec["fields"]:

@@ -270,11 +270,19 @@ def test_bad_scans_get_reasons_and_good_rows_stay_the_same(clean_run, cohort, jo
     assert_same_tables(again, out)
 
 
-def test_cli_extract_over_the_real_shared_data(tmp_path, job_file):
+@pytest.fixture(scope="module")
+def no_backbone_job(job_file):
+    """The test job without embeddings, for tests that are not about them (quicker)."""
+    f = job_file.with_name("no-backbone.toml")
+    f.write_text(job_file.read_text() + '[embed]\nbackbone = "none"\n')
+    return f
+
+
+def test_cli_extract_over_the_real_shared_data(tmp_path, job_file, no_backbone_job):
     """Every real scan gets a row; the paper's max-HU rule excludes dense-bone/metal scans with the value."""
     out = tmp_path / "real"
-    proc = subprocess.run(extract_cmd(SHARED_DATA, out, "--job", str(job_file)), capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(extract_cmd(SHARED_DATA, out, "--job", str(no_backbone_job)), capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     scans = read_frame(out, "scans").set_index("scan_key")
     assert sorted(scans.index) == ["lidc-idri-full/LIDC-IDRI-0013", "lidc-idri-slabs/LIDC-IDRI-0001",
@@ -354,7 +362,7 @@ def test_cli_errors_before_any_work(tmp_path, capsys):
     assert "[embed].backbone 'vgg' is not a known backbone" in capsys.readouterr().err
 
 
-def test_nifti_files_and_csv_manifest_as_input(cohort, clean_run, job_file, tmp_path):
+def test_nifti_files_and_csv_manifest_as_input(cohort, clean_run, no_backbone_job, tmp_path):
     """INPUT may be a tree of image files or a CSV manifest; the same CT gives the same numbers."""
     import SimpleITK as sitk
 
@@ -369,7 +377,7 @@ def test_nifti_files_and_csv_manifest_as_input(cohort, clean_run, job_file, tmp_
     manifest.write_text(f"scan_key,path\nfrom-dicom,{cohort[0] / key}\nfrom-nifti,images/case-a.nii.gz\n"
                         "missing,nowhere/x.nii.gz\nfrom-nifti,images/case-a.nii.gz\n")
     out = tmp_path / "out"
-    summary = run_extract(manifest, out, load_job(job_file), progress=False, log=lambda *a: None)
+    summary = run_extract(manifest, out, load_job(no_backbone_job), progress=False, log=lambda *a: None)
     assert summary.exit_code == 0
     scans = read_frame(out, "scans").set_index("scan_key")
     assert scans.loc["from-dicom", "status"] == "ok" and scans.loc["from-nifti", "status"] == "ok"
@@ -381,5 +389,5 @@ def test_nifti_files_and_csv_manifest_as_input(cohort, clean_run, job_file, tmp_
     clean = read_frame(clean_run[0], "phenotypes").set_index(["scan_key", "region"])
     for k in ("from-dicom", "from-nifti"):
         np.testing.assert_allclose(pheno.loc[k]["laa950_pct"].to_numpy(), clean.loc[key]["laa950_pct"].to_numpy())
-    tree = run_extract(images, tmp_path / "out-tree", load_job(job_file), progress=False, log=lambda *a: None)
+    tree = run_extract(images, tmp_path / "out-tree", load_job(no_backbone_job), progress=False, log=lambda *a: None)
     assert tree.counts == {"ok": 1} and read_frame(tmp_path / "out-tree", "scans")["scan_key"].tolist() == ["case-a"]

@@ -148,7 +148,7 @@ def test_report_opens_in_headless_chromium(real_run, tmp_path):
 
 
 def test_report_of_a_fabricated_run_shows_exclusions_and_discordant_labels(tmp_path):
-    out = fabricate_run(tmp_path / "run", 30, seed=6, signal=1.0, n_excluded=5, n_featuremaps=2)
+    out = fabricate_run(tmp_path / "run", 30, seed=6, signal=1.0, n_excluded=5, n_featuremaps=2, discordant_every=4)
     # no model yet: the report still draws the cohort and says how to get a model
     index = build_report(out).read_text()
     assert "run <code>emphy fit OUT</code>" in index and "max_hu&gt;1600" in index

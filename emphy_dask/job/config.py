@@ -148,8 +148,13 @@ def config_from_dict(data: dict, source: str = "<dict>") -> JobConfig:
         if key in ("name", "description"):
             top[key] = _coerce(source, key, value, "")
             continue
+        if key == "fit":            # driver-side models (emphy fit): checked here, used there
+            from ..models.settings import fit_settings_from_table
+
+            fit_settings_from_table(value, source)
+            continue
         if key not in _SECTIONS:
-            known = ", ".join(["name", "description", *_SECTIONS])
+            known = ", ".join(["name", "description", *_SECTIONS, "fit"])
             raise ConfigError(f"{source}: unknown section or key {key!r} (known: {known})")
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: [{key}] must be a table")

@@ -308,7 +308,7 @@ def _row_tasks(row: tuple[str, str], root: str) -> list[ScanTask]:
     return tasks_from_index([], records, Path(root))
 
 
-def iter_manifest_file(path: Path, batch_rows: int = 1024):
+def iter_manifest_file(path: Path, batch_rows: int = 128):
     """The ScanTasks of a ``manifest.parquet``, read in batches."""
     root = Path((pq.ParquetFile(path).schema_arrow.metadata or {}).get(b"emphy.input_root", b".").decode())
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
@@ -325,7 +325,7 @@ class ManifestWriter:
     ``drop_paths``: the public manifest of a ``--pseudonymize`` run (no paths under INPUT).
     """
 
-    def __init__(self, final: Path, root: Path, drop_paths: bool = False, batch_rows: int = 4096):
+    def __init__(self, final: Path, root: Path, drop_paths: bool = False, batch_rows: int = 512):
         self.final, self.root, self.drop_paths, self.batch_rows = Path(final), Path(root), drop_paths, batch_rows
         meta = {b"emphy.input_root": str(root).encode()}
         if drop_paths:

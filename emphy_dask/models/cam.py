@@ -26,7 +26,7 @@ from .saved import LinearModel
 
 @dataclass
 class FeatureMap:
-    """A scan's saved layer4 maps (``featuremaps/<stem>.npz``), in float64.
+    """A scan's saved layer4 maps (``featuremaps/<stem>.npz``), as stored (float16); sums in float64.
 
     ``layer4``: (C, D, H, W) for the 3D backbone, (zones, C, H, W) for resnet152;
     ``zone_weights``: (zones, D, H, W) or None; ``meta``: crop box, input size, png_depth, ...
@@ -52,10 +52,11 @@ class FeatureMap:
         """The layer4 map a zone's embedding pools: (C, D, H, W) or (C, H, W)."""
         return self.layer4 if self.volumetric else self.layer4[self.zones.index(zone)]
 
-    def embedding(self, zone: str) -> np.ndarray:
-        """The zone's embedding recomputed from the stored map (C,)."""
+    def embedding(self, zone: str, channels=None) -> np.ndarray:
+        """The zone's embedding recomputed from the stored map (C,), or of ``channels`` only."""
         a, w = self.activations(zone), self.pooling(zone)
-        return np.tensordot(a, w, axes=w.ndim)
+        a = a if channels is None else a[np.asarray(channels)]
+        return np.tensordot(a.astype(np.float64), w, axes=w.ndim)
 
 
 def load_featuremap(path) -> FeatureMap:
@@ -63,7 +64,7 @@ def load_featuremap(path) -> FeatureMap:
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as f:
-            layer4 = f["layer4"].astype(np.float64)
+            layer4 = f["layer4"]
             zones = [str(z) for z in f["zones"]]
             weights = f["zone_weights"].astype(np.float64) if "zone_weights" in f else None
             meta = json.loads(str(f["meta"]))
@@ -93,13 +94,16 @@ def contribution_maps(fm: FeatureMap, model: LinearModel) -> tuple[dict, float]:
     for zone, vz in v.items():
         if zone not in fm.zones:
             raise ValueError(f"the feature map has no zone {zone!r} (has {fm.zones})")
-        maps[zone] = np.tensordot(vz, fm.activations(zone), axes=1) * fm.pooling(zone)
+        used = np.flatnonzero(vz)                  # a t-test/L1 head uses a few channels of 2048
+        acts = fm.activations(zone)[used].astype(np.float64)
+        maps[zone] = np.tensordot(vz[used], acts, axes=1) * fm.pooling(zone)
     return maps, bias
 
 
 def score_from_map(fm: FeatureMap, model: LinearModel) -> float:
     """The model's score on the embeddings recomputed from the stored map (the identity's right side)."""
-    names = [f"{z}:{c:04d}" for z in fm.zones for c in range(len(fm.embedding(fm.zones[0])))]
+    dim = fm.layer4.shape[0] if fm.volumetric else fm.layer4.shape[1]
+    names = [f"{z}:{c:04d}" for z in fm.zones for c in range(dim)]
     x = np.concatenate([fm.embedding(z) for z in fm.zones])[None]
     return float(model.score(x, names)[0])
 

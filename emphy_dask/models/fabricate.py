@@ -6,7 +6,8 @@ feature maps and PNGs) exactly as ``extract`` lays them out, with no image proce
 - ``signal = 0``: pure noise; labels drawn at random, independent of the embeddings.
 - ``signal > 0``: a density signal; LAA%-950 drives the label (paper rule) and shifts the first
   ``n_signal`` embedding channels by ``signal`` standard deviations per standard deviation of LAA%;
-  every 8th scan over 6 % has an MLD above -850 HU, hence label 0 (the paper's discordant case).
+  with ``discordant_every = k``, every k-th scan over 6 % gets an MLD above -850 HU, hence label 0
+  (the paper's discordant case).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ ZONES = ("whole", "upper", "middle", "lower")
 
 def fabricate_run(out, n_scans: int, *, seed: int = 0, signal: float = 0.0, n_signal: int = 10, dim: int = 2048,
                   backbone: str = "ct-i3resnet152", weights_sha256: str = "f" * 64, n_excluded: int = 0,
-                  n_featuremaps: int = 0, part_size: int = 200) -> Path:
+                  n_featuremaps: int = 0, discordant_every: int = 0, part_size: int = 200) -> Path:
     """Write a run of ``n_scans`` ok scans (+ ``n_excluded`` excluded ones) under ``out``.
 
     ``n_featuremaps`` > 0: that many random float16 layer4 files (shape of ct-i3resnet152) and
@@ -35,8 +36,9 @@ def fabricate_run(out, n_scans: int, *, seed: int = 0, signal: float = 0.0, n_si
     if signal > 0:
         laa = np.where(rng.random(n) < 0.5, rng.uniform(6.5, 25, n), rng.uniform(0.2, 5, n))
         mld = -845.0 - 1.3 * laa + rng.normal(0, 2, n)
-        over = np.flatnonzero(laa >= 6)
-        mld[over[::8]] = rng.uniform(-849, -835, len(over[::8]))   # dense lungs over 6 %: label 0 (discordant)
+        if discordant_every:                   # dense lungs over 6 %: label 0 (the paper's discordant case)
+            over = np.flatnonzero(laa >= 6)[::discordant_every]
+            mld[over] = np.linspace(-849, -835, len(over))
         label = ((laa >= 6) & (mld < -850)).astype(int)
     else:
         laa = rng.uniform(0.2, 25, n)
@@ -87,6 +89,7 @@ def fabricate_run(out, n_scans: int, *, seed: int = 0, signal: float = 0.0, n_si
 def _shared_files(out: Path, k: int, rng) -> list[dict]:
     """k random feature-map files (float16 layer4, zone weights, meta) with grey PNGs of their zones."""
     from PIL import Image
+    from scipy.ndimage import gaussian_filter
 
     files = []
     for j in range(k):
@@ -105,6 +108,9 @@ def _shared_files(out: Path, k: int, rng) -> list[dict]:
                  zones=np.array(ZONES), zone_weights=zw, meta=np.array(json.dumps(meta)))
         for name in (*ZONES, "montage", "curve"):
             size = (224, 224) if name in ZONES else ((600, 600) if name == "montage" else (400, 200))
-            Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(out / rel[name])
+            # smooth blobs, not pixel noise: compresses like a CT slice does
+            smooth = gaussian_filter(rng.normal(size=size), 6)
+            grey = 255 * (smooth - smooth.min()) / (np.ptp(smooth) or 1)
+            Image.fromarray(grey.astype(np.uint8)).save(out / rel[name])
         files.append(rel)
     return files

@@ -20,9 +20,9 @@ def find_chromium() -> tuple[str | None, str | None, str]:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     missing = [n for n, p in (("chromium", browser), ("chromedriver (chromium-driver)", driver)) if not p]
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("selenium") is None:
         missing.append("selenium (pip)")
     return browser, driver, ("missing: " + ", ".join(missing)) if missing else ""
 

@@ -50,7 +50,6 @@ def _scan_link(report: Path, key: str, here: Path) -> str:
 
 
 def _index_body(d: C.RunData, mm, report: Path, seconds: float) -> str:
-    here = report
     ok = C.ok_scans(d)
     parts = [f"<h1>emphy report: {esc(d.out.name)}</h1>",
              '<nav><a href="#cohort">cohort</a><a href="#tables">tables 1-2</a><a href="#discordant">discordant</a>'
@@ -62,7 +61,7 @@ def _index_body(d: C.RunData, mm, report: Path, seconds: float) -> str:
     parts += _models_section(d, report)
     parts += _gallery_section(d, mm, report)
     parts += _index_section(d, ok, report)
-    parts.append(f'<p class="note">written in {seconds:.1f} s plus the index.</p>')
+    parts.append(f'<p class="note">{len(d.scans)} scan pages written in {seconds:.1f} s.</p>')
     return "\n".join(parts)
 
 

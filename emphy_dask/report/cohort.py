@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..tables import read_frame, read_table
+from ..tables import arrow_schema, read_frame, read_table
 
 
 @dataclass
@@ -37,7 +37,7 @@ def load_run(out_dir) -> RunData:
     if "hu_source" in ph.columns:
         ph = ph[ph["hu_source"].fillna("raw") == "raw"]
     regions = ph[["scan_key", "region", "laa950_pct", "hu_mean", "perc15_hu", "volume_l"]]
-    cols = [c for c in read_table(out, "embeddings").schema.names if c != "embedding"]
+    cols = [c for c in arrow_schema("embeddings").names if c != "embedding"]     # the vectors stay on disk
     inputs = read_table(out, "embeddings", columns=cols).to_pandas()
     laa_min, mld_max = 6.0, -850.0
     run_json = out / "run.json"

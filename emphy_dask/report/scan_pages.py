@@ -75,12 +75,12 @@ def draw_maps(d: RunData, row, mm: MapModel | None, maps_dir: Path) -> tuple[lis
         base = d.out / pngs.get(zone, "")
         if not pngs.get(zone) or not base.exists():
             continue
-        act = fm.activations(zone)[ch]
+        act = fm.activations(zone)[ch].astype(np.float64)
         vals = png_slice(fm, zone, act)
         path = overlay_png(base, vals, maps_dir / f"{stem}_f{ch:04d}_{zone}.jpg", signed=False,
                            scale=float(np.max(act)) or 1.0)
         out.append((zone, "activation", path, f"{zone}:{ch:04d} activation (coefficient {coef:+.2f}); "
-                                              f"pooled value {float(fm.embedding(zone)[ch]):.3f}"))
+                                              f"pooled value {float(fm.embedding(zone, [ch])[0]):.3f}"))
     note = (f"score = bias {bias:+.3f} + sum of the maps {total:+.3f} = {bias + total:+.3f} "
             f"(probability {1 / (1 + np.exp(-(bias + total))):.3f}; exact for this linear head)")
     return out, note
