@@ -110,8 +110,8 @@ def test_local_script_starts_a_cluster_runs_a_job_and_stops_everything(cohort, t
             assert {w["memory_limit"] for w in workers} == {parse_bytes(cpu["memory-limit"])}
             assert {w["nthreads"] for w in workers} == {cpu["nthreads"]}
             # deploy/dask.yaml reached the workers: no MALLOC_TRIM_THRESHOLD_, its memory thresholds
-            env_seen = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
-            assert set(env_seen.values()) == {None}
+            env_seen = client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("MALLOC_ARENA_MAX")))
+            assert set(env_seen.values()) == {(None, "1")}
 
             def pause():
                 import dask
@@ -188,7 +188,7 @@ def test_every_yaml_parses_and_dask_yaml_is_valid_dask_config():
     cfg = dask.config.collect(paths=[str(DASK_YAML)], env={})
     merged = dask.config.merge(dask.config.config, cfg)
     nanny = merged["distributed"]["nanny"]["pre-spawn-environ"]
-    assert nanny["MALLOC_TRIM_THRESHOLD_"] is None and nanny["OMP_NUM_THREADS"] == 1
+    assert nanny["MALLOC_TRIM_THRESHOLD_"] is None and nanny["OMP_NUM_THREADS"] == 1 and nanny["MALLOC_ARENA_MAX"] == 1
     memory = merged["distributed"]["worker"]["memory"]
     assert 0 < memory["pause"] < memory["terminate"] <= 1 and memory["spill"] is False
     kustom = yaml.safe_load((K8S / "kustomization.yaml").read_text())

@@ -208,7 +208,7 @@ def test_job_on_tls_secured_clusters(two_patients, tmp_path):
 def test_local_cluster_listens_on_localhost_only_and_without_malloc_trim():
     """Every socket of a default LocalCluster (scheduler, dashboard, workers, nannies) is bound to
     127.0.0.1; its workers start without MALLOC_TRIM_THRESHOLD_ (glibc keeps its dynamic mmap
-    threshold), and the driver's Dask config is left as it was."""
+    threshold) and with one malloc arena, and the driver's Dask config is left as it was."""
     import dask
     import psutil
 
@@ -222,8 +222,9 @@ def test_local_cluster_listens_on_localhost_only_and_without_malloc_trim():
         listening = [c.laddr for p in procs for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
         assert len(listening) >= 3                           # scheduler, dashboard, worker (+ nanny)
         assert {a.ip for a in listening} == {"127.0.0.1"}, listening
-        env = conn.client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_", "unset"))
-        assert list(env.values()) == ["unset"]
+        env = conn.client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_", "unset"),
+                                       os.environ.get("MALLOC_ARENA_MAX")))
+        assert list(env.values()) == [("unset", "1")]
     finally:
         conn.close()
     assert dask.config.get("distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_") == 65536
