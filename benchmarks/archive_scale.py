@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+from emphy_dask.synth.dicom_write import ct_dataset
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
 SOP_PLACEHOLDER = UID_ROOT + "9" * 30               # 56 characters (even)
@@ -35,31 +35,17 @@ IN_PLACEHOLDER = "999999"                            # InstanceNumber, 6 charact
 
 def _template(patient: int) -> bytes:
     """One slice of patient ``patient`` serialised with placeholders for the per-file values."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = SOP_PLACEHOLDER
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = SOP_PLACEHOLDER
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = f"SYNTH^{patient:06d}", f"P-{patient:06d}", \
-        "19500101", "O"
-    ds.StudyInstanceUID = f"{UID_ROOT}1.{patient}"
-    ds.SeriesInstanceUID = f"{UID_ROOT}2.{patient}"
-    ds.FrameOfReferenceUID = f"{UID_ROOT}3.{patient}"
+    ds = ct_dataset(f"{UID_ROOT}1.{patient}", f"{UID_ROOT}2.{patient}", f"{UID_ROOT}3.{patient}", SOP_PLACEHOLDER,
+                    2, "CHEST 1.0 B30f", f"SYNTH^{patient:06d}", f"P-{patient:06d}", ["ORIGINAL", "PRIMARY", "AXIAL"])
+    ds.PatientBirthDate = "19500101"
     ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20200101", "120000", f"A{patient:08d}", "1"
-    ds.Modality, ds.ImageType = "CT", ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = 2, IN_PLACEHOLDER, "CHEST 1.0 B30f"
+    ds.InstanceNumber = IN_PLACEHOLDER
     ds.Manufacturer, ds.ManufacturerModelName, ds.ConvolutionKernel = "SIEMENS", "Synthetic", "B30f"
     ds.KVP, ds.XRayTubeCurrent, ds.InstitutionName = 120, 200, "SYNTHETIC HOSPITAL"
     ds.ImagePositionPatient = ["-2.0", "-2.0", Z_PLACEHOLDER]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.PixelSpacing, ds.SliceThickness = [0.5, 0.5], 1.0
     ds.Rows = ds.Columns = 8
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 1, -1024, "HU"
     ds.PixelData = np.full((8, 8), 24, np.int16).tobytes()
     buf = DicomBytesIO()
     dcmwrite(buf, ds, enforce_file_format=True)

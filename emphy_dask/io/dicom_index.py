@@ -39,51 +39,44 @@ def find_files(root) -> list[Path]:
     root = Path(root)
     if root.is_file():
         return [root]
-    out: list[str] = []
-    stack = [str(root)]
-    while stack:
-        d = stack.pop()
-        try:
-            with os.scandir(d) as it:
-                for e in it:
-                    if e.name.startswith("."):
-                        continue
-                    if e.is_dir(follow_symlinks=False):
-                        stack.append(e.path)
-                    elif e.is_file():
-                        out.append(e.path)
-        except (PermissionError, NotADirectoryError, FileNotFoundError):
-            continue
-    return [Path(p) for p in sorted(out)]
+    return [Path(p) for p in sorted(_walk_files(root))]
 
 
-def _has_files(folder: Path) -> bool:
+def _walk_files(folder):
+    """Paths (str) of the files below ``folder``, lazily: hidden entries skipped, symlinked
+    directories not followed, unreadable directories passed over."""
     stack = [str(folder)]
     while stack:
         try:
             with os.scandir(stack.pop()) as it:
-                for e in it:
-                    if e.name.startswith("."):
-                        continue
-                    if e.is_dir(follow_symlinks=False):
-                        stack.append(e.path)
-                    elif e.is_file():
-                        return True
+                entries = list(it)
         except OSError:
             continue
-    return False
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir(follow_symlinks=False):
+                stack.append(e.path)
+            elif e.is_file():
+                yield e.path
 
 
-def empty_scan_folders(root, keys) -> list[str]:
+def _has_files(folder: Path) -> bool:
+    return next(_walk_files(folder), None) is not None
+
+
+def empty_scan_folders(root, keys, include_root: bool = True) -> list[str]:
     """Keys (paths relative to ``root``) of folders without any file that sit beside scan
-    folders (or directly under ``root``): where a patient folder was expected and is empty.
+    folders (or, with ``include_root``, directly under ``root``): where a patient folder was
+    expected and is empty.
 
     Only the parents of the known scan keys are listed (one ``scandir`` each), so this stays
     cheap on large archives; empty study/series folders inside a patient are not scans.
     """
     root = Path(root)
     folder_keys = {k.split("#")[0] for k in keys if k != root.name}
-    parents = {Path(k).parent for k in folder_keys} | {Path(".")}
+    parents = {Path(k).parent for k in folder_keys}
+    parents = parents | {Path(".")} if include_root else parents - {Path(".")}
     found = []
     for parent in sorted(parents):
         try:

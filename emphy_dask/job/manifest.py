@@ -71,7 +71,7 @@ def index_unit(unit: str, root: str) -> tuple[list[ScanTask], int]:
     unit; empty folders directly under INPUT are the driver's (an empty unit)."""
     from collections import defaultdict
 
-    from ..io import find_files, index_files, scan_key_of
+    from ..io.dicom_index import empty_scan_folders, find_files, index_files, scan_key_of
     from ..io.image_io import label_image_reason
     from ..io.series import choose_by_scan
 
@@ -91,35 +91,13 @@ def index_unit(unit: str, root: str) -> tuple[list[ScanTask], int]:
         if any(other.startswith((key + "/", key + "#")) for other in out):
             continue                    # a collection folder above other scans (README, metadata.csv)
         out[key] = ScanError(root_p / key, f"no DICOM files found ({n} other files)")
-    for key in _empty_folders_below(root_p, set(counts) | set(out)):
+    # the folders directly under INPUT are units of their own (each indexed apart)
+    for key in empty_scan_folders(root_p, set(counts) | set(out), include_root=False):
         out.setdefault(key, ScanError(root_p / key, "empty folder: no files at all"))
     tasks = _tasks_from_choices(dict(sorted(out.items())))
     images = [f for f in files if _is_image(f)]
     tasks += [_image_task(_image_key(f, root_p), f, label_image_reason(f)) for f in images]
     return unique_keys(tasks), len(dicom)
-
-
-def _empty_folders_below(root: Path, keys) -> list[str]:
-    """``io.dicom_index.empty_scan_folders`` without the folders directly under ``root`` (each is
-    a unit of its own): empty folders beside scan folders inside a collection folder."""
-    from ..io.dicom_index import _has_files
-
-    folder_keys = {k.split("#")[0] for k in keys if k != root.name}
-    parents = {Path(k).parent for k in folder_keys} - {Path(".")}
-    found = []
-    for parent in sorted(parents):
-        try:
-            subdirs = [e for e in os.scandir(root / parent) if e.is_dir(follow_symlinks=False)
-                       and not e.name.startswith(".")]
-        except OSError:
-            continue
-        for e in subdirs:
-            rel = (parent / e.name).as_posix()
-            if rel in folder_keys or any(k.startswith(rel + "/") for k in folder_keys):
-                continue
-            if not _has_files(Path(e.path)):
-                found.append(rel)
-    return sorted(found)
 
 
 def _root_files(files: list[Path], root: Path, beside_scans: bool) -> list[ScanTask]:

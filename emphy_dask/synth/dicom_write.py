@@ -44,8 +44,10 @@ def _ds_str(v: float) -> str:
     return "0" if s in ("-0", "") else s
 
 
-def _base(study_uid, series_uid, for_uid, sop_uid, series_number, series_description,
-          patient_name, patient_id, image_type) -> Dataset:
+def ct_dataset(study_uid, series_uid, for_uid, sop_uid, series_number, series_description,
+               patient_name, patient_id, image_type) -> Dataset:
+    """The header every synthetic CT slice shares (file meta, patient, study, series, pixel
+    format, rescale); the caller adds geometry, kernel and pixels."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -143,7 +145,7 @@ def write_dicom_series(hu, spacing_zyx_mm, out_dir, *, origin_xyz_mm=(0.0, 0.0, 
     paths = []
     for k in range(nz):
         sop = synth_uid("sop", series_uid, k)
-        ds = _base(study_uid, series_uid, for_uid, sop, series_number, series_description,
+        ds = ct_dataset(study_uid, series_uid, for_uid, sop, series_number, series_description,
                    patient_name, patient_id, ["ORIGINAL", "PRIMARY", "AXIAL"])
         ds.ConvolutionKernel = kernel
         ds.KVP = _ds_str(kvp)
@@ -185,7 +187,7 @@ def write_localizer(hu, spacing_zyx_mm, out_dir, *, origin_xyz_mm=(0.0, 0.0, 0.0
     study_uid, series_uid, for_uid = _uids(seed, series_number, study_uid, series_uid,
                                            frame_of_reference_uid)
     sop = synth_uid("sop", series_uid, 0)
-    ds = _base(study_uid, series_uid, for_uid, sop, series_number, "SCOUT", patient_name, patient_id,
+    ds = ct_dataset(study_uid, series_uid, for_uid, sop, series_number, "SCOUT", patient_name, patient_id,
                ["ORIGINAL", "PRIMARY", "LOCALIZER"])
     ds.KVP = "120"
     ds.XRayTubeCurrent = 30
