@@ -135,7 +135,8 @@ def cmd_demo(args) -> int:
     agree = int((table["label"] == table["true_label"]).sum())
     print(f"\nlabels agree with truth: {agree}/{len(table)}; "
           f"LAA950 mean abs error {abs(table['laa950_pct'] - table['true_laa950_pct']).mean():.2f} points")
-    print(f"outputs: {out / 'extract'} (scans/, phenotypes/, slices/, errors/, masks/, qc/, run.json)")
+    written = sorted(f"{p.name}/" if p.is_dir() else p.name for p in (out / "extract").iterdir())
+    print(f"outputs: {out / 'extract'} ({', '.join(written)})")
     from .cli_models import demo_fit_and_report
 
     index = demo_fit_and_report(out / "extract")

@@ -40,13 +40,31 @@ _S2D[1] = True
 
 
 def _block_mean(a: np.ndarray, f: tuple) -> np.ndarray:
-    """Block-average ``a`` (z,y,x) by integer factors ``f``; edges padded by replication."""
+    """Block-average ``a`` (z,y,x) by integer factors ``f`` into float32; edges padded by replication.
+
+    One block of slices at a time, with integer sums for integer (HU) and bool input: no
+    float copy of the whole scan (4 of them, 1 GB and ~1.4 s on a 512 x 512 x 270 scan, in a
+    plain ``astype``/``pad``/``mean``), and means exactly as float32 division of the exact sum.
+    """
     if f == (1, 1, 1):
         return a.astype(np.float32)
-    pad = [(0, (-n) % k) for n, k in zip(a.shape, f)]
-    a = np.pad(a.astype(np.float32), pad, mode="edge")
-    z, y, x = (n // k for n, k in zip(a.shape, f))
-    return a.reshape(z, f[0], y, f[1], x, f[2]).mean(axis=(1, 3, 5))
+    exact = a.dtype == bool or np.issubdtype(a.dtype, np.integer)
+    in_plane_pad = [(0, 0)] + [(0, (-n) % k) for n, k in zip(a.shape[1:], f[1:])]
+    nz, ny, nx = (-(-n // k) for n, k in zip(a.shape, f))
+    out = np.empty((nz, ny, nx), np.float32)
+    for i in range(nz):
+        slab = a[i * f[0]: (i + 1) * f[0]]
+        if slab.shape[0] < f[0]:
+            slab = np.concatenate([slab, np.repeat(slab[-1:], f[0] - slab.shape[0], axis=0)])
+        slab = np.pad(slab, in_plane_pad, mode="edge") if any(p[1] for p in in_plane_pad) else slab
+        total = slab.reshape(f[0], ny, f[1], nx, f[2]).sum(axis=(0, 2, 4), dtype=np.int64 if exact else np.float64)
+        out[i] = total.astype(np.float32) / np.float32(np.prod(f))
+    return out
+
+
+def _label_sizes(lab: np.ndarray, n: int) -> np.ndarray:
+    """Voxel count of labels 1..n (``ndi.sum_labels`` of ones, without its float copies: 20x faster)."""
+    return np.bincount(lab.ravel(), minlength=n + 1)[1:]
 
 
 def _upsample(a: np.ndarray, f: tuple, shape: tuple) -> np.ndarray:
@@ -142,7 +160,7 @@ def _track_airway(tight, loose, outside, sp, lr_axis_2d, mid_lr, half_width, sup
         lab, n = ndi.label(tight[z])
         if n == 0:
             continue
-        areas = ndi.sum_labels(np.ones_like(lab), lab, np.arange(1, n + 1)) * px_mm2
+        areas = _label_sizes(lab, n) * px_mm2
         coms = ndi.center_of_mass(tight[z], lab, np.arange(1, n + 1))
         best = None
         for i, (a, c) in enumerate(zip(areas, coms)):
@@ -198,7 +216,7 @@ def _split_merged(comp: np.ndarray, sp: tuple, lr_coord, mid_lr: float):
             if n == 0:
                 break
             continue
-        sizes = ndi.sum_labels(np.ones_like(lab), lab, np.arange(1, n + 1))
+        sizes = _label_sizes(lab, n)
         a, b = np.argsort(sizes)[::-1][:2] + 1
         if sizes[b - 1] < 0.05 * total:
             continue
@@ -294,7 +312,7 @@ def _segment(hu, sp, axis_lps, sup_up, fov, thr, closing_mm, min_ml):
     linked = np.unique(lab3[outside])
     lab_in, n_in = ndi.label(inside)
     if n_in:
-        vol = ndi.sum_labels(np.ones_like(lab_in), lab_in, np.arange(1, n_in + 1)) * vox_ml
+        vol = _label_sizes(lab_in, n_in) * vox_ml
         big = np.zeros(n_in + 1, bool)
         big[1:] = vol >= 100.0  # a lung linked via the airway to the mouth must survive
         linked_in = np.unique(lab_in[np.isin(lab3, linked) & inside])
@@ -322,7 +340,7 @@ def _segment(hu, sp, axis_lps, sup_up, fov, thr, closing_mm, min_ml):
     lab, n = ndi.label(cand)
     if n == 0:
         raise ScanError("<array>", "no lung found: no air enclosed by the body", stage="segment")
-    vols = ndi.sum_labels(np.ones_like(lab), lab, np.arange(1, n + 1)) * vox_ml
+    vols = _label_sizes(lab, n) * vox_ml
     order = np.argsort(vols)[::-1]
     if vols[order[0]] < min_ml:
         raise ScanError("<array>", f"no lung found: largest air region inside the body is "
@@ -382,10 +400,6 @@ def _segment(hu, sp, axis_lps, sup_up, fov, thr, closing_mm, min_ml):
 
 def _refine(hu, fov, thr, f, filled, names, airway, shape, pixel_mm2):
     """Re-decide the one-working-voxel boundary band at full resolution by the threshold."""
-    air_full = hu < thr
-    if fov is not None:
-        air_full &= fov
-    air_full &= ~_upsample(airway, f, shape)
     out = np.zeros(shape, np.uint8)
     union = np.zeros(filled[0].shape, bool)
     for m in filled:
@@ -398,7 +412,12 @@ def _refine(hu, fov, thr, f, filled, names, airway, shape, pixel_mm2):
         sub_shape = tuple(s.stop - s.start for s in full_bb)
         inter_up = _upsample(interior[bb], f, sub_shape)
         band_up = _upsample(band[bb], f, sub_shape)
-        lung = inter_up | (band_up & air_full[full_bb])
+        # full-resolution air only inside this lung's box (the whole scan is 3-5x larger)
+        band_up &= hu[full_bb] < thr
+        if fov is not None:
+            band_up &= fov[full_bb]
+        band_up &= ~_upsample(airway[bb], f, sub_shape)
+        lung = inter_up | band_up
         lung = _fill_slices(lung, pixel_mm2)
         region = out[full_bb]
         region[lung & (region == 0)] = name
