@@ -106,3 +106,19 @@ def left_right_axis(direction_xyz) -> tuple[int, bool]:
     vecs = axis_lps_vectors(direction_xyz)
     axis = int(np.argmax(np.abs(vecs[:, 0])))
     return axis, bool(vecs[axis, 0] > 0)
+
+
+def bounding_box(mask: np.ndarray) -> tuple[tuple[int, int], ...] | None:
+    """Index range ``(start, stop)`` (stop exclusive) of the nonzero voxels along each axis.
+
+    None for an empty mask. Projections with ``any`` instead of ``np.nonzero``/``argwhere``,
+    which build the index of every voxel (1 s and 1 GB for a 512 x 512 x 300 lung mask).
+    """
+    mask = np.asarray(mask)
+    box = []
+    for ax in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
+        if hit.size == 0:
+            return None
+        box.append((int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import ScanError
 from ..phenotypes.regions import slice_thirds
-from ..volume import axis_lps_vectors
+from ..volume import axis_lps_vectors, bounding_box
 
 ZONES = ("upper", "middle", "lower")
 VOLUME_SIZE = (160, 224, 224)          # depth, H, W of the 3D backbone's input
@@ -121,11 +121,8 @@ def zone_labels(labels: np.ndarray, direction_xyz) -> np.ndarray:
 def _lung_box(lung_sra: np.ndarray, margin_vox: int) -> tuple:
     if not lung_sra.any():
         raise ScanError("<array>", "no lung voxels on the 1 mm grid: nothing to embed", stage="inputs")
-    box = []
-    for ax in range(3):
-        idx = np.flatnonzero(lung_sra.any(axis=tuple(a for a in range(3) if a != ax)))
-        box.append((max(0, int(idx[0]) - margin_vox), min(lung_sra.shape[ax], int(idx[-1]) + 1 + margin_vox)))
-    return tuple(box)
+    return tuple((max(0, lo - margin_vox), min(n, hi + margin_vox))
+                 for (lo, hi), n in zip(bounding_box(lung_sra), lung_sra.shape))
 
 
 def _area_resize(array: np.ndarray, size) -> np.ndarray:

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from emphy_dask.volume import craniocaudal_axis
+from emphy_dask.volume import bounding_box, craniocaudal_axis
 
 #: ``fov_truncated`` when more than this percentage of the lung border lies on the FOV edge.
 #: A complete lung has 0 %; a few edge voxels (a mask drawn to the border by hand) stay below.
@@ -45,10 +45,8 @@ def lung_border_at_fov_edge_pct(lung, fov_mask=None, direction_xyz=(1, 0, 0, 0, 
     axis, _ = craniocaudal_axis(direction_xyz)
     inplane = [a for a in range(3) if a != axis]
     # crop to the lung grown by one voxel in-plane; beyond the image counts as outside the FOV
-    idx = np.nonzero(lung)
     bb = []
-    for a in range(3):
-        lo, hi = int(idx[a].min()), int(idx[a].max()) + 1
+    for a, (lo, hi) in enumerate(bounding_box(lung)):
         if a in inplane:
             lo, hi = max(lo - 1, 0), min(hi + 1, lung.shape[a])
         bb.append(slice(lo, hi))

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import SimpleITK as sitk
 
-from emphy_dask.volume import PADDING_HU, CTVolume
+from emphy_dask.volume import PADDING_HU, CTVolume, bounding_box
 
 
 def _target_geometry(volume: CTVolume, spacing_zyx_mm):
@@ -66,13 +66,14 @@ def roi_on_grid(volume: CTVolume, mask: np.ndarray, spacing_zyx_mm=(1.0, 1.0, 1.
     tuple of 3 (start, stop) index pairs (z, y, x) on the target grid.
     """
     size, sp, origin = _target_geometry(volume, spacing_zyx_mm)
-    idx = np.argwhere(mask)
-    if idx.size == 0:
+    box = bounding_box(mask)
+    if box is None:
         raise ValueError("empty mask: no region of interest")
     d = np.asarray(volume.direction_xyz, float).reshape(3, 3)
     old_sp = np.asarray(volume.spacing_zyx_mm, float)[::-1]
     corners = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], float)
-    lo, hi = idx.min(0)[::-1], idx.max(0)[::-1]                     # x, y, z voxel indices
+    lo = np.array([b[0] for b in box[::-1]], float)                 # x, y, z voxel indices
+    hi = np.array([b[1] - 1 for b in box[::-1]], float)
     pts = lo + corners * (hi - lo)                                   # the box's corner voxel centres
     world = np.asarray(volume.origin_xyz_mm) + (pts * old_sp) @ d.T
     new = np.linalg.solve(d, (world - origin).T).T / np.asarray(sp)  # continuous indices, new grid
