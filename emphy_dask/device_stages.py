@@ -152,7 +152,7 @@ def _store_embeddings(state: ScanState, fmap: np.ndarray, weights, config, out_d
     state.row.update(backbone=e.backbone, backbone_weights_sha256=sha, featuremap_path=rel)
     state.result["embeddings"] = [{
         "scan_key": key, "config_hash": config.config_hash, "backbone": e.backbone, "weights_sha256": sha,
-        "precision": e.precision, "zone": zone,
+        "precision": e.precision, "hu_source": e.hu_source, "zone": zone,
         "zone_pooling": e.zone_pooling if mi.recipe == "volume" else None,
         "slice_indices": mi.slice_indices.get(zone),
         "feature_depth_start": mi.feature_depth.get(zone, (None, None))[0],

@@ -261,18 +261,29 @@ def _measure(state: ScanState, run: StageClock, key: str, volume, labels, config
     state.result["slices"] = [{"scan_key": key, "config_hash": h, **r} for r in pheno["slices"]]
     row.update(run("artifacts", _artifacts, key, volume, labels, pheno, config, out_dir))
     if config.embed.backbone != "none":
-        resampled, labels_1mm = run("resample", _resample_lung_box, volume, labels, config)
+        resampled, labels_1mm = run("resample", _resample_lung_box, volume, labels, config,
+                                    pheno["harmonized_volume"])
         state.model_input = run("inputs", _model_input, key, resampled, labels_1mm, config, out_dir)
     return state
 
 
-def _resample_lung_box(volume, labels, config):
+def _resample_lung_box(volume, labels, config, harmonized=None):
     """The 1 mm volume and mask over the lung box plus the input's margin only: the same voxels as
-    resampling the whole scan (``preprocess.roi_on_grid``), at a fraction of the cost."""
+    resampling the whole scan (``preprocess.roi_on_grid``), at a fraction of the cost.
+
+    ``[embed].hu_source = "harmonized"``: from the kernel-harmonised volume (``harmonized``, the
+    phenotypes' when ``[harmonize]`` is on; else made here with ``[harmonize].method``).
+    """
     from .embed import BACKBONES
     from .embed.inputs import ras_axes
     from .preprocess import resample_labels, resample_volume, roi_on_grid
 
+    if config.embed.hu_source == "harmonized":
+        if harmonized is None:
+            from .preprocess.harmonize import harmonize_volume
+
+            harmonized, _ = harmonize_volume(volume, config.harmonize.method)
+        volume = harmonized
     spacing = tuple(config.resample.spacing_mm)
     # the 2.5D recipe cuts an in-plane square around the lung box: widen the box to it
     square = ras_axes(volume.direction_xyz)[0][1:] if BACKBONES[config.embed.backbone].recipe == "slabs" else ()
@@ -351,7 +362,7 @@ def _phenotypes(volume, labels, config, encoding: str | None = None) -> dict:
                "hu_mean": m.whole["hu_mean"],
                "cluster_d": float(m.cluster_d) if np.isfinite(m.cluster_d) else None, "label": m.label,
                **fov_columns(m.lung, volume.fov_mask, volume.direction_xyz), **kernel_cols, "hu_source": source}
-    return {"regions": regions, "slices": slices, "summary": summary}
+    return {"regions": regions, "slices": slices, "summary": summary, "harmonized_volume": harmonized}
 
 
 def kernel_stage(volume, config):

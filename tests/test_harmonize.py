@@ -186,3 +186,42 @@ def test_sharp_scan_is_taken_to_its_own_vendors_standard():
     assert p_philips["target_strength"] == 0.0 and p_ge["target_strength"] == VENDOR_STANDARD_STRENGTH["ge"]
     assert p_ge["strength"] == pytest.approx(p_philips["strength"] - VENDOR_STANDARD_STRENGTH["ge"], abs=1e-3)
     assert p_ge["applied"] and out.hu.dtype == np.int16 and out.hu.shape == philips.hu.shape
+
+
+def test_model_inputs_from_harmonised_hu(tmp_path):
+    """[embed].hu_source = "harmonized": the backbone's input is cut from the harmonised volume (the
+    same array whether [harmonize] made it for the phenotypes or the resample stage made it), its
+    fine structure is calmer than the raw sharp kernel's, and the rows say which HU they saw."""
+    from pathlib import Path
+
+    from emphy_dask.device_stages import embed_states, resolve_weights
+    from emphy_dask.pipeline import ScanTask, prepare_scan
+
+    task = ScanTask("dx-sharp", "dicom", tuple(str(p) for p in sorted(Path(DX_SHARP).glob("*.dcm"))))
+    base = {"qc": {"max_hu": 4000.0}, "output": {"write_masks": False, "write_qc_png": False},
+            "embed": {"weights": "random"}}
+
+    def state(embed=None, harmonize=None):
+        cfg = resolve_weights(config_from_dict({**base, "embed": {**base["embed"], **(embed or {})},
+                                                "harmonize": harmonize or {}}))
+        s = prepare_scan(task, cfg, tmp_path)
+        assert s.row["status"] == "ok", s.row.get("reason")
+        return cfg, s
+
+    raw_cfg, raw = state()
+    cfg, harm = state({"hu_source": "harmonized"})
+    _, harm_on = state({"hu_source": "harmonized"}, {"enabled": True})
+    np.testing.assert_array_equal(harm.model_input.array, harm_on.model_input.array)
+
+    def fine(a):                                   # mean |second difference| in-plane: high frequencies
+        a = a.astype(np.float32)
+        return float(np.abs(a[:, :, 2:] - 2 * a[:, :, 1:-1] + a[:, :, :-2]).mean())
+    assert fine(harm.model_input.array) < 0.8 * fine(raw.model_input.array)
+
+    assert raw_cfg.config_hash == resolve_weights(config_from_dict(base)).config_hash
+    assert cfg.config_hash != raw_cfg.config_hash
+    with pytest.raises(ConfigError, match=r"\[embed\].hu_source"):
+        config_from_dict({"embed": {"hu_source": "smooth"}})
+    rows = embed_states([harm], cfg, tmp_path, "cpu")[0]["embeddings"]
+    assert {r["hu_source"] for r in rows} == {"harmonized"} and len(rows) == 4
+    assert all(np.isfinite(r["embedding"]).all() for r in rows)

@@ -156,6 +156,10 @@ def test_predict_scores_a_matching_run_and_refuses_another_backbone_or_weights(s
     other_weights = fabricate_run(tmp_path / "weights", 12, seed=9, weights_sha256="0" * 64)
     with pytest.raises(RunMismatch, match="weights 000000000000.*the model needs ct-i3resnet152"):
         predict_run(out / "model", other_weights)
+    assert run["hu_source"] == "raw"
+    other_hu = fabricate_run(tmp_path / "hu", 12, seed=9, weights_sha256=run["weights_sha256"], hu_source="harmonized")
+    with pytest.raises(RunMismatch, match="cut from harmonized HU; the model was fitted on raw HU"):
+        predict_run(out / "model", other_hu)
     other_net = fabricate_run(tmp_path / "net", 12, seed=9, backbone="resnet152", weights_sha256=run["weights_sha256"])
     assert main(["predict", str(out / "model"), str(other_net)]) == 2
     assert not (other_net / "predictions").exists() and not (other_weights / "predictions").exists()

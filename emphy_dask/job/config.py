@@ -52,6 +52,7 @@ class EmbedSettings:
     margin_mm: float = 10.0         # margin around the lung box of the model input
     batch_size: int = 8             # scans per forward on a GPU (halved on out-of-memory); 1 on CPU
     save_feature_maps: bool = True  # layer4 maps in featuremaps/ (for exact class-activation maps)
+    hu_source: str = "raw"          # "raw", or "harmonized": inputs cut from kernel-harmonised HU ([harmonize].method)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,10 @@ class JobConfig:
             out["embed"] = {"backbone": "none"}
         elif self.embed.backbone != "ct-i3resnet152":   # zone pooling only exists for the 3D map
             out["embed"].pop("zone_pooling")
+        if self.embed.hu_source == "raw":             # runs before the option existed keep their hash
+            out["embed"].pop("hu_source", None)
+        elif self.embed.backbone != "none":
+            out["embed"]["harmonize_method"] = self.harmonize.method
         if not self.harmonize.enabled:               # the method matters only when it runs
             out["harmonize"] = {"enabled": False}
         return out
@@ -197,6 +202,8 @@ def _check_models(cfg: JobConfig, source: str) -> None:
                           f"(known: {', '.join(BACKBONES)}, none)")
     if e.precision not in PRECISIONS:
         raise ConfigError(f"{source}: [embed].precision must be one of {', '.join(PRECISIONS)}, got {e.precision!r}")
+    if e.hu_source not in ("raw", "harmonized"):
+        raise ConfigError(f"{source}: [embed].hu_source must be raw or harmonized, got {e.hu_source!r}")
     if e.zone_pooling not in ("lung", "slab"):
         raise ConfigError(f"{source}: [embed].zone_pooling must be \"lung\" or \"slab\", got {e.zone_pooling!r}")
     if e.batch_size < 1 or cfg.segment.batch_size < 1 or e.margin_mm < 0:

@@ -54,6 +54,15 @@ def run_backbones(out_dir) -> pd.DataFrame:
     return t.groupby(["backbone", "weights_sha256"], as_index=False)["scan_key"].nunique()
 
 
+def embedding_hu_source(out_dir, backbone: str, weights_sha256: str) -> str:
+    """raw or harmonized: the HU the run's embeddings of this backbone were cut from ([embed].hu_source;
+    runs from before the column are raw); "mixed" when a run holds both."""
+    t = read_table(out_dir, "embeddings", columns=["backbone", "weights_sha256", "hu_source"]).to_pandas()
+    found = set(t.loc[(t["backbone"] == backbone) & (t["weights_sha256"] == weights_sha256), "hu_source"]
+                .fillna("raw"))
+    return found.pop() if len(found) == 1 else ("mixed" if found else "raw")
+
+
 def pick_backbone(out_dir, backbone: str = "") -> tuple[str, str]:
     """(backbone, weights_sha256) to use: the run's only one, or the one asked for."""
     found = run_backbones(out_dir)

@@ -23,7 +23,8 @@ ZONES = ("whole", "upper", "middle", "lower")
 
 def fabricate_run(out, n_scans: int, *, seed: int = 0, signal: float = 0.0, n_signal: int = 10, dim: int = 2048,
                   backbone: str = "ct-i3resnet152", weights_sha256: str = "f" * 64, n_excluded: int = 0,
-                  n_featuremaps: int = 0, discordant_every: int = 0, part_size: int = 200) -> Path:
+                  n_featuremaps: int = 0, discordant_every: int = 0, part_size: int = 200,
+                  hu_source: str = "raw") -> Path:
     """Write a run of ``n_scans`` ok scans (+ ``n_excluded`` excluded ones) under ``out``.
 
     ``n_featuremaps`` > 0: that many random float16 layer4 files (shape of ct-i3resnet152) and
@@ -74,7 +75,7 @@ def fabricate_run(out, n_scans: int, *, seed: int = 0, signal: float = 0.0, n_si
                           "perc15_hu": float(mld[i] - 60 - 2 * laa[i] * f), "volume_l": 1.5})
         for zi, zone in enumerate(ZONES):
             embs.append({"scan_key": key, "config_hash": "fabricated", "backbone": backbone,
-                         "weights_sha256": weights_sha256, "precision": "fp32", "zone": zone,
+                         "weights_sha256": weights_sha256, "precision": "fp32", "hu_source": hu_source, "zone": zone,
                          "zone_pooling": "lung", "embedding": emb[i, zi].tolist(),
                          "featuremap_path": files.get("featuremap"), "input_png_path": files.get(zone)})
     for table, rows, per in (("scans", scans, part_size), ("phenotypes", pheno, part_size * 4),

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import figures
-from .cohort import Cohort, balanced_subset, check_classes, load_cohort
+from .cohort import Cohort, balanced_subset, check_classes, embedding_hu_source, load_cohort
 from .metrics import pr_band, roc_band
 from .pipelines import (inner_folds_for, l1_pipeline, paper_pipeline, phenotype_pipeline, ridge_pipeline,
                         student_t)
@@ -111,6 +111,7 @@ def fit_run(out_dir, s: FitSettings, *, figures_on: bool = True) -> dict:
     model_dir = out_dir / MODEL_DIR
     (model_dir / "figures").mkdir(parents=True, exist_ok=True)
     run = {"backbone": c.backbone, "weights_sha256": c.weights_sha256, "zones": list(c.zones),
+           "hu_source": embedding_hu_source(out_dir, c.backbone, c.weights_sha256),
            "embedding_dim": int(c.X.shape[1] // len(c.zones)), "source_run": str(out_dir.resolve()),
            "settings": dataclasses.asdict(s), "versions": versions()}
     save_models(model_dir / "model.json", models, run)

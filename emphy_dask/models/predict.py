@@ -1,8 +1,9 @@
 """``emphy predict MODEL_DIR OUT``: score another extract run with a saved model.
 
-The run must hold embeddings of the model's backbone and weights hash: embeddings of another
-network, or of the same network with other weights, live in another feature space and would be
-scored silently wrong, so such a run is refused with the reason.
+The run must hold embeddings of the model's backbone and weights hash, cut from the same HU (raw or
+kernel-harmonised, ``[embed].hu_source``): embeddings of another network, of the same network with
+other weights, or of other HU live in another feature space and would be scored silently wrong, so
+such a run is refused with the reason.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ..tables import read_frame, write_part
-from .cohort import CohortError, embedding_matrix, feature_names, run_backbones, wholelung_phenotypes
+from .cohort import (CohortError, embedding_hu_source, embedding_matrix, feature_names, run_backbones,
+                     wholelung_phenotypes)
 from .saved import load_models
 
 
@@ -31,6 +33,10 @@ def check_run(out_dir, run: dict) -> None:
         have = ", ".join(f"{r.backbone} (weights {r.weights_sha256[:12]})" for r in found.itertuples())
         raise RunMismatch(f"{out_dir}: embeddings made with {have}; the model needs {run['backbone']} "
                           f"(weights {run['weights_sha256'][:12]}): refusing to score another feature space")
+    have_hu, need_hu = embedding_hu_source(out_dir, run["backbone"], run["weights_sha256"]), run.get("hu_source", "raw")
+    if have_hu != need_hu:
+        raise RunMismatch(f"{out_dir}: embeddings cut from {have_hu} HU; the model was fitted on {need_hu} HU "
+                          f"([embed].hu_source): refusing to score another feature space")
 
 
 def predict_run(model_dir, out_dir, model_name: str = "paper") -> tuple[Path, dict]:
