@@ -134,7 +134,8 @@ def test_report_single_scan_redraws_one_page(real_run, capsys):
 def test_report_opens_in_headless_chromium(real_run, tmp_path):
     browser, driver, why = find_chromium()
     if why:
-        pytest.skip(f"chromium cannot be used here ({why}); .ci/run installs chromium and chromium-driver")
+        pytest.fail(f"chromium cannot be used here ({why}): install Debian's chromium and chromium-driver "
+                    f"(.ci/run does when it can); the report is only checked in a real browser")
     report = real_run / "report"
     pages = [report / "index.html", *sorted((report / "scans").rglob("*.html"))]
     with PageChecker() as pc:
