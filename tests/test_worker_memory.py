@@ -15,14 +15,15 @@ def test_one_huge_scan_out_of_memory_fails_alone(tmp_path):
     from emphy_dask.synth.dicom_write import write_dicom_series
 
     synth_cohort(tmp_path / "c", 2, seed=4, size="small")
-    # 320 x 512 x 512 (84 M voxels): decoding and resampling it needs well over 1 GiB
-    hu = np.full((320, 512, 512), -1000, np.int16)
+    # 400 x 512 x 512 (105 M voxels): decoding, QC and segmenting it need ~0.6 GB beside the worker's
+    # own ~0.33 GB; the small scans far less
+    hu = np.full((400, 512, 512), -1000, np.int16)
     hu[:, 100:400, 80:430] = 40
     write_dicom_series(hu, (1.0, 0.7, 0.7), tmp_path / "c" / "dicom" / "HUGE" / "study" / "series", seed=9,
                        patient_id="HUGE")
     del hu
     job = tmp_path / "job.toml"
-    job.write_text('[cluster]\nworkers = 2\nmemory_limit = "1GiB"\ndashboard_address = "127.0.0.1:0"\n'
+    job.write_text('[cluster]\nworkers = 2\nmemory_limit = "768MiB"\ndashboard_address = "127.0.0.1:0"\n'
                    '[embed]\nbackbone = "none"\n')
     lines = []
     # two worker deaths per attempt instead of four (Dask's default allowed-failures 3): a quicker test
@@ -35,7 +36,7 @@ def test_one_huge_scan_out_of_memory_fails_alone(tmp_path):
     assert huge["status"] == "failed" and huge["error_stage"] == "worker"
     assert huge["reason"].startswith("HUGE: 2 worker(s) died running its prepare task, the last time with this scan "
                                      "alone on the cluster (KilledWorker); likely out of memory on this scan "
-                                     "(workers' memory limit 1.0 GiB)"), huge["reason"]
+                                     "(workers' memory limit 0.8 GiB)"), huge["reason"]
     assert (scans.drop(index="HUGE")["status"] == "ok").all()
     errors = read_frame(tmp_path / "out", "errors")
     assert errors["scan_key"].tolist() == ["HUGE"] and errors["error_type"].tolist() == ["KilledWorker"]
