@@ -16,7 +16,8 @@ clusters: the same keys under ``distributed.nanny.pre-spawn-environ`` in the Das
 process that starts the nannies (``deploy/dask.yaml`` has the first).
 
 ``security`` (``distributed.security.Security``) secures every connection with TLS: a
-LocalCluster then listens on ``tls://``; joining a cluster, it holds the CA and client certificate (``--tls-ca-file``, ``--tls-cert``, ``--tls-key``).
+LocalCluster then listens on ``tls://``; joining a cluster, it holds the CA and client
+certificate (``--tls-ca-file``, ``--tls-cert``, ``--tls-key``).
 """
 from __future__ import annotations
 

@@ -57,14 +57,16 @@ def load_fit_settings(job_path=None, **overrides) -> FitSettings:
             raise ConfigError(f"{source}: cannot read the job file: {exc}") from None
         fit = data.pop("fit", {})
         config_from_dict(data, source)          # the rest must be a valid extract job
-        values.update(fit if isinstance(fit, dict) else {"<not a table>": fit})
+        if not isinstance(fit, dict):
+            raise ConfigError(f"{source}: [fit] must be a table")
+        values.update(fit)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return fit_settings_from_table(values, source)
 
 
 def fit_settings_from_table(values: dict, source: str) -> FitSettings:
     """Validate the keys of a ``[fit]`` table (also called by ``load_job``, so extract checks them)."""
-    if not isinstance(values, dict) or "<not a table>" in values:
+    if not isinstance(values, dict):
         raise ConfigError(f"{source}: [fit] must be a table")
     values = dict(values)
     defaults = {f.name: f.default for f in dataclasses.fields(FitSettings)}

@@ -6,9 +6,8 @@ large for a normal reconstruction.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
