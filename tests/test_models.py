@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from emphy_dask.cli import main
-from emphy_dask.job.config import ConfigError
+from emphy_dask.job.config import ConfigError, load_job
 from emphy_dask.models.cohort import CohortError, balanced_subset, load_cohort
 from emphy_dask.models.fabricate import fabricate_run
 from emphy_dask.models.fit import fit_run
@@ -217,3 +217,8 @@ def test_fit_settings_from_a_job_file(tmp_path):
     job.write_text('[fit]\nfold = 5\n')
     with pytest.raises(ConfigError, match="unknown key"):
         load_fit_settings(job)
+    job.write_text('fit = 5\n')
+    with pytest.raises(ConfigError, match=r"\[fit\] must be a table"):
+        load_fit_settings(job)
+    with pytest.raises(ConfigError, match=r"\[fit\] must be a table"):
+        load_job(job)
