@@ -271,18 +271,14 @@ def _resample_lung_box(volume, labels, config, harmonized=None):
     """The 1 mm volume and mask over the lung box plus the input's margin only: the same voxels as
     resampling the whole scan (``preprocess.roi_on_grid``), at a fraction of the cost.
 
-    ``[embed].hu_source = "harmonized"``: from the kernel-harmonised volume (``harmonized``, the
-    phenotypes' when ``[harmonize]`` is on; else made here with ``[harmonize].method``).
+    ``[embed].hu_source = "harmonized"``: from the kernel-harmonised volume ``harmonized``
+    (``kernel_stage`` made it, the phenotypes' own when ``[harmonize]`` is on).
     """
     from .embed import BACKBONES
     from .embed.inputs import ras_axes
     from .preprocess import resample_labels, resample_volume, roi_on_grid
 
     if config.embed.hu_source == "harmonized":
-        if harmonized is None:
-            from .preprocess.harmonize import harmonize_volume
-
-            harmonized, _ = harmonize_volume(volume, config.harmonize.method)
         volume = harmonized
     spacing = tuple(config.resample.spacing_mm)
     # the 2.5D recipe cuts an in-plane square around the lung box: widen the box to it
@@ -346,7 +342,8 @@ def _phenotypes(volume, labels, config, encoding: str | None = None) -> dict:
 
     # kernel class (+ image estimate) always; harmonised HU when [harmonize] is on: then the
     # label, summary and slice curve use them and the phenotypes come on both HU (hu_source)
-    kernel_cols, harmonized = kernel_stage(volume, config)
+    kernel_cols, harmonized_volume = kernel_stage(volume, config)
+    harmonized = harmonized_volume if config.harmonize.enabled else None     # else made for the model inputs
     source = "raw" if harmonized is None else "harmonized"
     label_hu = volume.hu if harmonized is None else harmonized.hu
     m = measure_lungs(label_hu, labels, volume.spacing_zyx_mm, volume.direction_xyz, config.label, encoding)
@@ -362,18 +359,16 @@ def _phenotypes(volume, labels, config, encoding: str | None = None) -> dict:
                "hu_mean": m.whole["hu_mean"],
                "cluster_d": float(m.cluster_d) if np.isfinite(m.cluster_d) else None, "label": m.label,
                **fov_columns(m.lung, volume.fov_mask, volume.direction_xyz), **kernel_cols, "hu_source": source}
-    return {"regions": regions, "slices": slices, "summary": summary, "harmonized_volume": harmonized}
+    return {"regions": regions, "slices": slices, "summary": summary, "harmonized_volume": harmonized_volume}
 
 
 def kernel_stage(volume, config):
-    """Kernel columns of the scans row and the harmonised volume (None when ``[harmonize]`` is off).
-
-    Another stage that wants the harmonised volume calls
-    ``preprocess.harmonize.harmonize_volume(volume, config.harmonize.method)``.
-    """
+    """Kernel columns of the scans row and the harmonised volume: made when ``[harmonize]`` is on
+    or the model inputs want it (``[embed].hu_source``), from one kernel estimate; else None."""
     from .preprocess.harmonize import harmonize_scan
 
-    return harmonize_scan(volume, config.harmonize.enabled, config.harmonize.method)
+    return harmonize_scan(volume, config.harmonize.enabled, config.harmonize.method,
+                          volume_only=config.embed.backbone != "none" and config.embed.hu_source == "harmonized")
 
 
 def _artifacts(key: str, volume, labels, pheno, config, out_dir: Path) -> dict:

@@ -280,11 +280,13 @@ def params_json(params: dict) -> str:
     return json.dumps(doc, sort_keys=True)
 
 
-def harmonize_scan(volume, enabled: bool, method: str = "nps"):
+def harmonize_scan(volume, enabled: bool, method: str = "nps", *, volume_only: bool = False):
     """Kernel facts for a results row, and the harmonised volume when ``enabled``.
 
     The image estimate runs either way (~0.5 s), so that a kernel the vendor table does not
-    know still gets a class (``kernel_class_source = "image"``).
+    know still gets a class (``kernel_class_source = "image"``). ``volume_only``: the harmonised
+    volume even when not ``enabled`` (for the model inputs), from the same estimate, without
+    the ``harmonize_*`` columns (which describe the phenotypes' HU).
 
     Returns
     -------
@@ -293,7 +295,8 @@ def harmonize_scan(volume, enabled: bool, method: str = "nps"):
         ``harmonize_applied``, ``harmonize_strength``, ``harmonize_params`` (JSON; the three are
         None when not enabled), ``t_harmonize_s``.
     harmonized : CTVolume or None
-        None when not enabled; ``volume`` itself when enabled but the kernel is soft/standard.
+        None when neither ``enabled`` nor ``volume_only``; ``volume`` itself when the kernel is
+        soft/standard.
     """
     import time
 
@@ -313,8 +316,9 @@ def harmonize_scan(volume, enabled: bool, method: str = "nps"):
             "kernel_strength": est.strength, "harmonize_applied": None, "harmonize_strength": None,
             "harmonize_params": None}
     harmonized = None
-    if enabled:
+    if enabled or volume_only:
         harmonized, params = harmonize_volume(volume, method, estimate=est)
+    if enabled:
         cols.update(harmonize_applied=bool(params["applied"]), harmonize_strength=params["strength"],
                     harmonize_params=params_json(params))
     cols["t_harmonize_s"] = round(time.perf_counter() - t0, 4)
