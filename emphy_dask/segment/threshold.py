@@ -29,108 +29,12 @@ from scipy import ndimage as ndi
 import fill_voids
 
 from emphy_dask.errors import ScanError
-from emphy_dask.volume import bounding_box, craniocaudal_axis
+from emphy_dask.segment.morphology import (S2D, bbox_slices, block_mean, close_mm, disk, fill_slices, label_sizes,
+                                          upsample)
+from emphy_dask.volume import craniocaudal_axis
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 RIGHT, LEFT = 1, 2
-
-#: 2D (in-slice) 8-connectivity as a 3D structure: no links across slices.
-_S2D = np.zeros((3, 3, 3), bool)
-_S2D[1] = True
-
-
-def _block_mean(a: np.ndarray, f: tuple) -> np.ndarray:
-    """Block-average ``a`` (z,y,x) by integer factors ``f`` into float32; edges padded by replication.
-
-    One block of slices at a time, summed by strided adds (integer sums for integer and bool
-    input): no float copy of the whole scan and no multi-axis reduction, 10x faster than
-    ``astype``/``pad``/``reshape(...).mean``, and each mean is the float32 division of the
-    exact sum.
-    """
-    if f == (1, 1, 1):
-        return a.astype(np.float32)
-    exact = a.dtype == bool or np.issubdtype(a.dtype, np.integer)
-    acc = (np.int32 if a.dtype.itemsize <= 2 else np.int64) if exact else np.float64
-    nz, ny, nx = (-(-n // k) for n, k in zip(a.shape, f))
-    pad_yx = [(0, ny * f[1] - a.shape[1]), (0, nx * f[2] - a.shape[2])]
-    out = np.empty((nz, ny, nx), np.float32)
-    for i in range(nz):
-        rows = [a[min(i * f[0] + k, a.shape[0] - 1)] for k in range(f[0])]    # z edge replicated
-        total = rows[0].astype(acc)
-        for row in rows[1:]:
-            total += row
-        if pad_yx[0][1] or pad_yx[1][1]:
-            total = np.pad(total, pad_yx, mode="edge")
-        total = sum(total[j::f[1]] for j in range(1, f[1])) + total[0::f[1]]
-        total = sum(total[:, j::f[2]] for j in range(1, f[2])) + total[:, 0::f[2]]
-        out[i] = total.astype(np.float32) / np.float32(np.prod(f))
-    return out
-
-
-def _label_sizes(lab: np.ndarray, n: int) -> np.ndarray:
-    """Voxel count of labels 1..n (``ndi.sum_labels`` of ones, without its float copies: 20x faster)."""
-    return np.bincount(lab.ravel(), minlength=n + 1)[1:]
-
-
-def _upsample(a: np.ndarray, f: tuple, shape: tuple) -> np.ndarray:
-    """Nearest-neighbour inverse of ``_block_mean``: repeat by ``f`` and crop to ``shape``."""
-    for ax, k in enumerate(f):
-        if k > 1:
-            a = np.repeat(a, k, axis=ax)
-    return a[: shape[0], : shape[1], : shape[2]]
-
-
-def _bbox(mask: np.ndarray, margin: tuple) -> tuple:
-    """Slices of the bounding box of ``mask`` grown by ``margin`` voxels (clipped)."""
-    return tuple(slice(max(lo - m, 0), min(hi + m, n))
-                 for (lo, hi), m, n in zip(bounding_box(mask), margin, mask.shape))
-
-
-def _close_mm(mask: np.ndarray, radius_mm: float, sp: tuple) -> np.ndarray:
-    """3D binary closing with a ball of ``radius_mm`` via distance transforms (anisotropic-safe)."""
-    if not mask.any():
-        return mask
-    margin = tuple(int(np.ceil(radius_mm / s)) + 1 for s in sp)
-    bb = _bbox(mask, margin)
-    m = mask[bb]
-    # pad in-plane so the dilation never hits the crop edge; z is left open on purpose:
-    # a lung cut by the scan's first/last slice must not be eroded from that face
-    pad = [(0, 0), (margin[1], margin[1]), (margin[2], margin[2])]
-    mp = np.pad(m, pad)
-    dil = ndi.distance_transform_edt(~mp, sampling=sp) <= radius_mm
-    clo = ndi.distance_transform_edt(dil, sampling=sp) > radius_mm
-    out = mask.copy()
-    out[bb] |= clo[:, margin[1]: margin[1] + m.shape[1], margin[2]: margin[2] + m.shape[2]]
-    return out
-
-
-#: Largest in-slice hole filled into a lung, mm^2 (~5 cm disc): vessels, bronchi and
-#: nodules are smaller; the liver/spleen dome, which the lung base can ring in one
-#: slice, is larger and must stay out.
-MAX_HOLE_MM2 = 2000.0
-
-
-def _fill_slices(mask: np.ndarray, pixel_mm2: float) -> np.ndarray:
-    """Fill holes up to ``MAX_HOLE_MM2`` in each axial slice (axis 0) of a bool mask."""
-    out = mask.copy()
-    max_px = MAX_HOLE_MM2 / pixel_mm2
-    for z in np.nonzero(mask.any(axis=(1, 2)))[0]:
-        filled = fill_voids.fill(mask[z], in_place=False)
-        holes = filled & ~mask[z]
-        if holes.any():
-            lab, n = ndi.label(holes)
-            size = np.bincount(lab.ravel(), minlength=n + 1)
-            keep = size <= max_px
-            keep[0] = False
-            out[z] |= keep[lab]
-    return out
-
-
-def _disk(radius_vox: tuple) -> np.ndarray:
-    ry, rx = (max(int(round(r)), 1) for r in radius_vox)
-    yy, xx = np.mgrid[-ry: ry + 1, -rx: rx + 1]
-    return (yy / ry) ** 2 + (xx / rx) ** 2 <= 1.0
-
 
 #: Largest cross-section of one tracked airway component (trachea ~ 250-500 mm^2), mm^2.
 MAX_AIRWAY_SECTION_MM2 = 800.0
@@ -147,9 +51,9 @@ def _track_airway(tight, loose, outside, sp, lr_axis_2d, mid_lr, half_width, sup
     """
     nz = tight.shape[0]
     px_mm2 = sp[1] * sp[2]
-    ring_out = _disk((5.0 / sp[1], 5.0 / sp[2]))
-    ring_in = _disk((1.5 / sp[1], 1.5 / sp[2]))
-    grow = _disk((3.0 / sp[1], 3.0 / sp[2]))
+    ring_out = disk((5.0 / sp[1], 5.0 / sp[2]))
+    ring_in = disk((1.5 / sp[1], 1.5 / sp[2]))
+    grow = disk((3.0 / sp[1], 3.0 / sp[2]))
     airway = np.zeros_like(tight)
     order = list(range(nz - 1, -1, -1)) if sup_first else list(range(nz))
 
@@ -164,7 +68,7 @@ def _track_airway(tight, loose, outside, sp, lr_axis_2d, mid_lr, half_width, sup
         lab, n = ndi.label(tight[z])
         if n == 0:
             continue
-        areas = _label_sizes(lab, n) * px_mm2
+        areas = label_sizes(lab, n) * px_mm2
         coms = ndi.center_of_mass(tight[z], lab, np.arange(1, n + 1))
         best = None
         for i, (a, c) in enumerate(zip(areas, coms)):
@@ -209,7 +113,7 @@ def _split_merged(comp: np.ndarray, sp: tuple, lr_coord, mid_lr: float):
     Returns (part_a, part_b) bool masks or None if no split into two sides was found.
     ``lr_coord``: function mapping a bool mask to its centroid coordinate along L-R.
     """
-    bb = _bbox(comp, (1, 1, 1))
+    bb = bbox_slices(comp, (1, 1, 1))
     m = comp[bb]
     # in-plane distance only: lungs touch across a thin in-plane junction line
     dist = np.stack([ndi.distance_transform_edt(s, sampling=sp[1:]) for s in m])
@@ -220,7 +124,7 @@ def _split_merged(comp: np.ndarray, sp: tuple, lr_coord, mid_lr: float):
             if n == 0:
                 break
             continue
-        sizes = _label_sizes(lab, n)
+        sizes = label_sizes(lab, n)
         a, b = np.argsort(sizes)[::-1][:2] + 1
         if sizes[b - 1] < 0.05 * total:
             continue
@@ -299,12 +203,12 @@ def _segment(hu, sp, axis_lps, sup_up, fov, thr, closing_mm, min_ml):
     f = (max(1, int(2.0 / sp[0] + 0.5)), max(1, int(1.5 / sp[1] + 0.5)), max(1, int(1.5 / sp[2] + 0.5)))
     spc = tuple(s * k for s, k in zip(sp, f))
     vox_ml = float(np.prod(spc)) / 1000.0
-    work = _block_mean(hu, f)
-    pad = np.zeros(work.shape, bool) if fov is None else _block_mean(~fov, f) > 0.5
+    work = block_mean(hu, f)
+    pad = np.zeros(work.shape, bool) if fov is None else block_mean(~fov, f) > 0.5
     air = (work < thr) | pad
 
     # outside air: per-slice components touching the slice border or padding
-    lab2d, _ = ndi.label(air, structure=_S2D)
+    lab2d, _ = ndi.label(air, structure=S2D)
     border = np.zeros(air.shape, bool)
     border[:, [0, -1], :] = True
     border[:, :, [0, -1]] = True
@@ -316,7 +220,7 @@ def _segment(hu, sp, axis_lps, sup_up, fov, thr, closing_mm, min_ml):
     linked = np.unique(lab3[outside])
     lab_in, n_in = ndi.label(inside)
     if n_in:
-        vol = _label_sizes(lab_in, n_in) * vox_ml
+        vol = label_sizes(lab_in, n_in) * vox_ml
         big = np.zeros(n_in + 1, bool)
         big[1:] = vol >= 100.0  # a lung linked via the airway to the mouth must survive
         linked_in = np.unique(lab_in[np.isin(lab3, linked) & inside])
@@ -338,13 +242,13 @@ def _segment(hu, sp, axis_lps, sup_up, fov, thr, closing_mm, min_ml):
     tight = (work < -900.0) & inside
     airway = _track_airway(tight, inside, outside, spc, lr_axis, mid_lr, half_width,
                            sup_first=sup_up)
-    airway_loose = ndi.binary_dilation(airway, _S2D) & inside  # add partial-volume wall
+    airway_loose = ndi.binary_dilation(airway, S2D) & inside  # add partial-volume wall
     cand = inside & ~airway_loose
 
     lab, n = ndi.label(cand)
     if n == 0:
         raise ScanError("<array>", "no lung found: no air enclosed by the body", stage="segment")
-    vols = _label_sizes(lab, n) * vox_ml
+    vols = label_sizes(lab, n) * vox_ml
     order = np.argsort(vols)[::-1]
     if vols[order[0]] < min_ml:
         raise ScanError("<array>", f"no lung found: largest air region inside the body is "
@@ -378,9 +282,9 @@ def _segment(hu, sp, axis_lps, sup_up, fov, thr, closing_mm, min_ml):
         for j, o in enumerate(lungs):
             if j != i:
                 others |= o
-        m = _fill_slices(m, spc[1] * spc[2])
-        m = _close_mm(m, closing_mm, spc) & ~others & body
-        m = fill_voids.fill(_fill_slices(m, spc[1] * spc[2]), in_place=False)
+        m = fill_slices(m, spc[1] * spc[2])
+        m = close_mm(m, closing_mm, spc) & ~others & body
+        m = fill_voids.fill(fill_slices(m, spc[1] * spc[2]), in_place=False)
         filled.append(m & ~others)
 
     # physical L-R: LPS x of each centroid; smaller x = patient right
@@ -409,20 +313,20 @@ def _refine(hu, fov, thr, f, filled, names, airway, shape, pixel_mm2):
     for m in filled:
         union |= m
     for m, name in zip(filled, names):
-        interior = ndi.binary_erosion(m, _S2D)
-        band = ndi.binary_dilation(m, _S2D) & ~(union & ~m) & ~interior
-        bb = _bbox(m | band, (0, 0, 0))
+        interior = ndi.binary_erosion(m, S2D)
+        band = ndi.binary_dilation(m, S2D) & ~(union & ~m) & ~interior
+        bb = bbox_slices(m | band, (0, 0, 0))
         full_bb = tuple(slice(s.start * k, min(s.stop * k, n)) for s, k, n in zip(bb, f, shape))
         sub_shape = tuple(s.stop - s.start for s in full_bb)
-        inter_up = _upsample(interior[bb], f, sub_shape)
-        band_up = _upsample(band[bb], f, sub_shape)
+        inter_up = upsample(interior[bb], f, sub_shape)
+        band_up = upsample(band[bb], f, sub_shape)
         # full-resolution air only inside this lung's box (the whole scan is 3-5x larger)
         band_up &= hu[full_bb] < thr
         if fov is not None:
             band_up &= fov[full_bb]
-        band_up &= ~_upsample(airway[bb], f, sub_shape)
+        band_up &= ~upsample(airway[bb], f, sub_shape)
         lung = inter_up | band_up
-        lung = _fill_slices(lung, pixel_mm2)
+        lung = fill_slices(lung, pixel_mm2)
         region = out[full_bb]
         region[lung & (region == 0)] = name
     return out

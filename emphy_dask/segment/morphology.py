@@ -1,0 +1,111 @@
+"""Grid and morphology helpers of the classical segmenter: block means onto a coarse working
+grid and back, label sizes, bounding boxes, a closing with a ball in mm, per-slice hole filling.
+
+Pure functions on numpy arrays (z, y, x); spacings in mm.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+import fill_voids
+
+from emphy_dask.volume import bounding_box
+
+#: 2D (in-slice) 8-connectivity as a 3D structure: no links across slices.
+S2D = np.zeros((3, 3, 3), bool)
+S2D[1] = True
+
+
+def block_mean(a: np.ndarray, f: tuple) -> np.ndarray:
+    """Block-average ``a`` (z,y,x) by integer factors ``f`` into float32; edges padded by replication.
+
+    One block of slices at a time, summed by strided adds (integer sums for integer and bool
+    input): no float copy of the whole scan and no multi-axis reduction, 10x faster than
+    ``astype``/``pad``/``reshape(...).mean``, and each mean is the float32 division of the
+    exact sum.
+    """
+    if f == (1, 1, 1):
+        return a.astype(np.float32)
+    exact = a.dtype == bool or np.issubdtype(a.dtype, np.integer)
+    acc = (np.int32 if a.dtype.itemsize <= 2 else np.int64) if exact else np.float64
+    nz, ny, nx = (-(-n // k) for n, k in zip(a.shape, f))
+    pad_yx = [(0, ny * f[1] - a.shape[1]), (0, nx * f[2] - a.shape[2])]
+    out = np.empty((nz, ny, nx), np.float32)
+    for i in range(nz):
+        rows = [a[min(i * f[0] + k, a.shape[0] - 1)] for k in range(f[0])]    # z edge replicated
+        total = rows[0].astype(acc)
+        for row in rows[1:]:
+            total += row
+        if pad_yx[0][1] or pad_yx[1][1]:
+            total = np.pad(total, pad_yx, mode="edge")
+        total = sum(total[j::f[1]] for j in range(1, f[1])) + total[0::f[1]]
+        total = sum(total[:, j::f[2]] for j in range(1, f[2])) + total[:, 0::f[2]]
+        out[i] = total.astype(np.float32) / np.float32(np.prod(f))
+    return out
+
+
+def label_sizes(lab: np.ndarray, n: int) -> np.ndarray:
+    """Voxel count of labels 1..n (``ndi.sum_labels`` of ones, without its float copies: 20x faster)."""
+    return np.bincount(lab.ravel(), minlength=n + 1)[1:]
+
+
+def upsample(a: np.ndarray, f: tuple, shape: tuple) -> np.ndarray:
+    """Nearest-neighbour inverse of ``block_mean``: repeat by ``f`` and crop to ``shape``."""
+    for ax, k in enumerate(f):
+        if k > 1:
+            a = np.repeat(a, k, axis=ax)
+    return a[: shape[0], : shape[1], : shape[2]]
+
+
+def bbox_slices(mask: np.ndarray, margin: tuple) -> tuple:
+    """Slices of the bounding box of ``mask`` grown by ``margin`` voxels (clipped)."""
+    return tuple(slice(max(lo - m, 0), min(hi + m, n))
+                 for (lo, hi), m, n in zip(bounding_box(mask), margin, mask.shape))
+
+
+def close_mm(mask: np.ndarray, radius_mm: float, sp: tuple) -> np.ndarray:
+    """3D binary closing with a ball of ``radius_mm`` via distance transforms (anisotropic-safe)."""
+    if not mask.any():
+        return mask
+    margin = tuple(int(np.ceil(radius_mm / s)) + 1 for s in sp)
+    bb = bbox_slices(mask, margin)
+    m = mask[bb]
+    # pad in-plane so the dilation never hits the crop edge; z is left open on purpose:
+    # a lung cut by the scan's first/last slice must not be eroded from that face
+    pad = [(0, 0), (margin[1], margin[1]), (margin[2], margin[2])]
+    mp = np.pad(m, pad)
+    dil = ndi.distance_transform_edt(~mp, sampling=sp) <= radius_mm
+    clo = ndi.distance_transform_edt(dil, sampling=sp) > radius_mm
+    out = mask.copy()
+    out[bb] |= clo[:, margin[1]: margin[1] + m.shape[1], margin[2]: margin[2] + m.shape[2]]
+    return out
+
+
+#: Largest in-slice hole filled into a lung, mm^2 (~5 cm disc): vessels, bronchi and
+#: nodules are smaller; the liver/spleen dome, which the lung base can ring in one
+#: slice, is larger and must stay out.
+MAX_HOLE_MM2 = 2000.0
+
+
+def fill_slices(mask: np.ndarray, pixel_mm2: float) -> np.ndarray:
+    """Fill holes up to ``MAX_HOLE_MM2`` in each axial slice (axis 0) of a bool mask."""
+    out = mask.copy()
+    max_px = MAX_HOLE_MM2 / pixel_mm2
+    for z in np.nonzero(mask.any(axis=(1, 2)))[0]:
+        filled = fill_voids.fill(mask[z], in_place=False)
+        holes = filled & ~mask[z]
+        if holes.any():
+            lab, n = ndi.label(holes)
+            size = np.bincount(lab.ravel(), minlength=n + 1)
+            keep = size <= max_px
+            keep[0] = False
+            out[z] |= keep[lab]
+    return out
+
+
+def disk(radius_vox: tuple) -> np.ndarray:
+    """In-plane elliptic disc of radii ``radius_vox`` (y, x) voxels, at least 1, as a bool array."""
+    ry, rx = (max(int(round(r)), 1) for r in radius_vox)
+    yy, xx = np.mgrid[-ry: ry + 1, -rx: rx + 1]
+    return (yy / ry) ** 2 + (xx / rx) ** 2 <= 1.0
