@@ -23,8 +23,9 @@ import torch
 from emphy_dask.embed import load_model, run_batches, zone_embeddings
 from emphy_dask.embed.weights import resolve_backbone_weights
 from emphy_dask.job.config import JobConfig
-from emphy_dask.device_stages import resolve_weights
-from emphy_dask.pipeline import ScanTask, prepare_scan
+from emphy_dask.embed.weights import resolve_weights
+from emphy_dask.pipeline import prepare_scan
+from emphy_dask.scan_state import ScanTask
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SCANS = {

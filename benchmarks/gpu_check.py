@@ -109,7 +109,7 @@ def extract_run(out: Path, n: int, report: dict) -> None:
 
     from emphy_dask.job.config import JobConfig
     from emphy_dask.job.runner import run_extract
-    from emphy_dask.pipeline import STAGES
+    from emphy_dask.scan_state import STAGES
     from emphy_dask.synth import synth_patient
     from emphy_dask.tables import read_frame
 

@@ -5,7 +5,7 @@
 Synthesises N full-size patients (``emphy synth --size full``: 512 x 512, 250-350 slices) into
 WORK/cohort once, then, ``--repeats`` times, in turn:
 
-- loop: a fresh process runs ``pipeline.process_scan`` scan after scan (the job's own stage
+- loop: a fresh process runs ``local.process_scan`` scan after scan (the job's own stage
   functions, indexing included), with the environment Dask gives its workers (OMP, MKL,
   OpenBLAS at 1 thread);
 - dask-1, dask-2: ``job.runner.run_extract`` on a LocalCluster of 1 and 2 one-thread workers made
@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from emphy_dask.pipeline import STAGES
+from emphy_dask.scan_state import STAGES
 
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
@@ -50,9 +50,9 @@ def run_loop(cohort: Path, out: Path, backbone: str, shard: tuple[int, int] = (0
     t0 = time.perf_counter()
     import torch
 
-    from emphy_dask.device_stages import resolve_weights
+    from emphy_dask.embed.weights import resolve_weights
     from emphy_dask.job.manifest import build_manifest
-    from emphy_dask.pipeline import process_scan
+    from emphy_dask.local import process_scan
 
     torch.set_num_threads(1)
     cfg = resolve_weights(_job(out.parent, backbone))

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from emphy_dask.job.config import JobConfig
 from emphy_dask.job.manifest import build_manifest
-from emphy_dask.pipeline import STAGES, process_scan
+from emphy_dask.local import process_scan
+from emphy_dask.scan_state import STAGES
 from emphy_dask.synth import synth_patient
 
 

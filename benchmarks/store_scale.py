@@ -2,7 +2,7 @@
 
     python benchmarks/store_scale.py OUT [--scans 100000] [--part-size 64 256 512]
 
-Rows are those of a real scan: one small synthetic patient run through ``pipeline.process_scan``
+Rows are those of a real scan: one small synthetic patient run through ``local.process_scan``
 (default job: threshold segmenter, ct-i3resnet152 embeddings), its slices table stretched to 300
 slices (a full-size chest CT), copied under N keys (``collection/PATIENT-000001`` ...). For each
 part size: every table written as the job writes it (``RunStore.flush``: one part per
@@ -27,10 +27,10 @@ import psutil
 
 
 def one_real_result(tmp: Path) -> dict:
-    from emphy_dask.device_stages import resolve_weights
+    from emphy_dask.embed.weights import resolve_weights
     from emphy_dask.job.config import load_job
     from emphy_dask.job.manifest import build_manifest
-    from emphy_dask.pipeline import process_scan
+    from emphy_dask.local import process_scan
     from emphy_dask.synth import synth_cohort
 
     synth_cohort(tmp / "c", 1, seed=1, size="small")
@@ -76,7 +76,7 @@ def main() -> None:
     args = ap.parse_args()
     from emphy_dask.job.store import RunStore
     from emphy_dask.job.summary import exclusion_report
-    from emphy_dask.pipeline import artifact_stem
+    from emphy_dask.scan_state import artifact_stem
     from emphy_dask.tables import TABLES
 
     print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; python {sys.version.split()[0]}")

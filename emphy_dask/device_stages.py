@@ -8,7 +8,6 @@ only small rows go back to the driver.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -16,39 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ScanError
-from .pipeline import ScanState, StageClock, artifact_stem, atomic_write
-
-
-def resolve_weights(config):
-    """``config`` with the SHA-256 of its model weight files; raises ``WeightsMissing`` first.
-
-    Call it on the driver before any scan is processed: a missing file stops the job at once,
-    naming the file. The hashes enter ``config_hash``.
-    """
-    from .embed.weights import resolve_backbone_weights, resolve_lungmask_weights
-
-    shas = {}
-    if config.embed.backbone != "none":
-        shas["embed"] = resolve_backbone_weights(config.embed.backbone, config.embed.weights or None).sha256
-    if config.segment.name == "lungmask":
-        shas["segment"] = resolve_lungmask_weights(config.segment.model, config.segment.weights or None).sha256
-    return dataclasses.replace(config, weights_sha256=shas)
-
-
-def worker_weights(config, section: str):
-    """The weight file of ``section`` (``embed`` / ``segment``) on this machine, checked against the driver's."""
-    from .embed.weights import resolve_backbone_weights, resolve_lungmask_weights
-
-    if section == "embed":
-        w = resolve_backbone_weights(config.embed.backbone, config.embed.weights or None)
-    else:
-        w = resolve_lungmask_weights(config.segment.model, config.segment.weights or None)
-    want = config.weights_sha256.get(section)
-    if want and w.sha256 != want:
-        raise ScanError(w.path or section, f"weight file differs from the driver's (SHA-256 {w.sha256[:12]}... "
-                        f"vs {want[:12]}...)", stage=section)
-    return w
+from .embed.weights import worker_weights
+from .io.atomic import atomic_write
+from .scan_state import ScanState, StageClock, artifact_stem
 
 
 @dataclass

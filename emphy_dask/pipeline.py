@@ -4,8 +4,9 @@ The CPU half of a scan is ``prepare_scan`` (ingest -> QC -> segment -> phenotype
 -> resample the lung box to 1 mm -> model inputs); with the ``lungmask`` segmenter it stops after
 lungmask's preprocessing, the U-Net runs on a device (``device_stages.lungmask_on_device``) and
 ``finish_scan`` does the rest. The device half is ``device_stages.embed_states`` (backbone
-forward on a batch of scans). Each returns a ``ScanState``: the rows for every output table
-so far plus the arrays the next task needs. ``process_scan`` chains them in one process.
+forward on a batch of scans). Each returns a ``ScanState`` (``scan_state``): the rows for every
+output table so far plus the arrays the next task needs. ``local.process_scan`` chains them in
+one process, ``job/flow`` on a cluster.
 
 Nothing here raises for a bad scan: errors become a ``failed`` row with the stage and a one-line
 reason, QC exclusions an ``excluded`` row. Nothing knows about Dask, so the same functions run
@@ -13,93 +14,15 @@ in a loop, a test or on workers.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
 from .errors import ScanError
-from .volume import CTVolume
-
-STAGES = ("ingest", "qc", "segment", "phenotypes", "artifacts", "resample", "inputs", "embed")
-
-
-@dataclass(frozen=True)
-class ScanTask:
-    """What a worker needs to process one scan (small: it is shipped to the worker).
-
-    Attributes
-    ----------
-    scan_key : str
-        Output key (top-level folder of the scan in the input tree, or the manifest's key).
-    kind : str
-        ``dicom`` (``paths`` = the picked series' files), ``image`` (``paths`` = one
-        NIfTI/NRRD/MHD file) or ``error`` (indexing failed: ``error`` says why).
-    paths : tuple of str
-    selection : dict
-        Series-selection facts for the scans table (n_candidate_series, not_picked, ...).
-    error, error_path : str or None
-        Why no series could be picked, and the file/folder at fault (``kind == "error"``).
-    """
-
-    scan_key: str
-    kind: str
-    paths: tuple = ()
-    selection: dict = field(default_factory=dict)
-    error: str | None = None
-    error_path: str | None = None
-
-
-@dataclass
-class ScanState:
-    """One scan between its tasks: the rows so far and what the next task needs.
-
-    Attributes
-    ----------
-    result : dict
-        ``{"scans": row, "phenotypes": [...], "slices": [...], "embeddings": [...], "errors": [...]}``.
-    volume : CTVolume or None
-        The native volume, kept only while lungmask runs (it stays on the CPU worker).
-    lungmask_input : segment.lungmask.LungmaskInput or None
-        What the lungmask device task needs.
-    model_input : embed.inputs.ModelInput or None
-        What the backbone device task needs (float16, ~16 MB for the 3D backbone).
-    """
-
-    result: dict
-    volume: CTVolume | None = None
-    lungmask_input: object | None = None
-    model_input: object | None = None
-
-    @property
-    def row(self) -> dict:
-        return self.result["scans"]
-
-    @property
-    def ok(self) -> bool:
-        return self.row["status"] == "ok"
-
-
-def artifact_stem(scan_key: str) -> str:
-    """Relative path (no suffix) of a scan's masks/QC/feature-map files: ``<shard>/<key>``.
-
-    The shard (two hex digits of the key's SHA-256, 256 folders) keeps every folder small
-    however large the archive: 100,000 scans put ~390 masks and ~2,300 QC pictures in each. The
-    key's folders are kept as folders; characters outside ``[A-Za-z0-9._-]`` become ``_`` and,
-    when that changed anything, a short hash of the key is appended so two keys never share files.
-    """
-    digest = hashlib.sha256(scan_key.encode()).hexdigest()
-    parts = [re.sub(r"[^A-Za-z0-9._-]+", "_", p).strip(".") or "_" for p in scan_key.split("/")]
-    stem = "/".join(parts)
-    if stem != scan_key:
-        stem += "-" + digest[:8]
-    return f"{digest[:2]}/{stem}"
+from .io.atomic import atomic_write
+from .scan_state import STAGES, ScanState, ScanTask, StageClock, artifact_stem
 
 
 def _meta_columns(meta: dict) -> dict:
@@ -121,53 +44,6 @@ def _load(task: ScanTask):
     raise ScanError(task.error_path or task.scan_key, task.error or f"unknown scan kind {task.kind!r}", stage="index")
 
 
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` then rename to ``path``: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-class StageClock:
-    """Runs stages of one scan: times them into its row, turns an exception into a failed row."""
-
-    def __init__(self, state: ScanState, config):
-        self.state, self.config = state, config
-        self.stage = "ingest"
-
-    def __call__(self, name, fn, *args, **kwargs):
-        self.stage = name
-        t0 = time.perf_counter()
-        value = fn(*args, **kwargs)
-        key = f"t_{name}_s"
-        self.state.row[key] = round((self.state.row.get(key) or 0.0) + time.perf_counter() - t0, 4)
-        return value
-
-    def fail(self, exc: BaseException) -> ScanState:
-        """The scan's rows become a failed row (no partial tables) with a one-line reason."""
-        fail_scan(self.state, self.config, self.stage, exc)
-        return self.state
-
-
-def fail_scan(state: ScanState, config, stage: str, exc: BaseException) -> None:
-    key = state.row["scan_key"]
-    path = None
-    if isinstance(exc, ScanError):
-        stage = exc.stage if exc.stage != "ingest" else stage
-        path = key if exc.path == "<array>" else exc.path   # array-level stages name no file
-        message = f"{path}: {exc.reason}"
-    else:
-        message = f"{key}: {type(exc).__name__}: {exc}"
-    message = " ".join(message.split())[:1000]
-    state.row.update(status="failed", reason=message, error_stage=stage)
-    for table in ("phenotypes", "slices", "embeddings"):
-        state.result[table] = []
-    state.result["errors"].append({"scan_key": key, "config_hash": config.config_hash, "stage": stage,
-                                   "error_type": type(exc).__name__, "message": message, "path": path})
-    state.volume = state.lungmask_input = state.model_input = None
-
-
 def prepare_scan(task: ScanTask, config, out_dir, worker: str | None = None) -> ScanState:
     """CPU half of a scan: ingest -> QC -> segment -> phenotypes -> artifacts -> resample -> inputs.
 
@@ -177,7 +53,7 @@ def prepare_scan(task: ScanTask, config, out_dir, worker: str | None = None) -> 
     Parameters
     ----------
     task : ScanTask
-    config : emphy_dask.job.config.JobConfig (weights resolved, see ``device_stages.resolve_weights``)
+    config : emphy_dask.job.config.JobConfig (weights resolved, see ``embed.weights.resolve_weights``)
     out_dir : path
         Run folder; masks go to ``masks/``, QC images to ``qc/`` (paths in the row are relative).
     worker : str, optional
@@ -309,22 +185,6 @@ def _model_input(key: str, resampled, labels_1mm, config, out_dir: Path):
     return mi
 
 
-def process_scan(task: ScanTask, config, out_dir, worker: str | None = None, device: str = "cpu") -> dict:
-    """Every stage of one scan in this process; returns the rows for every table.
-
-    The same functions the job runs as separate CPU and device tasks, chained here; the job's
-    tables equal the rows of this function called scan by scan.
-    """
-    from .device_stages import embed_states, lungmask_on_device, resolve_weights
-
-    if not config.weights_sha256 and (config.embed.backbone != "none" or config.segment.name == "lungmask"):
-        config = resolve_weights(config)
-    state = prepare_scan(task, config, out_dir, worker)
-    if state.lungmask_input is not None:
-        state = finish_scan(state, lungmask_on_device(state.lungmask_input, config, device), config, out_dir)
-    return embed_states([state], config, out_dir, device, worker)[0]
-
-
 def _run_qc(volume, config):
     from .preprocess import qc_check
 
@@ -389,9 +249,3 @@ def _artifacts(key: str, volume, labels, pheno, config, out_dir: Path) -> dict:
     return paths
 
 
-def selection_columns(n_candidates: int, not_picked, multi_kernel_kernels) -> dict:
-    """Scans-table columns describing how the series was picked."""
-    return {"n_candidate_series": int(n_candidates),
-            "not_picked": json.dumps([{"series_uid": uid, "reason": why} for uid, why in not_picked]),
-            "multi_kernel": bool(multi_kernel_kernels),
-            "kernels_in_study": ",".join(multi_kernel_kernels) if multi_kernel_kernels else None}

@@ -15,8 +15,9 @@ from emphy_dask.embed.weights import WeightsMissing, resolve_backbone_weights, r
 from emphy_dask.job.config import load_job
 from emphy_dask.job.manifest import build_manifest
 from emphy_dask.job.runner import run_extract
-from emphy_dask.device_stages import resolve_weights
-from emphy_dask.pipeline import ScanTask, process_scan
+from emphy_dask.embed.weights import resolve_weights
+from emphy_dask.local import process_scan
+from emphy_dask.scan_state import ScanTask
 from emphy_dask.tables import read_frame, schema_spec, to_arrow, volatile_columns
 
 from .conftest import DX_SHARP, DX_SOFT

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emphy_dask.device_stages import resolve_weights
+from emphy_dask.embed.weights import resolve_weights
 from emphy_dask.job.config import load_job
 from emphy_dask.job.flow import FlowLimits, ScanFlow
 from emphy_dask.job.manifest import build_manifest

@@ -151,7 +151,8 @@ def test_job_rows_carry_kernel_class_both_hu_sources_and_harmonised_label(tmp_pa
     import json
     from pathlib import Path
 
-    from emphy_dask.pipeline import ScanTask, process_scan
+    from emphy_dask.local import process_scan
+    from emphy_dask.scan_state import ScanTask
     from emphy_dask.tables import read_frame, write_part
 
     cfg = config_from_dict({"harmonize": {"enabled": True}, "qc": {"max_hu": 4000.0}, "embed": {"backbone": "none"},
@@ -194,8 +195,10 @@ def test_model_inputs_from_harmonised_hu(tmp_path):
     fine structure is calmer than the raw sharp kernel's, and the rows say which HU they saw."""
     from pathlib import Path
 
-    from emphy_dask.device_stages import embed_states, resolve_weights
-    from emphy_dask.pipeline import ScanTask, prepare_scan
+    from emphy_dask.device_stages import embed_states
+    from emphy_dask.embed.weights import resolve_weights
+    from emphy_dask.pipeline import prepare_scan
+    from emphy_dask.scan_state import ScanTask
 
     task = ScanTask("dx-sharp", "dicom", tuple(str(p) for p in sorted(Path(DX_SHARP).glob("*.dcm"))))
     base = {"qc": {"max_hu": 4000.0}, "output": {"write_masks": False, "write_qc_png": False},

@@ -64,7 +64,7 @@ def test_overwrite_refuses_non_run_folders(tmp_path):
 
 
 def test_artifact_names_never_collide_and_keep_plain_keys():
-    from emphy_dask.pipeline import artifact_stem
+    from emphy_dask.scan_state import artifact_stem
 
     import hashlib
 
@@ -82,7 +82,7 @@ def test_artifact_folders_stay_small_at_archive_scale():
     (a mask, two QC pictures and four input pictures per scan)."""
     from collections import Counter
 
-    from emphy_dask.pipeline import artifact_stem
+    from emphy_dask.scan_state import artifact_stem
 
     per_folder = Counter(artifact_stem(f"collection/PATIENT-{i:06d}").rsplit("/", 1)[0] for i in range(100_000))
     assert len(per_folder) == 256

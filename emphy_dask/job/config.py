@@ -86,7 +86,7 @@ class JobConfig:
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
     #: SHA-256 of the model weight files actually used ({"embed": ..., "segment": ...}), filled in by
-    #: ``device_stages.resolve_weights`` before any work; it replaces the file paths in the hash.
+    #: ``embed.weights.resolve_weights`` before any work; it replaces the file paths in the hash.
     weights_sha256: dict = field(default_factory=dict)
 
     def result_settings(self) -> dict:

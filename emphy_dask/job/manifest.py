@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import ScanError
-from ..pipeline import ScanTask, selection_columns
+from ..scan_state import ScanTask, selection_columns
 from ..tables import arrow_schema, to_arrow
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
+from ..embed.weights import resolve_weights
 from ..errors import ScanError
-from ..device_stages import resolve_weights
-from ..pipeline import STAGES, ScanTask
+from ..io.atomic import atomic_write
+from ..scan_state import STAGES, ScanTask
 from .cluster import connect, worker_count
 from .flow import FlowLimits, ScanFlow, SchedulerLost
 from .manifest import MANIFEST_FILE, ManifestWriter, iter_manifest, iter_manifest_file
@@ -334,6 +334,4 @@ def _write_run_json(out_dir: Path, config, input_path, summary: ExtractSummary, 
         "worker_seconds_per_stage": _stage_totals(out_dir),
         "exclusions": exclusion_report(out_dir),   # per QC rule: count, value range, job key, warnings
     }
-    tmp = out_dir / ".tmp-run.json"
-    tmp.write_text(json.dumps(info, indent=2, default=str))
-    os.replace(tmp, out_dir / "run.json")
+    atomic_write(out_dir / "run.json", lambda p: p.write_text(json.dumps(info, indent=2, default=str)))

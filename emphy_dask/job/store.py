@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import uuid
 from pathlib import Path
 
 import pyarrow.compute as pc
 
+from ..io.atomic import atomic_write
 from ..tables import TABLES, part_ids, read_table, write_part
 
 STAGING = "_staging"
@@ -94,9 +94,7 @@ class RunStore:
             return
         has_rows = bool(part_ids(self.out_dir, "scans")) or any(self.staging.glob("*.json"))
         if have is None and not has_rows:
-            tmp = marker.with_name(".tmp-" + marker.name)
-            tmp.write_text(json.dumps({"fingerprint": fingerprint}))
-            os.replace(tmp, marker)
+            atomic_write(marker, lambda p: p.write_text(json.dumps({"fingerprint": fingerprint})))
             return
         if have is None:
             why = "holds results under real scan keys; --pseudonymize needs a new OUT (or --overwrite)"
@@ -115,9 +113,7 @@ class RunStore:
         """Stage one scan's rows durably, then flush a part when enough are pending."""
         key = result["scans"]["scan_key"]
         final = self._staged(key)
-        tmp = self.staging / f".tmp-{final.name}"
-        tmp.write_text(json.dumps(result, default=_plain))
-        os.replace(tmp, final)
+        atomic_write(final, lambda p: p.write_text(json.dumps(result, default=_plain)))
         self._pending.append(result)
         if len(self._pending) >= self.part_size:
             self.flush()

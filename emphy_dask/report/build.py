@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..pipeline import artifact_stem
+from ..scan_state import artifact_stem
 from . import cohort as C
 from .html import ci, esc, img, link, page, rel, table
 from .scan_pages import MapModel, scan_page, scan_page_path

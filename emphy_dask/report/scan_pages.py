@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..models.cam import contribution_maps, load_featuremap, overlay_png, png_slice, top_channels
 from ..models.saved import LinearModel
-from ..pipeline import artifact_stem
+from ..scan_state import artifact_stem
 from .cohort import RunData
 from .html import esc, fmt, img, link, page, rel, table
 

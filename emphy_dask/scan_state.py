@@ -1,0 +1,154 @@
+"""What one scan carries between its tasks, and how its rows are written.
+
+A leaf under both halves of a scan: ``pipeline`` (the CPU stages) and ``device_stages`` (the
+U-Net and the backbone) import the scan's state from here and never each other; ``local``
+chains them in one process, ``job/flow`` across a cluster. It depends only on ``errors`` (and
+``volume`` for type hints), so the manifest, the runner and the report can use it without loading a stage.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .errors import ScanError
+
+if TYPE_CHECKING:       # type only: importing volume would load SimpleITK into the manifest and report
+    from .volume import CTVolume
+
+STAGES = ("ingest", "qc", "segment", "phenotypes", "artifacts", "resample", "inputs", "embed")
+
+
+@dataclass(frozen=True)
+class ScanTask:
+    """What a worker needs to process one scan (small: it is shipped to the worker).
+
+    Attributes
+    ----------
+    scan_key : str
+        Output key (top-level folder of the scan in the input tree, or the manifest's key).
+    kind : str
+        ``dicom`` (``paths`` = the picked series' files), ``image`` (``paths`` = one
+        NIfTI/NRRD/MHD file) or ``error`` (indexing failed: ``error`` says why).
+    paths : tuple of str
+    selection : dict
+        Series-selection facts for the scans table (n_candidate_series, not_picked, ...).
+    error, error_path : str or None
+        Why no series could be picked, and the file/folder at fault (``kind == "error"``).
+    """
+
+    scan_key: str
+    kind: str
+    paths: tuple = ()
+    selection: dict = field(default_factory=dict)
+    error: str | None = None
+    error_path: str | None = None
+
+
+@dataclass
+class ScanState:
+    """One scan between its tasks: the rows so far and what the next task needs.
+
+    Attributes
+    ----------
+    result : dict
+        ``{"scans": row, "phenotypes": [...], "slices": [...], "embeddings": [...], "errors": [...]}``.
+    volume : CTVolume or None
+        The native volume, kept only while lungmask runs (it stays on the CPU worker).
+    lungmask_input : segment.lungmask.LungmaskInput or None
+        What the lungmask device task needs.
+    model_input : embed.inputs.ModelInput or None
+        What the backbone device task needs (float16, ~16 MB for the 3D backbone).
+    """
+
+    result: dict
+    volume: CTVolume | None = None
+    lungmask_input: object | None = None
+    model_input: object | None = None
+
+    @property
+    def row(self) -> dict:
+        return self.result["scans"]
+
+    @property
+    def ok(self) -> bool:
+        return self.row["status"] == "ok"
+
+
+def artifact_stem(scan_key: str) -> str:
+    """Relative path (no suffix) of a scan's masks/QC/feature-map files: ``<shard>/<key>``.
+
+    The shard (two hex digits of the key's SHA-256, 256 folders) keeps every folder small
+    however large the archive: 100,000 scans put ~390 masks and ~2,300 QC pictures in each. The
+    key's folders are kept as folders; characters outside ``[A-Za-z0-9._-]`` become ``_`` and,
+    when that changed anything, a short hash of the key is appended so two keys never share files.
+    """
+    digest = hashlib.sha256(scan_key.encode()).hexdigest()
+    parts = [re.sub(r"[^A-Za-z0-9._-]+", "_", p).strip(".") or "_" for p in scan_key.split("/")]
+    stem = "/".join(parts)
+    if stem != scan_key:
+        stem += "-" + digest[:8]
+    return f"{digest[:2]}/{stem}"
+
+
+class StageClock:
+    """Runs stages of one scan: times them into its row, turns an exception into a failed row."""
+
+    def __init__(self, state: ScanState, config):
+        self.state, self.config = state, config
+        self.stage = "ingest"
+
+    def __call__(self, name, fn, *args, **kwargs):
+        self.stage = name
+        t0 = time.perf_counter()
+        value = fn(*args, **kwargs)
+        key = f"t_{name}_s"
+        self.state.row[key] = round((self.state.row.get(key) or 0.0) + time.perf_counter() - t0, 4)
+        return value
+
+    def fail(self, exc: BaseException) -> ScanState:
+        """The scan's rows become a failed row (no partial tables) with a one-line reason."""
+        fail_scan(self.state, self.config, self.stage, exc)
+        return self.state
+
+
+def fail_scan(state: ScanState, config, stage: str, exc: BaseException) -> None:
+    """Turn ``state`` into a failed scan: status, one-line reason, an ``errors`` row; no partial tables.
+
+    Parameters
+    ----------
+    state : ScanState
+        Changed in place: its per-scan tables are emptied and its arrays dropped.
+    config : JobConfig
+        Gives the ``config_hash`` of the error row.
+    stage : str
+        The stage that was running; a ``ScanError`` naming a later stage wins.
+    exc : BaseException
+        A ``ScanError`` gives the file at fault and its reason; anything else its type and text.
+    """
+    key = state.row["scan_key"]
+    path = None
+    if isinstance(exc, ScanError):
+        stage = exc.stage if exc.stage != "ingest" else stage
+        path = key if exc.path == "<array>" else exc.path   # array-level stages name no file
+        message = f"{path}: {exc.reason}"
+    else:
+        message = f"{key}: {type(exc).__name__}: {exc}"
+    message = " ".join(message.split())[:1000]
+    state.row.update(status="failed", reason=message, error_stage=stage)
+    for table in ("phenotypes", "slices", "embeddings"):
+        state.result[table] = []
+    state.result["errors"].append({"scan_key": key, "config_hash": config.config_hash, "stage": stage,
+                                   "error_type": type(exc).__name__, "message": message, "path": path})
+    state.volume = state.lungmask_input = state.model_input = None
+
+
+def selection_columns(n_candidates: int, not_picked, multi_kernel_kernels) -> dict:
+    """Scans-table columns describing how the series was picked."""
+    return {"n_candidate_series": int(n_candidates),
+            "not_picked": json.dumps([{"series_uid": uid, "reason": why} for uid, why in not_picked]),
+            "multi_kernel": bool(multi_kernel_kernels),
+            "kernels_in_study": ",".join(multi_kernel_kernels) if multi_kernel_kernels else None}
