@@ -35,7 +35,7 @@ def _security(args):
         return None
     from distributed.security import Security
 
-    from .job.config import ConfigError
+    from .errors import ConfigError
 
     if not (ca and cert):
         raise ConfigError("--tls-ca-file and --tls-cert go together (and --tls-key unless the key is in the cert file)")
@@ -49,9 +49,10 @@ def _security(args):
 def _job_config(args):
     import dataclasses
 
-    from .job.config import ConfigError, load_job
+    from .errors import ConfigError
+    from .jobfile import load_jobfile
 
-    cfg = load_job(args.job)
+    cfg = load_jobfile(args.job)[0]       # [fit] checked too: a typo there fails now, not after the run
     if getattr(args, "segmenter", None):
         from .segment import SEGMENTERS
 
@@ -70,8 +71,7 @@ def _job_config(args):
 
 def cmd_extract(args) -> int:
     from .embed.weights import WeightsMissing
-    from .errors import ScanError
-    from .job.config import ConfigError
+    from .errors import ConfigError, ScanError
     from .job.pseudonym import PseudonymError
     from .job.runner import SchedulerLost, run_extract
     from .job.store import ConfigMismatch
@@ -112,8 +112,8 @@ def cmd_synth(args) -> int:
 def cmd_demo(args) -> int:
     import pandas as pd
 
-    from .job.config import load_job
     from .job.runner import run_extract
+    from .jobfile import load_jobfile
     from .synth import synth_cohort
     from .tables import read_frame
 
@@ -123,7 +123,7 @@ def cmd_demo(args) -> int:
         print(f"synthesising {args.patients} patients -> {cohort}")
         synth_cohort(cohort, args.patients, seed=args.seed, size="small")
     truth = pd.read_csv(cohort / "truth.csv")
-    cfg = load_job(args.job or REPO_JOBS / "demo.toml")
+    cfg = load_jobfile(args.job or REPO_JOBS / "demo.toml")[0]
     summary = run_extract(cohort / "dicom", out / "extract", cfg, workers=args.workers, overwrite=True,
                           progress=not args.no_progress)
     scans = read_frame(out / "extract", "scans")

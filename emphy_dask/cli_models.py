@@ -42,8 +42,9 @@ def _fmt(m: dict | None, key: str = "auc") -> str:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .job.config import ConfigError
-    from .models import CohortError, load_fit_settings
+    from .errors import ConfigError
+    from .jobfile import load_fit_settings
+    from .models import CohortError
     from .models.fit import fit_run
 
     try:

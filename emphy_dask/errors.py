@@ -20,3 +20,7 @@ class ScanError(Exception):
         self.reason = reason
         self.stage = stage
         super().__init__(f"{self.path}: {reason}")
+
+
+class ConfigError(ValueError):
+    """A job file (or command-line setting) that cannot be used; the message names the file and the key."""

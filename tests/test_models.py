@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from emphy_dask.cli import main
-from emphy_dask.job.config import ConfigError, load_job
+from emphy_dask.errors import ConfigError
 from emphy_dask.models.cohort import CohortError, balanced_subset, load_cohort
 from emphy_dask.models.fabricate import fabricate_run
 from emphy_dask.models.fit import fit_run
@@ -18,7 +18,8 @@ from emphy_dask.models.metrics import ap_score, auc_score, with_intervals
 from emphy_dask.models.pipelines import TTestSelector, l1_pipeline, paper_pipeline, phenotype_pipeline, ridge_pipeline
 from emphy_dask.models.predict import RunMismatch, predict_run
 from emphy_dask.models.saved import load_models
-from emphy_dask.models.settings import FitSettings, load_fit_settings
+from emphy_dask.jobfile import load_fit_settings, load_jobfile
+from emphy_dask.models.settings import FitSettings
 from emphy_dask.tables import read_frame
 
 FAST = FitSettings(n_bootstrap=200)
@@ -221,4 +222,4 @@ def test_fit_settings_from_a_job_file(tmp_path):
     with pytest.raises(ConfigError, match=r"\[fit\] must be a table"):
         load_fit_settings(job)
     with pytest.raises(ConfigError, match=r"\[fit\] must be a table"):
-        load_job(job)
+        load_jobfile(job)

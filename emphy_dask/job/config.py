@@ -3,7 +3,8 @@
 A job file has sections ``[qc]``, ``[resample]``, ``[segment]``, ``[label]``, ``[embed]``,
 ``[harmonize]`` (these change results and enter ``config_hash``, with the SHA-256 of the weight files in place of their
 paths), ``[cluster]`` and ``[output]`` (how it runs; they don't).
-Every key is optional; defaults are the paper's settings.
+Every key is optional; defaults are the paper's settings. The ``[fit]`` section belongs to
+``emphy fit`` (``models/settings``); ``jobfile.load_jobfile`` reads the file once and checks both.
 """
 from __future__ import annotations
 
@@ -14,14 +15,12 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..phenotypes.label import LabelRule
 from ..preprocess.qc import QCRules
+from ..settings_table import coerce_value, settings_from_table
 
 RESULT_SECTIONS = ("qc", "resample", "segment", "label", "embed", "harmonize")
-
-
-class ConfigError(ValueError):
-    """A job file that cannot be used; the message names the file and the key."""
 
 
 @dataclass(frozen=True)
@@ -125,55 +124,22 @@ _SECTIONS = {"qc": QCRules, "resample": ResampleSettings, "segment": SegmentSett
              "cluster": ClusterSettings, "output": OutputSettings}
 
 
-def _coerce(source: str, where: str, value, default):
-    """Check ``value`` against the type of the default; ints are accepted for floats."""
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, tuple):
-        ok = isinstance(value, list) and len(value) == len(default) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value)
-        value = tuple(float(v) for v in value) if ok else value
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        want = type(default).__name__ if not isinstance(default, tuple) else f"a list of {len(default)} positive numbers"
-        raise ConfigError(f"{source}: {where} must be {want}, got {value!r}")
-    return value
-
-
 def config_from_dict(data: dict, source: str = "<dict>") -> JobConfig:
-    """Validate a parsed job file: unknown sections/keys and wrong types are errors."""
+    """Validate a parsed job file's extract sections: unknown sections/keys and wrong types are errors.
+
+    A ``[fit]`` table is left to ``models.settings`` (``jobfile.load_jobfile`` checks it too).
+    """
     top = {}
     for key, value in data.items():
         if key in ("name", "description"):
-            top[key] = _coerce(source, key, value, "")
+            top[key] = coerce_value(source, key, value, "")
             continue
-        if key == "fit":            # driver-side models (emphy fit): checked here, used there
-            from ..models.settings import fit_settings_from_table
-
-            fit_settings_from_table(value, source)
+        if key == "fit":            # driver-side models (emphy fit): jobfile checks it
             continue
         if key not in _SECTIONS:
             known = ", ".join(["name", "description", *_SECTIONS, "fit"])
             raise ConfigError(f"{source}: unknown section or key {key!r} (known: {known})")
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: [{key}] must be a table")
-        cls = _SECTIONS[key]
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        values = {}
-        for k, v in value.items():
-            if k not in defaults:
-                raise ConfigError(f"{source}: unknown key [{key}].{k} (known: {', '.join(defaults)})")
-            values[k] = _coerce(source, f"[{key}].{k}", v, defaults[k])
-        try:
-            top[key] = cls(**values)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{source}: [{key}]: {exc}") from None
+        top[key] = settings_from_table(_SECTIONS[key], value, source, key)
     cfg = JobConfig(**top)
     if cfg.cluster.workers < 1 or cfg.output.part_size < 1:
         raise ConfigError(f"{source}: [cluster].workers and [output].part_size must be >= 1")
@@ -213,15 +179,24 @@ def _check_models(cfg: JobConfig, source: str) -> None:
         raise ConfigError(f"{source}: [segment].model must be \"R231\" or \"LTRCLobes\", got {cfg.segment.model!r}")
 
 
-def load_job(path: str | Path | None) -> JobConfig:
-    """Load and validate ``jobs/NAME.toml`` (None -> defaults)."""
-    if path is None:
-        return JobConfig()
+def read_job_toml(path: str | Path) -> dict:
+    """The parsed TOML of a job file; a missing or malformed file is a ``ConfigError`` naming it."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: job file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the job file: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return config_from_dict(data, str(path))
+
+
+def load_job(path: str | Path | None) -> JobConfig:
+    """Load and validate the extract sections of ``jobs/NAME.toml`` (None -> defaults).
+
+    ``jobfile.load_jobfile`` also checks ``[fit]``; the CLI calls that.
+    """
+    if path is None:
+        return JobConfig()
+    return config_from_dict(read_job_toml(path), str(path))

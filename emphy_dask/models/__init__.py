@@ -4,6 +4,6 @@ Nothing here reads images: ``fit``/``predict`` read ``scans/``, ``embeddings/``,
 the contribution maps (``cam``) read the saved ``featuremaps/``.
 """
 from .cohort import Cohort, CohortError, load_cohort
-from .settings import FitSettings, load_fit_settings
+from .settings import FitSettings, fit_settings_from_table
 
-__all__ = ["Cohort", "CohortError", "FitSettings", "load_cohort", "load_fit_settings"]
+__all__ = ["Cohort", "CohortError", "FitSettings", "fit_settings_from_table", "load_cohort"]

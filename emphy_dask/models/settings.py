@@ -1,16 +1,15 @@
 """Settings of ``emphy fit``: the ``[fit]`` section of a job file, or the defaults.
 
-The fit runs on the driver after ``extract``; only ``[fit]`` matters to it (the other sections of
-the same job file are validated as ``extract`` would, so one file serves both commands).
+The fit runs on the driver after ``extract``; only ``[fit]`` matters to it. ``jobfile`` reads a
+job file once and checks its extract sections as ``extract`` would, so one file serves both
+commands; this module knows nothing of them (the driver-side models never import ``job``).
 """
 from __future__ import annotations
 
-import dataclasses
-import tomllib
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..job.config import ConfigError, config_from_dict
+from ..errors import ConfigError
+from ..settings_table import settings_from_table
 
 ZONE_SETS = {"middle": ("middle",), "zones": ("upper", "middle", "lower"), "whole": ("whole",)}
 
@@ -35,6 +34,7 @@ class FitSettings:
 
 
 def check_settings(s: FitSettings, source: str = "<settings>") -> FitSettings:
+    """``s`` itself when its choices and ranges are valid; else a ``ConfigError`` naming ``source``."""
     if s.features not in ZONE_SETS:
         raise ConfigError(f"{source}: [fit].features must be one of {', '.join(ZONE_SETS)}, got {s.features!r}")
     if s.n_features < 1 or s.folds < 2 or s.repeats < 1 or s.inner_folds < 2 or s.n_bootstrap < 0:
@@ -45,37 +45,15 @@ def check_settings(s: FitSettings, source: str = "<settings>") -> FitSettings:
     return s
 
 
-def load_fit_settings(job_path=None, **overrides) -> FitSettings:
-    """``[fit]`` of a job file (TOML) with command-line ``overrides`` (None values ignored)."""
-    values: dict = {}
-    source = "<defaults>"
-    if job_path:
-        source = str(job_path)
-        try:
-            data = tomllib.loads(Path(job_path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"{source}: cannot read the job file: {exc}") from None
-        fit = data.pop("fit", {})
-        config_from_dict(data, source)          # the rest must be a valid extract job
-        if not isinstance(fit, dict):
-            raise ConfigError(f"{source}: [fit] must be a table")
-        values.update(fit)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return fit_settings_from_table(values, source)
+def fit_settings_from_table(values, source: str, **overrides) -> FitSettings:
+    """Validated ``FitSettings`` from a ``[fit]`` table and command-line ``overrides`` (None values ignored).
 
-
-def fit_settings_from_table(values: dict, source: str) -> FitSettings:
-    """Validate the keys of a ``[fit]`` table (also called by ``load_job``, so extract checks them)."""
+    Raises
+    ------
+    ConfigError
+        Naming ``source`` and the key: not a table, an unknown key, a wrong type or a value out of range.
+    """
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: [fit] must be a table")
-    values = dict(values)
-    defaults = {f.name: f.default for f in dataclasses.fields(FitSettings)}
-    for k, v in values.items():
-        if k not in defaults:
-            raise ConfigError(f"{source}: unknown key [fit].{k} (known: {', '.join(defaults)})")
-        want = type(defaults[k])
-        if want is float and isinstance(v, int) and not isinstance(v, bool):
-            values[k] = v = float(v)
-        if not isinstance(v, want) or isinstance(v, bool) != (want is bool):
-            raise ConfigError(f"{source}: [fit].{k} must be {want.__name__}, got {v!r}")
-    return check_settings(FitSettings(**values), source)
+    values = {**values, **{k: v for k, v in overrides.items() if v is not None}}
+    return check_settings(settings_from_table(FitSettings, values, source, "fit"), source)
