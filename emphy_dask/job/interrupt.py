@@ -56,8 +56,7 @@ def shielded():
     and no distributed warnings about the workers being torn down under their tasks."""
     loggers = [logging.getLogger(n) for n in ("distributed", "tornado", "asyncio")]
     levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL + 1)
+    _silence_logging()
     old = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -71,6 +70,20 @@ def shielded():
             signal.signal(sig, handler)
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def _silence_logging() -> None:
+    for name in ("distributed", "tornado", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+
+def quiet_workers(client) -> None:
+    """Silence the workers' loggers before the cluster is torn down under their tasks (they
+    would print a warning per cancelled task on the same terminal)."""
+    try:
+        client.run(_silence_logging, on_error="ignore", wait=True)
+    except Exception:  # noqa: BLE001 - a worker already gone: nothing to silence there
+        pass
 
 
 def drop_artifacts(out_dir: Path, scan_keys) -> int:

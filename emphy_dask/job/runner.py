@@ -35,7 +35,7 @@ from .manifest import MANIFEST_FILE, ManifestWriter, iter_manifest, iter_manifes
 from .metrics import MetricsReporter
 from .pseudonym import Pseudonymizer
 from .inputs import check_input
-from .interrupt import Interrupted, drop_artifacts, shielded, signal_of
+from .interrupt import Interrupted, drop_artifacts, quiet_workers, shielded, signal_of
 from .store import ConfigMismatch, RunStore, clean_out_dir
 from .summary import exclusion_report
 
@@ -308,6 +308,7 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
         with shielded():
             bar.close()
             store.close()                      # every scan recorded so far becomes rows
+            quiet_workers(conn.client)
             _close_quietly(conn)               # the workers stop; their scans in flight are dropped
             drop_artifacts(out_dir, admitted)  # ... with the files they had written: no file without a row
             summary = ExtractSummary(out_dir, idx.n_tasks, idx.n_done, Counter(store.counts()),
