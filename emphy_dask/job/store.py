@@ -80,15 +80,15 @@ class RunStore:
 
     def check_config(self, config) -> None:
         """Refuse an OUT whose written or staged (crashed-run) results used other settings than
-        ``config`` (a JobConfig); the message names each setting that differs, old and new, when
-        ``run.json`` records the settings of those results."""
+        ``config`` (a JobConfig, or its config hash); the message names each setting that differs,
+        old and new, when ``run.json`` records the settings of those results."""
+        this = config if isinstance(config, str) else config.config_hash    # a bare hash: no diff
         staged = {json.loads(f.read_text())["scans"]["config_hash"] for f in self.staging.glob("*.json")}
-        other = {h for h in set(self.done_keys().values()) | staged if h != config.config_hash}
+        other = {h for h in set(self.done_keys().values()) | staged if h != this}
         if not other:
             return
-        diff = self._settings_diff(other, config)
-        what = ("; ".join(diff) if diff else
-                f"config hash {', '.join(sorted(other))}, this job {config.config_hash}")
+        diff = [] if isinstance(config, str) else self._settings_diff(other, config)
+        what = "; ".join(diff) if diff else f"config hash {', '.join(sorted(other))}, this job {this}"
         raise ConfigMismatch(f"{self.out_dir} holds results made with other settings ({what}); "
                              "rerun with the same settings, --overwrite, or write to a new OUT")
 
