@@ -10,6 +10,8 @@ REPO_JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job", help="job file (jobs/NAME.toml); default: the paper's settings")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one job setting, checked like the job file (repeatable), e.g. --set qc.max_hu=3072")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--scheduler", help="join a running cluster: tcp://HOST:PORT or a scheduler file")
     where.add_argument("--workers", type=int, help="LocalCluster worker processes (default from the job)")
@@ -17,7 +19,12 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", help="embedding backbone: ct-i3resnet152, resnet152 or none (overrides [embed].backbone)")
     p.add_argument("--weights", help="the backbone's weight file (overrides [embed].weights)")
     p.add_argument("--limit", type=int, help="process only the first N scans of the manifest")
-    p.add_argument("--overwrite", action="store_true", help="start clean instead of resuming")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start clean instead of resuming: removes what emphy wrote in OUT, refuses other files")
+    p.add_argument("--force", action="store_true",
+                   help="with --overwrite: OUT holds other files too; keep them, remove emphy's")
+    p.add_argument("--retry", choices=("failed",),
+                   help="'failed': redo every failed scan (a failed scan whose input changed is always redone)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--pseudonymize", action="store_true",
                    help="scan keys -> keyed hashes (secret in $EMPHY_PSEUDONYM_KEY) in every table, file name and log")
@@ -52,7 +59,7 @@ def _job_config(args):
     from .errors import ConfigError
     from .jobfile import load_jobfile
 
-    cfg = load_jobfile(args.job)[0]       # [fit] checked too: a typo there fails now, not after the run
+    cfg = load_jobfile(args.job, getattr(args, "overrides", None) or ())[0]   # [fit] checked too
     if getattr(args, "segmenter", None):
         from .segment import SEGMENTERS
 
@@ -73,26 +80,38 @@ def cmd_extract(args) -> int:
     from .embed.weights import WeightsMissing
     from .errors import ConfigError, ScanError
     from .job.pseudonym import PseudonymError
+    from .job.interrupt import Interrupted, install_sigterm, signal_of
     from .job.runner import SchedulerLost, run_extract
     from .job.store import ConfigMismatch
 
+    install_sigterm()                 # SIGTERM stops the job like Ctrl-C: finished scans kept
     try:
+        if args.force and not args.overwrite:
+            raise ConfigError("--force goes with --overwrite (it keeps OUT's other files while removing emphy's)")
         cfg = _job_config(args)
         summary = run_extract(args.input, args.out, cfg, scheduler=args.scheduler, workers=args.workers,
                               limit=args.limit, overwrite=args.overwrite, progress=not args.no_progress,
-                              security=_security(args), pseudonymize=args.pseudonymize)
+                              security=_security(args), pseudonymize=args.pseudonymize, force=args.force,
+                              retry_failed=args.retry == "failed")
     except (ConfigError, ConfigMismatch, ScanError, WeightsMissing, PseudonymError) as exc:
         print(f"emphy extract: {exc}", file=sys.stderr)
         return 2
     except SchedulerLost as exc:
         print(f"emphy extract: {exc}", file=sys.stderr)
         return 3
+    except Interrupted as exc:
+        print(f"emphy extract: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt as exc:  # before the job started (settings, cluster start-up)
+        print(f"emphy extract: {Interrupted(0, 0, signal_of(exc))}", file=sys.stderr)
+        return 128 + signal_of(exc)
     c = summary.counts
-    print(f"{summary.out_dir}: {summary.n_scans} scans ({summary.n_skipped} resumed) - ok {c.get('ok', 0)}, "
+    redone = f", {summary.n_redone} failed redone" if summary.n_redone else ""
+    print(f"{summary.out_dir}: {summary.n_scans} scans ({summary.n_skipped} resumed{redone}) - ok {c.get('ok', 0)}, "
           f"excluded {c.get('excluded', 0)}, failed {c.get('failed', 0)} in {summary.wall_s:.1f} s")
-    from .job.summary import exclusion_lines, exclusion_report
+    from .job.summary import end_of_run_lines
 
-    lines, warnings = exclusion_lines(exclusion_report(summary.out_dir))
+    lines, warnings = end_of_run_lines(summary.out_dir, cfg)
     for line in lines:
         print(line)
     for w in warnings:

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .job.config import JobConfig, config_from_dict, read_job_toml
+from .job.config import JobConfig, apply_override, config_from_dict, read_job_toml
 from .models.settings import FitSettings, fit_settings_from_table
 
 
-def load_jobfile(path: str | Path | None, **fit_overrides) -> tuple[JobConfig, FitSettings]:
+def load_jobfile(path: str | Path | None, overrides=(), **fit_overrides) -> tuple[JobConfig, FitSettings]:
     """``(JobConfig, FitSettings)`` of a job file (None -> both defaults), parsed once.
 
     Parameters
     ----------
     path : str, Path or None
         The TOML job file.
+    overrides : iterable of str
+        ``--set SECTION.KEY=VALUE`` items applied over the file (after it was checked alone, so
+        the file's own errors name it); their errors start with ``--set``.
     **fit_overrides
         Command-line values for ``[fit]`` keys (None values ignored), checked like the file's.
 
@@ -28,6 +31,11 @@ def load_jobfile(path: str | Path | None, **fit_overrides) -> tuple[JobConfig, F
         The file is missing or not TOML, or any section holds an unknown key or a bad value.
     """
     data, source = ({}, "<defaults>") if path is None else (read_job_toml(path), str(path))
+    if overrides:
+        load_jobfile(path, **fit_overrides)
+        for item in overrides:
+            apply_override(data, item)
+        source = "--set"
     fit = data.pop("fit", {})
     return config_from_dict(data, source), fit_settings_from_table(fit, source, **fit_overrides)
 

@@ -117,7 +117,8 @@ def quantify_path(ct_path, mask_path=None, save_mask_path=None, segmenter: str =
         ``warnings`` (list of str: sharp kernel, multi-kernel, lung cut by the field of view),
         ``cluster_d`` (Mishima D of the whole lung), ``mask_source`` ("file" or
         "segment:<name>"), ``mask_encoding`` and ``mask_notes`` (how the mask was read),
-        ``fov_truncated`` and ``lung_border_at_fov_edge_pct``.
+        ``fov_truncated`` and ``lung_border_at_fov_edge_pct``, ``series_uid`` (DICOM; None
+        for an image file).
 
     Raises
     ------
@@ -190,6 +191,7 @@ def quantify_path(ct_path, mask_path=None, save_mask_path=None, segmenter: str =
         "mask_source": source,
         "mask_encoding": m.mask.encoding,
         "mask_notes": list(m.mask.notes) if mask_path is not None else [],
+        "series_uid": (volume.meta or {}).get("series_uid"),
         **fov,
     }
     return table, extras
@@ -282,10 +284,12 @@ def run_quantify_cli(argv=None) -> int:
         return 0
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    ids = scan_columns(args.ct, extras)
     if out.suffix.lower() == ".csv":
-        table.to_csv(out, index=False)
+        # every row names its scan and carries the scan-level facts: CSVs of many scans concatenate
+        pd.concat([pd.DataFrame([ids] * len(table), index=table.index), table], axis=1).to_csv(out, index=False)
     else:
-        doc = {"regions": table.to_dict(orient="records"), "label": extras["label"],
+        doc = {**ids, "regions": table.to_dict(orient="records"), "label": extras["label"],
                "kernel": extras["kernel"], "kernel_class": extras["kernel_class"],
                "kernel_class_source": extras["kernel_class_source"],
                "kernel_strength": extras["kernel_strength"], "harmonize": extras["harmonize"],
@@ -295,4 +299,29 @@ def run_quantify_cli(argv=None) -> int:
                "lung_border_at_fov_edge_pct": extras["lung_border_at_fov_edge_pct"],
                "warnings": extras["warnings"]}
         out.write_text(json.dumps(_json_safe(doc), indent=2) + "\n")
+    print(summary_line(out, table, extras))
     return 0
+
+
+def scan_columns(ct_path, extras: dict) -> dict:
+    """The scan-level columns that lead every row of ``quantify -o``: ``scan_key`` (the CT's
+    name without suffix), ``input`` (the path given), series UID, label, kernel, kernel class,
+    and the warnings joined by "; "."""
+    name = Path(ct_path).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return {"scan_key": name, "input": str(ct_path), "series_uid": extras.get("series_uid"),
+            "label": extras["label"], "kernel": extras["kernel"], "kernel_class": extras["kernel_class"],
+            "warnings": "; ".join(extras["warnings"])}
+
+
+def summary_line(out: Path, table: pd.DataFrame, extras: dict) -> str:
+    """One line after ``quantify -o``: what was written and the whole-lung headline values."""
+    whole = table[(table["region"] == "WholeLung") & (table.get("hu_source", "raw") == extras["hu_source"])]
+    laa = whole["laa950_pct"].iloc[0] if len(whole) else float("nan")
+    mld = whole["hu_mean"].iloc[0] if len(whole) else float("nan")
+    warn = f", {len(extras['warnings'])} warning(s)" if extras["warnings"] else ""
+    return (f"{out}: {len(table)} rows; WholeLung LAA%-950 {laa:.2f} %, MLD {mld:.1f} HU, label {extras['label']} "
+            f"({extras['hu_source']} HU), kernel {extras['kernel']} [{extras['kernel_class']}]{warn}")

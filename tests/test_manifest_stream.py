@@ -12,6 +12,7 @@ from emphy_dask.io import find_files, index_files
 from emphy_dask.job.manifest import (ManifestWriter, _image_key, _image_task, _is_image, build_manifest,
                                      iter_manifest_file, tasks_from_index, unique_keys)
 from emphy_dask.io.image_io import label_image_reason
+from emphy_dask.job.fingerprint import with_fingerprints
 
 from .broken_archive import make_broken_archive
 from .dicom_factory import write_series
@@ -25,7 +26,7 @@ def whole_tree_tasks(root):
     dicom = [f for f in files if not _is_image(f)]
     tasks = tasks_from_index(dicom, index_files(dicom, root), root)
     tasks += [_image_task(_image_key(f, root), f, label_image_reason(f)) for f in images]
-    return unique_keys(tasks)
+    return with_fingerprints(unique_keys(tasks), root)     # the streamed ones carry the same fingerprints
 
 
 def as_set(tasks):

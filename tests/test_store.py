@@ -58,7 +58,7 @@ def test_other_settings_in_same_out_are_refused(tmp_path):
 
 def test_overwrite_refuses_non_run_folders(tmp_path):
     (tmp_path / "thesis.docx").write_text("x")
-    with pytest.raises(ConfigMismatch, match="not an emphy run"):
+    with pytest.raises(ConfigMismatch, match="holds files emphy did not write"):
         clean_out_dir(tmp_path)
     assert (tmp_path / "thesis.docx").exists()
 

@@ -192,11 +192,74 @@ def read_job_toml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def load_job(path: str | Path | None) -> JobConfig:
-    """Load and validate the extract sections of ``jobs/NAME.toml`` (None -> defaults).
-
-    ``jobfile.load_jobfile`` also checks ``[fit]``; the CLI calls that.
+def load_job(path: str | Path | None, overrides: tuple[str, ...] | list[str] = ()) -> JobConfig:
+    """Load and validate the extract sections of ``jobs/NAME.toml`` (None -> defaults), then the
+    command line's ``--set SECTION.KEY=VALUE`` overrides, checked like the file (their errors
+    start with ``--set``). ``jobfile.load_jobfile`` also checks ``[fit]``; the CLI calls that.
     """
-    if path is None:
-        return JobConfig()
-    return config_from_dict(read_job_toml(path), str(path))
+    data = read_job_toml(path) if path is not None else {}
+    data.pop("fit", None)
+    cfg = config_from_dict(data, str(path)) if path is not None else JobConfig()
+    if not overrides:
+        return cfg
+    for item in overrides:
+        apply_override(data, item)
+    data.pop("fit", None)
+    return config_from_dict(data, "--set")
+
+
+def apply_override(data: dict, item: str) -> None:
+    """``qc.max_hu=3072`` into the parsed job table ``data`` (in place). The value is read as a
+    TOML value (numbers, true/false, ``[1, 1, 1]``, quoted strings); anything else is taken as a
+    string, so ``segment.name=lungmask`` needs no quotes."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set: {item!r} is not KEY=VALUE (e.g. --set qc.max_hu=3072)")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    section, dot, name = key.partition(".")
+    if not dot:
+        data[section] = value
+        return
+    table = data.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"--set: [{section}] must be a table")
+    table[name] = value
+
+
+def settings_diff(old: dict, new: dict) -> list[str]:
+    """``[section].key: old -> new`` for each setting that differs between two
+    :meth:`JobConfig.result_settings` dicts (a key present on one side only shows ``(unset)``)."""
+    lines = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section) or {}, new.get(section) or {}
+        for key in sorted(set(a) | set(b)):
+            va, vb = a.get(key, "(unset)"), b.get(key, "(unset)")
+            if _norm(va) != _norm(vb):
+                lines.append(f"[{section}].{key}: {_show(va)} -> {_show(vb)}")
+    return lines
+
+
+def _norm(v):
+    """Tuples and lists compare alike (run.json, being JSON, has only lists)."""
+    return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def _show(v) -> str:
+    if isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v):
+        return f"sha256 {v[:12]}..."     # weight-file hashes: the start tells them apart
+    return v if v == "(unset)" else json.dumps(_norm(v))
+
+
+def config_from_run_json(info: dict) -> JobConfig | None:
+    """The JobConfig recorded in a run's ``run.json`` (None when it cannot be rebuilt, e.g. a
+    layout of another version); used to name the settings that differ when OUT is refused."""
+    try:
+        data = {k: v for k, v in info["config"].items() if k != "weights_sha256"}
+        return dataclasses.replace(config_from_dict(data, "run.json"),
+                                   weights_sha256=dict(info["config"].get("weights_sha256") or {}))
+    except (KeyError, TypeError, AttributeError, ConfigError):
+        return None

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from ..errors import ScanError
 from ..scan_state import ScanTask, selection_columns
 from ..tables import arrow_schema, to_arrow
+from .fingerprint import with_fingerprints
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 MANIFEST_FILE = "manifest.parquet"
@@ -79,7 +80,8 @@ def index_unit(unit: str, root: str) -> tuple[list[ScanTask], int]:
     files = find_files(unit_p)
     if not files:
         rel = unit_p.relative_to(root_p).as_posix()
-        return [ScanTask(rel, "error", error="empty folder: no files at all", error_path=str(unit_p))], 0
+        return with_fingerprints([ScanTask(rel, "error", error="empty folder: no files at all",
+                                           error_path=str(unit_p))], root_p), 0
     dicom = _dicom_candidates(files)
     out = choose_by_scan(index_files(dicom, root_p), root_p)
     counts: dict[str, int] = defaultdict(int)
@@ -97,7 +99,7 @@ def index_unit(unit: str, root: str) -> tuple[list[ScanTask], int]:
     tasks = _tasks_from_choices(dict(sorted(out.items())))
     images = [f for f in files if _is_image(f)]
     tasks += [_image_task(_image_key(f, root_p), f, label_image_reason(f)) for f in images]
-    return unique_keys(tasks), len(dicom)
+    return with_fingerprints(unique_keys(tasks), root_p), len(dicom)
 
 
 def _root_files(files: list[Path], root: Path, beside_scans: bool) -> list[ScanTask]:
@@ -111,7 +113,8 @@ def _root_files(files: list[Path], root: Path, beside_scans: bool) -> list[ScanT
     if dicom and root.name not in out and not beside_scans:
         out[root.name] = ScanError(root, f"no DICOM files found ({len(dicom)} other files)")
     tasks = _tasks_from_choices(dict(sorted(out.items())))
-    return tasks + [_image_task(_image_key(f, root), f, label_image_reason(f)) for f in files if _is_image(f)]
+    tasks += [_image_task(_image_key(f, root), f, label_image_reason(f)) for f in files if _is_image(f)]
+    return with_fingerprints(tasks, root)
 
 
 def ordered_map(client, fn, items, *, in_flight: int = 32, name: str = "index", **kwargs):
@@ -195,6 +198,12 @@ def build_manifest(input_path: str | Path, client=None) -> tuple[Path, list[Scan
 def iter_manifest(input_path: str | Path, client=None, in_flight: int = 32):
     """(input root, iterator of ScanTask) of a tree, a CSV manifest or a run's manifest.parquet."""
     path = Path(input_path)
+    if path.is_file() and _is_image(path):       # one CT image file: one scan, keyed by its name
+        from ..io.image_io import label_image_reason
+
+        root = path.parent.resolve()
+        task = _image_task(_image_key(path.resolve(), root), path.resolve(), label_image_reason(path))
+        return root, iter(with_fingerprints([task], root))
     if path.is_file():
         return read_manifest_file(path, client, in_flight)
     if not path.is_dir():
@@ -276,14 +285,15 @@ def _row_tasks(row: tuple[str, str], root: str) -> list[ScanTask]:
 
     key, target = row[0], Path(row[1])
     if target.is_file() and _is_image(target):
-        return [_image_task(key, target, label_image_reason(target))]
-    if not target.exists():
-        return [ScanTask(key, "error", error="listed in the manifest but not found", error_path=str(target))]
-    files = [target] if target.is_file() else find_files(target)
-    records = [dict(r, scan_key=key) for r in index_files(files, Path(root))]
-    if not records:
-        return [ScanTask(key, "error", error="no DICOM files found", error_path=str(target))]
-    return tasks_from_index([], records, Path(root))
+        tasks = [_image_task(key, target, label_image_reason(target))]
+    elif not target.exists():
+        tasks = [ScanTask(key, "error", error="listed in the manifest but not found", error_path=str(target))]
+    else:
+        files = [target] if target.is_file() else find_files(target)
+        records = [dict(r, scan_key=key) for r in index_files(files, Path(root))]
+        tasks = (tasks_from_index([], records, Path(root)) if records else
+                 [ScanTask(key, "error", error="no DICOM files found", error_path=str(target))])
+    return with_fingerprints(tasks, root)
 
 
 def iter_manifest_file(path: Path, batch_rows: int = 128):
@@ -291,7 +301,8 @@ def iter_manifest_file(path: Path, batch_rows: int = 128):
     root = Path((pq.ParquetFile(path).schema_arrow.metadata or {}).get(b"emphy.input_root", b".").decode())
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
         for row in batch.to_pylist():
-            sel = {k: row[k] for k in ("n_candidate_series", "not_picked", "multi_kernel", "kernels_in_study")}
+            sel = {k: row[k] for k in ("n_candidate_series", "not_picked", "multi_kernel", "kernels_in_study",
+                                       "input_fingerprint")}
             yield ScanTask(row["scan_key"], row["kind"], tuple(str(root / p) for p in row["paths"] or ()),
                            sel, row["error"], row["error_path"])
 
@@ -327,7 +338,7 @@ class ManifestWriter:
         self.rows.append({"scan_key": t.scan_key, "kind": t.kind, "paths": None if self.drop_paths else rel, "error": t.error,
                           "error_path": t.error_path,
                           **{k: sel.get(k) for k in ("n_candidate_series", "not_picked", "multi_kernel",
-                                                      "kernels_in_study")}})
+                                                      "kernels_in_study", "input_fingerprint")}})
         self.kinds[t.kind] += 1
         if len(self.rows) >= self.batch_rows:
             self._flush()

@@ -35,10 +35,12 @@ from .flow import FlowLimits, ScanFlow, SchedulerLost
 from .manifest import MANIFEST_FILE, ManifestWriter, iter_manifest, iter_manifest_file
 from .metrics import MetricsReporter
 from .pseudonym import Pseudonymizer
-from .store import RunStore, clean_out_dir
+from .inputs import check_input
+from .interrupt import Interrupted, drop_artifacts, quiet_workers, shielded, signal_of
+from .store import ConfigMismatch, RunStore, clean_out_dir
 from .summary import exclusion_report
 
-__all__ = ["run_extract", "ExtractSummary", "SchedulerLost"]
+__all__ = ["run_extract", "ExtractSummary", "SchedulerLost", "Interrupted"]
 
 
 @dataclass
@@ -50,11 +52,14 @@ class ExtractSummary:
     wall_s: float = 0.0
     dashboard_link: str | None = None
 
+    n_redone: int = 0               # failed scans redone (input changed, --retry failed)
+
     @property
     def exit_code(self) -> int:
-        """0 unless nothing at all could be processed."""
+        """0 unless no scan of OUT could be processed (1). ``counts`` covers every scan of OUT,
+        resumed ones included, so a rerun that changes nothing exits as the first run did."""
         processed = self.counts.get("ok", 0) + self.counts.get("excluded", 0)
-        return 0 if (processed > 0 or (self.n_scans > 0 and self.n_skipped == self.n_scans)) else 1
+        return 0 if processed > 0 else 1
 
 
 #: Scans lost with their workers are retried one at a time after the run (a dying worker takes
@@ -139,11 +144,16 @@ class _Indexed:
     n_tasks: int = 0                # scans to process (label maps etc. left out)
     n_done: int = 0                 # of those, already in OUT
     kinds: Counter = field(default_factory=Counter)
+    redo: dict = field(default_factory=dict)   # failed scans to redo -> why ("input changed", "--retry failed")
 
 
-def _index(input_path, out_dir: Path, client, done: dict, limit: int | None, pseudo, tmp: Path) -> _Indexed:
+def _index(input_path, out_dir: Path, client, done: dict, limit: int | None, pseudo, tmp: Path,
+           failed: dict | None = None, retry_failed: bool = False) -> _Indexed:
     """Stream the manifest of ``input_path`` into OUT/manifest.parquet (and, pseudonymised, a
-    working copy with the paths outside OUT); count what is to do."""
+    working copy with the paths outside OUT); count what is to do. ``failed`` (scan_key ->
+    input fingerprint of the failed scans in OUT): those whose input changed, or all of them
+    with ``retry_failed``, are to be redone (``redo``) instead of resumed."""
+    failed = failed or {}
     root, stream = iter_manifest(input_path, client)
     public = ManifestWriter(out_dir / MANIFEST_FILE, root, drop_paths=pseudo is not None)
     work = ManifestWriter(tmp / MANIFEST_FILE, root) if pseudo is not None else public
@@ -158,7 +168,11 @@ def _index(input_path, out_dir: Path, client, done: dict, limit: int | None, pse
                 if limit is not None and info.n_tasks >= limit:
                     break
                 info.n_tasks += 1
-                info.n_done += task.scan_key in done
+                if task.scan_key in failed and (retry_failed or failed[task.scan_key]
+                                                != task.selection.get("input_fingerprint")):
+                    info.redo[task.scan_key] = "--retry failed" if retry_failed else "input changed"
+                else:
+                    info.n_done += task.scan_key in done
             info.kinds[task.kind] += 1
             public.add(task)
             if work is not public:
@@ -182,26 +196,36 @@ def _memory_limit(client) -> str | None:
 
 def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, workers: int | None = None,
                 limit: int | None = None, overwrite: bool = False, progress: bool = True,
-                log=print, security=None, pseudonymize: bool = False) -> ExtractSummary:
+                log=print, security=None, pseudonymize: bool = False, force: bool = False,
+                retry_failed: bool = False) -> ExtractSummary:
     """Run the extract job; see the module docstring. Returns counts and the exit code to use.
 
     ``security``: a ``distributed.security.Security`` (TLS) for the LocalCluster or the client.
     ``pseudonymize``: keys -> HMAC pseudonyms (secret in ``EMPHY_PSEUDONYM_KEY``), paths scrubbed.
-    Raises ``SchedulerLost`` when the scheduler goes away mid-run (finished scans are written).
+    ``overwrite``: remove what emphy wrote in OUT first (``force``: even when OUT holds other files,
+    which are kept). ``retry_failed``: redo every failed scan (those whose input changed always are).
+    Raises ``SchedulerLost`` when the scheduler goes away mid-run (finished scans are written),
+    ``Interrupted`` on Ctrl-C/SIGTERM (finished scans are written, ``run.json`` says so).
     """
     t0 = time.perf_counter()
-    if not Path(input_path).exists():
-        raise ScanError(input_path, "input not found: neither a folder nor a manifest file", stage="index")
+    check_input(input_path, out_dir)         # bad INPUT/OUT: refused before anything is written
     pseudo = Pseudonymizer.from_env() if pseudonymize else None   # no secret: stops here
     config = resolve_weights(config)         # a missing weight file stops here, before any work
     out_dir = Path(out_dir).resolve()
     if overwrite:
-        clean_out_dir(out_dir)
+        clean_out_dir(out_dir, force=force)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = RunStore(out_dir, config.output.part_size)
-    store.check_config(config.config_hash)   # before any work: refuse mixing settings in one OUT
-    store.check_pseudonym(pseudo.fingerprint if pseudo else None)
+    try:
+        store.check_config(config)           # before any work: refuse mixing settings in one OUT
+        store.check_pseudonym(pseudo.fingerprint if pseudo else None)
+    except ConfigMismatch:
+        store.tidy()
+        raise
     repaired = store.repair()
+    if not (out_dir / "run.json").exists():  # the settings of the rows to come, even if the run is killed
+        _write_run_json(out_dir, config, input_path, ExtractSummary(out_dir, 0, 0), 0.0, repaired, Counter(),
+                        pseudo, state="running")
 
     conn = connect(config.cluster, scheduler=scheduler, workers=workers, security=security)
     metrics = MetricsReporter(conn.client, out_dir.name, {"job": config.name, "config_hash": config.config_hash,
@@ -209,15 +233,26 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
     bar = _Progress(0, False)
     tmp = tempfile.TemporaryDirectory(prefix="emphy-manifest-")
     link = conn.dashboard_link
+    admitted: dict = {}                      # scans handed to the flow and not yet recorded
+    flow = None
+    idx = _Indexed(Path(input_path), Path(tmp.name))
+    t_index = 0.0
     try:
         log(f"scheduler {conn.client.scheduler.address}; dashboard: {link}  ({worker_count(conn.client)} workers)")
         metrics.register()
         t_index = time.perf_counter()
         done = store.done_keys()
-        idx = _index(input_path, out_dir, conn.client, done, limit, pseudo, Path(tmp.name))
+        idx = _index(input_path, out_dir, conn.client, done, limit, pseudo, Path(tmp.name),
+                     store.failed_fingerprints(), retry_failed)
         t_index = time.perf_counter() - t_index
         n_todo = idx.n_tasks - idx.n_done
         log(f"manifest: {idx.n_tasks} scans {dict(idx.kinds)}; {idx.n_done} already done; indexing {t_index:.1f} s")
+        if idx.redo:
+            store.forget(set(idx.redo))      # their old rows go; the new ones replace them
+            for key in idx.redo:
+                done.pop(key, None)
+            why = Counter(idx.redo.values())
+            log(f"redoing {len(idx.redo)} failed scan(s) ({', '.join(f'{n} {w}' for w, n in why.items())})")
         if pseudo is not None:
             pseudo = dataclasses.replace(pseudo, root=idx.root)
 
@@ -232,7 +267,7 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
             f"{cpu_limit} scans in CPU stages at most")
         flow = ScanFlow(conn.client, config, str(out_dir), conn.cpu_resources, conn.device_resources,
                         conn.device, limits)
-        todo = _todo(idx.work_manifest, done, idx.n_tasks)
+        todo = _tracked(_todo(idx.work_manifest, done, idx.n_tasks), admitted)
         mem = _memory_limit(conn.client)
         left = n_todo
         retry: list = []
@@ -244,6 +279,7 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
             if pseudo is not None:
                 result = pseudo.scrub_result(result, task)
             store.add(result)
+            admitted.pop(task.scan_key, None)
             left -= 1
             bar.update(result["scans"]["status"])
             metrics.scan(result["scans"], in_flight, left)
@@ -265,9 +301,25 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
         bar.close()
         store.close()                          # what finished is written: a rerun resumes from there
         _close_quietly(conn)
+        _write_run_json(out_dir, config, input_path, ExtractSummary(out_dir, idx.n_tasks, idx.n_done,
+                        Counter(store.counts()), time.perf_counter() - t0, link), t_index, repaired, bar.counts,
+                        pseudo, state="scheduler_lost")
         raise
+    except KeyboardInterrupt as exc:           # Ctrl-C, or SIGTERM through interrupt.install_sigterm
+        with shielded():
+            bar.close()
+            store.close()                      # every scan recorded so far becomes rows
+            quiet_workers(conn.client)
+            _close_quietly(conn)               # the workers stop; their scans in flight are dropped
+            drop_artifacts(out_dir, admitted)  # ... with the files they had written: no file without a row
+            summary = ExtractSummary(out_dir, idx.n_tasks, idx.n_done, Counter(store.counts()),
+                                     time.perf_counter() - t0, link, n_redone=len(idx.redo))
+            _write_run_json(out_dir, config, input_path, summary, t_index, repaired, bar.counts, pseudo,
+                            state="interrupted")
+        raise Interrupted(sum(bar.counts.values()), len(admitted), signal_of(exc)) from None
     except BaseException:
         _close_quietly(conn)                   # staged results stay in _staging/ for the next start
+        store.tidy()
         raise
     finally:
         bar.close()
@@ -278,7 +330,7 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
 
     wall = time.perf_counter() - t0
     counts = Counter(store.counts())
-    summary = ExtractSummary(out_dir, idx.n_tasks, idx.n_done, counts, wall, link)
+    summary = ExtractSummary(out_dir, idx.n_tasks, idx.n_done, counts, wall, link, n_redone=len(idx.redo))
     _write_run_json(out_dir, config, input_path, summary, t_index, repaired, bar.counts, pseudo)
     return summary
 
@@ -291,6 +343,13 @@ def _close_quietly(conn) -> None:
         pass
     if conn.cluster is not None:
         conn.cluster.close()
+
+
+def _tracked(tasks, admitted: dict):
+    """The tasks, each noted in ``admitted`` as the flow takes it (``record`` removes it)."""
+    for task in tasks:
+        admitted[task.scan_key] = task
+        yield task
 
 
 def _todo(manifest: Path, done: dict, n_tasks: int):
@@ -315,19 +374,22 @@ def _stage_totals(out_dir: Path) -> dict:
 
 
 def _write_run_json(out_dir: Path, config, input_path, summary: ExtractSummary, t_index: float,
-                    repaired: dict, this_run: Counter, pseudo=None) -> None:
+                    repaired: dict, this_run: Counter, pseudo=None, state: str = "complete") -> None:
     info = {
         "command": "extract",
+        "state": state,                       # running | complete | interrupted | scheduler_lost
         "input": str(Path(input_path).resolve()) if pseudo is None else pseudo.key(str(Path(input_path).resolve())),
         "pseudonymized": pseudo is not None,
         "config": config.to_dict(),
         "config_hash": config.config_hash,
+        "result_settings": config.result_settings(),   # what config_hash covers: diffed when OUT is refused
         "versions": _versions(),
         "git_revision": _git_revision(),
         "counts": dict(summary.counts),
         "n_scans_in_manifest": summary.n_scans,
         "processed_this_run": dict(this_run),
         "resumed_from_previous": summary.n_skipped,
+        "failed_redone": summary.n_redone,
         "repair": repaired,
         "wall_s": round(summary.wall_s, 3),
         "index_s": round(t_index, 3),

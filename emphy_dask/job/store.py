@@ -17,10 +17,12 @@ import shutil
 import uuid
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from ..io.atomic import atomic_write
-from ..tables import TABLES, part_ids, read_table, write_part
+from ..tables import TABLES, arrow_schema, part_ids, read_table, write_part
 
 STAGING = "_staging"
 PSEUDONYM_FILE = "pseudonym.json"      # fingerprint of the --pseudonymize secret of this OUT
@@ -76,14 +78,61 @@ class RunStore:
         t = read_table(self.out_dir, "scans", columns=["scan_key", "config_hash"])
         return dict(zip(t.column("scan_key").to_pylist(), t.column("config_hash").to_pylist()))
 
-    def check_config(self, config_hash: str) -> None:
-        """Refuse an OUT whose written or staged (crashed-run) results used other settings."""
+    def check_config(self, config) -> None:
+        """Refuse an OUT whose written or staged (crashed-run) results used other settings than
+        ``config`` (a JobConfig, or its config hash); the message names each setting that differs,
+        old and new, when ``run.json`` records the settings of those results."""
+        this = config if isinstance(config, str) else config.config_hash    # a bare hash: no diff
         staged = {json.loads(f.read_text())["scans"]["config_hash"] for f in self.staging.glob("*.json")}
-        other = {h for h in set(self.done_keys().values()) | staged if h != config_hash}
-        if other:
-            raise ConfigMismatch(
-                f"{self.out_dir} holds results made with other settings (config hash {', '.join(sorted(other))}, "
-                f"this job {config_hash}); rerun with --overwrite or write to a new OUT")
+        other = {h for h in set(self.done_keys().values()) | staged if h != this}
+        if not other:
+            return
+        diff = [] if isinstance(config, str) else self._settings_diff(other, config)
+        what = "; ".join(diff) if diff else f"config hash {', '.join(sorted(other))}, this job {this}"
+        raise ConfigMismatch(f"{self.out_dir} holds results made with other settings ({what}); "
+                             "rerun with the same settings, --overwrite, or write to a new OUT")
+
+    def _settings_diff(self, other: set, config) -> list[str]:
+        from .config import config_from_run_json, settings_diff
+
+        try:
+            info = json.loads((self.out_dir / "run.json").read_text())
+        except (OSError, ValueError):
+            return []
+        old = config_from_run_json(info)
+        if old is None or {old.config_hash} != other:   # run.json must describe exactly those rows
+            return []
+        return settings_diff(old.result_settings(), config.result_settings())
+
+    def failed_fingerprints(self) -> dict[str, str | None]:
+        """scan_key -> ``input_fingerprint`` of every failed scan already written (None: not recorded)."""
+        t = read_table(self.out_dir, "scans", columns=["scan_key", "status", "input_fingerprint"])
+        return {k: f for k, s, f in zip(*(t.column(c).to_pylist() for c in ("scan_key", "status",
+                                                                          "input_fingerprint"))) if s == "failed"}
+
+    def forget(self, keys: set[str]) -> int:
+        """Remove every row of ``keys`` from every table, so that those scans are redone (a failed
+        scan whose input changed, ``--retry failed``). Parts are rewritten atomically, ``scans/``
+        last: a crash half-way leaves the scans rows, so the next start forgets them again.
+        Returns the number of scans rows removed."""
+        if not keys:
+            return 0
+        wanted = pa.array(sorted(keys), pa.string())
+        removed = 0
+        for table in [t for t in TABLES if t != "scans"] + ["scans"]:
+            schema = arrow_schema(table)
+            for pid in sorted(part_ids(self.out_dir, table)):
+                path = self.out_dir / table / f"part-{pid}.parquet"
+                t = pq.read_table(path, schema=schema)
+                hit = pc.is_in(t.column("scan_key"), value_set=wanted)
+                n = pc.sum(hit).as_py() or 0
+                if not n:
+                    continue
+                tmp = path.with_name(".tmp-" + path.name)
+                pq.write_table(t.filter(pc.invert(hit)), tmp, compression="zstd")
+                os.replace(tmp, path)
+                removed += n if table == "scans" else 0
+        return removed
 
     def check_pseudonym(self, fingerprint: str | None) -> None:
         """Refuse mixing real keys and pseudonyms (or two secrets) in one OUT; mark a new
@@ -134,7 +183,19 @@ class RunStore:
         self._pending = []
 
     def close(self) -> None:
+        """Flush, then give every table at least an (empty) part with its schema, so that
+        ``pd.read_parquet("OUT/errors")`` and DuckDB read every table of every run."""
         self.flush()
+        missing = [t for t in TABLES if not part_ids(self.out_dir, t)]
+        if missing:
+            # the id of an existing scans part: an empty part under it is never taken for an orphan
+            pid = min(part_ids(self.out_dir, "scans"), default=None) or uuid.uuid4().hex[:12]
+            for table in sorted(missing, key=lambda t: t == "scans"):     # scans last, as in flush
+                write_part(table, [], self.out_dir, pid)
+        self.tidy()
+
+    def tidy(self) -> None:
+        """Remove ``_staging/`` when it holds nothing (a refused or failed start leaves no trace)."""
         if self.staging.is_dir() and not any(self.staging.iterdir()):
             self.staging.rmdir()
 
@@ -144,13 +205,39 @@ class RunStore:
         return {d["values"]: d["counts"] for d in vc}
 
 
-def clean_out_dir(out_dir: str | Path) -> None:
-    """``--overwrite``: remove a previous run's outputs (refuses folders that are not runs)."""
+#: Everything emphy writes directly in OUT (``extract``, ``fit``, ``predict``, ``report``, logs);
+#: ``--overwrite`` removes these and nothing else.
+RUN_LAYOUT = frozenset({"run.json", "manifest.parquet", PSEUDONYM_FILE, STAGING, *TABLES, "masks", "qc",
+                        "featuremaps", "model", "report", "predictions", "logs"})
+
+
+def foreign_entries(out_dir: str | Path) -> list[str]:
+    """Names in OUT that emphy did not write (temporary ``.tmp-*`` files are its own)."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name not in RUN_LAYOUT and not p.name.startswith(".tmp-"))
+
+
+def clean_out_dir(out_dir: str | Path, force: bool = False) -> None:
+    """``--overwrite``: remove what a previous run wrote in OUT, and only that.
+
+    An OUT holding anything else (a user's notes, another tool's files) is refused, naming a few
+    of them; with ``force`` those are kept and only emphy's own entries are removed.
+    """
     out = Path(out_dir)
     if not out.exists():
         return
-    markers = {"run.json", "manifest.parquet", "scans", STAGING}
-    entries = {p.name for p in out.iterdir()}
-    if entries and not entries & markers:
-        raise ConfigMismatch(f"{out}: --overwrite refuses to delete a folder that is not an emphy run")
-    shutil.rmtree(out)
+    if not out.is_dir():
+        raise ConfigMismatch(f"{out}: OUT is a file, not a folder")
+    foreign = foreign_entries(out)
+    if foreign and not force:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigMismatch(f"{out} holds files emphy did not write ({shown}); --overwrite removes only a "
+                             "run's own files: move them, pick another OUT, or add --force to keep them "
+                             "and remove the rest")
+    for p in out.iterdir():
+        if p.name in RUN_LAYOUT or p.name.startswith(".tmp-"):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    if not any(out.iterdir()):
+        out.rmdir()

@@ -56,12 +56,24 @@ def exclusion_report(out_dir) -> dict:
                  "value_max": max(values) if values else None, "job_key": job_key}
         rules.append(entry)
         if n and len(rows) > WARN_FRACTION * n:
+            hint = _set_hint(name, entry["value_max"])
             msg = (f"QC rule {rule} excluded {len(rows)} of {n} scans ({100 * len(rows) / n:.0f} %)"
                    + (f"; {_WHY[name]}" if name in _WHY else "")
-                   + (f"; set {job_key} in your job file (--job) to keep them" if job_key else ""))
+                   + (f"; to keep them rerun with {hint} --overwrite (or into a new OUT), or set {job_key} "
+                      "in your job file" if hint else f"; set {job_key} in your job file (--job) to keep them"
+                      if job_key else ""))
             warnings.append(msg)
     return {"n_scans": n, "n_excluded": len(excluded), "rules": rules, "warnings": warnings,
             "skipped_files": _skipped_files(Path(out_dir))}
+
+
+def _set_hint(rule: str, value_max) -> str | None:
+    """The exact ``--set`` that keeps the scans a max-HU rule excluded: 3072 (one above the
+    12-bit CT ceiling, 3071 HU) or just above the largest value seen."""
+    if rule != "max_hu":
+        return None
+    limit = 3072 if value_max is None or value_max < 3072 else int(math.floor(value_max)) + 1
+    return f"--set qc.max_hu={limit}"
 
 
 def _skipped_files(out_dir: Path, at_most: int = 20) -> dict:
@@ -89,7 +101,8 @@ def exclusion_lines(report: dict) -> tuple[list[str], list[str]]:
         what = QC_RULES.get(r["rule"].split(">")[0], (None, None, "value"))[2]
         values = (f", {what} {_fmt(r['value_min'])}-{_fmt(r['value_max'])}"
                   if r["value_min"] is not None else "")
-        change = f"; change with {r['job_key']}" if r["job_key"] else ""
+        hint = _set_hint(r["rule"].split(">")[0], r["value_max"])
+        change = (f"; change with {r['job_key']}" + (f" (e.g. {hint})" if hint else "")) if r["job_key"] else ""
         lines.append(f"  excluded by {r['rule']}: {r['n_excluded']} of {report['n_scans']} scans{values}{change}")
     skipped = report.get("skipped_files") or {"n": 0}
     if skipped["n"]:
@@ -97,3 +110,58 @@ def exclusion_lines(report: dict) -> tuple[list[str], list[str]]:
         lines.append(f"  not scans, skipped: {skipped['n']} file(s), e.g. {first['scan_key']}: {first['reason']} "
                      "(all in manifest.parquet, kind = skipped)")
     return lines, [f"warning: {w}" for w in report["warnings"]]
+
+
+#: Scans flagged in ``scans/`` that a user should know about: column, test, what, and what to do.
+FLAGS = (
+    ("kernel_class", lambda v: v in ("sharp", "very_sharp"), "sharp-kernel scans",
+     "LAA% reads high on sharp kernels; harmonise them with [harmonize] enabled = true "
+     "(--set harmonize.enabled=true)"),
+    ("multi_kernel", lambda v: bool(v), "multi-kernel studies",
+     "one reconstruction was picked (ties go to the softer kernel; scans.not_picked lists the others); "
+     "[harmonize] enabled = true makes kernels comparable"),
+    ("fov_truncated", lambda v: bool(v), "FOV-truncated scans",
+     "part of the lung lies outside the image: volumes and LAA% undercount; no job key restores it, "
+     "leave them out of analyses (scans.fov_truncated)"),
+)
+#: Runs of at most this many scans get one line of headline values per scan.
+HEADLINE_MAX_SCANS = 20
+
+
+def end_of_run_lines(out_dir, config=None) -> tuple[list[str], list[str]]:
+    """Everything the end of ``emphy extract`` tells: exclusions per rule, flagged scans with the
+    job key that addresses each, headline values of a small run, and the next commands.
+
+    Returns (lines for stdout, warnings for stderr).
+    """
+    out_dir = Path(out_dir)
+    lines, warnings = exclusion_lines(exclusion_report(out_dir))
+    cols = ["scan_key", "status", "reason", "kernel", "kernel_class", "multi_kernel", "fov_truncated",
+            "laa950_pct", "hu_mean", "label"]
+    rows = read_table(out_dir, "scans", columns=cols).to_pylist()
+    harmonized = bool(config is not None and config.harmonize.enabled)
+    for column, test, what, todo in FLAGS:
+        n = sum(1 for r in rows if test(r[column]))
+        if n and not (harmonized and column == "kernel_class"):
+            lines.append(f"  {what}: {n} of {len(rows)}; {todo}")
+    if 0 < len(rows) <= HEADLINE_MAX_SCANS:
+        lines.append("  scan: status, kernel, LAA%-950, MLD (HU), label")
+        for r in sorted(rows, key=lambda r: r["scan_key"]):
+            lines.append("    " + _headline(r))
+    n_ok = sum(r["status"] == "ok" for r in rows)
+    if n_ok:
+        lines.append(f"next: emphy fit {out_dir}   (the models; needs >= 5 scans of each label)   "
+                     f"emphy report {out_dir}   (the HTML report)")
+    return lines, warnings
+
+
+def _headline(r: dict) -> str:
+    if r["status"] != "ok":
+        return f"{r['scan_key']}: {r['status']} - {(r['reason'] or '')[:120]}"
+    label = {1: "emphysema", 0: "no emphysema"}.get(r["label"], "no label")
+    return (f"{r['scan_key']}: ok, {r['kernel'] or '?'} ({r['kernel_class'] or '?'}), "
+            f"{_num(r['laa950_pct'], '.2f')} %, {_num(r['hu_mean'], '.1f')} HU, {label}")
+
+
+def _num(x, fmt: str) -> str:
+    return "?" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)

@@ -28,6 +28,19 @@ class RunData:
     oof: pd.DataFrame | None
 
 
+def anatomical_order(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows sorted by scan, then region in anatomical order: WholeLung, RightLung, LeftLung, the
+    thirds apex to base, the per-lung thirds (right, then left), then the lobes; any other region
+    name last, alphabetically."""
+    from ..phenotypes.labelmaps import LOBES
+    from ..phenotypes.regions import REGIONS
+
+    rank = {name: i for i, name in enumerate((*REGIONS, *LOBES))}
+    key = df["region"].map(lambda r: (rank.get(r, len(rank)), r))
+    return (df.assign(_order=key).sort_values(["scan_key", "_order"], kind="stable")
+            .drop(columns="_order").reset_index(drop=True))
+
+
 def load_run(out_dir) -> RunData:
     out = Path(out_dir)
     if not (out / "scans").is_dir():
@@ -36,7 +49,7 @@ def load_run(out_dir) -> RunData:
     ph = read_frame(out, "phenotypes")
     if "hu_source" in ph.columns:
         ph = ph[ph["hu_source"].fillna("raw") == "raw"]
-    regions = ph[["scan_key", "region", "laa950_pct", "hu_mean", "perc15_hu", "volume_l"]]
+    regions = anatomical_order(ph[["scan_key", "region", "laa950_pct", "hu_mean", "perc15_hu", "volume_l"]])
     cols = [c for c in arrow_schema("embeddings").names if c != "embedding"]     # the vectors stay on disk
     inputs = read_table(out, "embeddings", columns=cols).to_pandas()
     laa_min, mld_max = 6.0, -850.0
