@@ -128,9 +128,8 @@ class RunStore:
                 n = pc.sum(hit).as_py() or 0
                 if not n:
                     continue
-                tmp = path.with_name(".tmp-" + path.name)
-                pq.write_table(t.filter(pc.invert(hit)), tmp, compression="zstd")
-                os.replace(tmp, path)
+                kept = t.filter(pc.invert(hit))
+                atomic_write(path, lambda p, kept=kept: pq.write_table(kept, p, compression="zstd"))
                 removed += n if table == "scans" else 0
         return removed
 
