@@ -35,11 +35,37 @@ from emphy_dask.volume import craniocaudal_axis
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 RIGHT, LEFT = 1, 2
+#: 2D face (4-) connectivity as a 3D structure: ``ndi.label``'s default on one slice.
+S2D_4 = np.zeros((3, 3, 3), bool)
+S2D_4[1] = ndi.generate_binary_structure(2, 1)
 
 #: Largest cross-section of one tracked airway component (trachea ~ 250-500 mm^2), mm^2.
 MAX_AIRWAY_SECTION_MM2 = 800.0
 #: Largest plausible trachea + main bronchi volume; more means the tracker entered the lung, mL.
 MAX_AIRWAY_ML = 150.0
+
+
+def _face_neighbours(mask: np.ndarray) -> np.ndarray:
+    """Voxels with a face neighbour in ``mask`` (3D, 6-connectivity), by shifted ORs."""
+    out = np.zeros_like(mask)
+    for ax in range(mask.ndim):
+        lo = [slice(None)] * mask.ndim
+        hi = [slice(None)] * mask.ndim
+        lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+        out[tuple(lo)] |= mask[tuple(hi)]
+        out[tuple(hi)] |= mask[tuple(lo)]
+    return out
+
+
+def _dilate_2d(mask: np.ndarray, struct: np.ndarray) -> np.ndarray:
+    """``ndi.binary_dilation(mask, struct)`` of one slice, computed in the mask's box grown by the
+    structure's radius only (the same pixels; a whole 350 x 350 slice per call was most of the
+    tracker's time)."""
+    out = np.zeros_like(mask)
+    if mask.any():
+        bb = bbox_slices(mask, (struct.shape[0] // 2 + 1, struct.shape[1] // 2 + 1))
+        out[bb] = ndi.binary_dilation(mask[bb], struct)
+    return out
 
 
 def _track_airway(tight, loose, outside, sp, lr_axis_2d, mid_lr, half_width, sup_first):
@@ -56,25 +82,29 @@ def _track_airway(tight, loose, outside, sp, lr_axis_2d, mid_lr, half_width, sup
     grow = disk((3.0 / sp[1], 3.0 / sp[2]))
     airway = np.zeros_like(tight)
     order = list(range(nz - 1, -1, -1)) if sup_first else list(range(nz))
+    # per-slice components of the lumen air (4-connected in the slice), all slices in one call
+    lab3, _ = ndi.label(tight, structure=S2D_4)
 
     def lung_fraction(z, comp):
-        ring = ndi.binary_dilation(comp, ring_out) & ~ndi.binary_dilation(comp, ring_in)
+        ring = _dilate_2d(comp, ring_out) & ~_dilate_2d(comp, ring_in)
         ring &= ~outside[z]
         return float(loose[z][ring].mean()) if ring.any() else 0.0
 
     # seed: most superior slice (top 40 %) holding a small, central, non-lung air tube
     seed_pos, prev = None, None
     for pos, z in enumerate(order[: max(1, int(0.4 * nz))]):
-        lab, n = ndi.label(tight[z])
-        if n == 0:
+        lab = lab3[z]
+        ids = np.unique(lab)
+        ids = ids[ids > 0]
+        if ids.size == 0:
             continue
-        areas = label_sizes(lab, n) * px_mm2
-        coms = ndi.center_of_mass(tight[z], lab, np.arange(1, n + 1))
+        areas = np.bincount(lab.ravel())[ids] * px_mm2
+        coms = ndi.center_of_mass(tight[z], lab, ids)
         best = None
-        for i, (a, c) in enumerate(zip(areas, coms)):
+        for i, a, c in zip(ids, areas, coms):
             off = abs(c[lr_axis_2d - 1] - mid_lr)
             if 30.0 <= a <= 800.0 and off < 0.25 * half_width:
-                comp = lab == i + 1
+                comp = lab == i
                 if lung_fraction(z, comp) < 0.5 and (best is None or off < best[0]):
                     best = (off, comp)
         if best is not None:
@@ -85,8 +115,8 @@ def _track_airway(tight, loose, outside, sp, lr_axis_2d, mid_lr, half_width, sup
     airway[order[seed_pos]] = prev
     prev_area = prev.sum() * px_mm2
     for z in order[seed_pos + 1:]:
-        lab, n = ndi.label(tight[z])
-        hit = np.unique(lab[ndi.binary_dilation(prev, grow) & (lab > 0)])
+        lab = lab3[z]
+        hit = np.unique(lab[_dilate_2d(prev, grow) & (lab > 0)])
         keep = np.zeros_like(prev)
         for i in hit:
             comp = lab == i
@@ -208,22 +238,24 @@ def _segment(hu, sp, axis_lps, sup_up, fov, thr, closing_mm, min_ml):
     air = (work < thr) | pad
 
     # outside air: per-slice components touching the slice border or padding
-    lab2d, _ = ndi.label(air, structure=S2D)
+    lab2d, n2d = ndi.label(air, structure=S2D)
     border = np.zeros(air.shape, bool)
     border[:, [0, -1], :] = True
     border[:, :, [0, -1]] = True
-    out_ids = np.unique(lab2d[(border | pad) & air])
-    outside = np.isin(lab2d, out_ids[out_ids > 0])
+    is_out = np.zeros(n2d + 1, bool)      # lookup table by label: np.isin sorts the whole grid
+    is_out[lab2d[(border | pad) & air]] = True
+    is_out[0] = False
+    outside = is_out[lab2d]
     inside = air & ~outside
-    # internal pockets (arm/body folds, bed) 3D-linked to outside air in a neighbour slice
-    lab3, _ = ndi.label(air)
-    linked = np.unique(lab3[outside])
+    # internal pockets (arm/body folds, bed) 3D-linked to outside air in a neighbour slice: an
+    # inside component shares a 3D air component with outside air exactly when one of its voxels
+    # face-touches an outside voxel (a 3D labelling of all air, inside and out, is not needed)
     lab_in, n_in = ndi.label(inside)
     if n_in:
         vol = label_sizes(lab_in, n_in) * vox_ml
         big = np.zeros(n_in + 1, bool)
         big[1:] = vol >= 100.0  # a lung linked via the airway to the mouth must survive
-        linked_in = np.unique(lab_in[np.isin(lab3, linked) & inside])
+        linked_in = np.unique(lab_in[_face_neighbours(outside) & inside])
         drop = np.zeros(n_in + 1, bool)
         drop[linked_in] = True
         drop &= ~big
@@ -306,6 +338,13 @@ def _segment(hu, sp, axis_lps, sup_up, fov, thr, closing_mm, min_ml):
     return _refine(hu, fov, thr, f, filled, names, airway_loose, shape, sp[1] * sp[2])
 
 
+def _paste(part: np.ndarray, bb: tuple, shape: tuple) -> np.ndarray:
+    """A bool array of ``shape`` holding ``part`` at the box ``bb``, False elsewhere."""
+    out = np.zeros(shape, bool)
+    out[bb] = part
+    return out
+
+
 def _refine(hu, fov, thr, f, filled, names, airway, shape, pixel_mm2):
     """Re-decide the one-working-voxel boundary band at full resolution by the threshold."""
     out = np.zeros(shape, np.uint8)
@@ -313,8 +352,12 @@ def _refine(hu, fov, thr, f, filled, names, airway, shape, pixel_mm2):
     for m in filled:
         union |= m
     for m, name in zip(filled, names):
-        interior = ndi.binary_erosion(m, S2D)
-        band = ndi.binary_dilation(m, S2D) & ~(union & ~m) & ~interior
+        # erosion and dilation by one pixel in this lung's box (+1) only: the same voxels
+        bb = bbox_slices(m, (0, 1, 1))
+        m_bb = m[bb]
+        interior = ndi.binary_erosion(m_bb, S2D)
+        band = ndi.binary_dilation(m_bb, S2D) & ~(union[bb] & ~m_bb) & ~interior
+        interior, band = _paste(interior, bb, m.shape), _paste(band, bb, m.shape)
         bb = bbox_slices(m | band, (0, 0, 0))
         full_bb = tuple(slice(s.start * k, min(s.stop * k, n)) for s, k, n in zip(bb, f, shape))
         sub_shape = tuple(s.stop - s.start for s in full_bb)
