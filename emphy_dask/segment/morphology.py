@@ -119,3 +119,69 @@ def disk(radius_vox: tuple) -> np.ndarray:
     ry, rx = (max(int(round(r)), 1) for r in radius_vox)
     yy, xx = np.mgrid[-ry: ry + 1, -rx: rx + 1]
     return (yy / ry) ** 2 + (xx / rx) ** 2 <= 1.0
+
+
+def working_grid(hu: np.ndarray, sp: tuple, fov: np.ndarray | None):
+    """The segmenter's coarse grid: factors ``f`` to ~2 x 1.5 x 1.5 mm, its spacing (mm), the
+    block-mean HU (float32) and the padding (outside the field of view) on it."""
+    f = (max(1, int(2.0 / sp[0] + 0.5)), max(1, int(1.5 / sp[1] + 0.5)), max(1, int(1.5 / sp[2] + 0.5)))
+    spc = tuple(s * k for s, k in zip(sp, f))
+    work = block_mean(hu, f)
+    pad = np.zeros(work.shape, bool) if fov is None else block_mean(~fov, f) > 0.5
+    return f, spc, work, pad
+
+
+def _face_neighbours(mask: np.ndarray) -> np.ndarray:
+    """Voxels with a face neighbour in ``mask`` (3D, 6-connectivity), by shifted ORs."""
+    out = np.zeros_like(mask)
+    for ax in range(mask.ndim):
+        lo = [slice(None)] * mask.ndim
+        hi = [slice(None)] * mask.ndim
+        lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+        out[tuple(lo)] |= mask[tuple(hi)]
+        out[tuple(hi)] |= mask[tuple(lo)]
+    return out
+
+
+def body_air(work: np.ndarray, pad: np.ndarray, thr: float, voxel_ml: float):
+    """(outside, inside): air outside the body and air enclosed by it, bool (z, y, x).
+
+    Outside: per-slice components (8-connected) of ``work < thr`` or padding that touch the slice
+    border or the padding, plus internal pockets under 100 mL (arm/body folds, bed) that
+    face-touch outside air in a neighbour slice (a lung linked via the airway to the mouth is
+    larger and stays inside).
+    """
+    air = (work < thr) | pad
+    lab2d, n2d = ndi.label(air, structure=S2D)
+    border = np.zeros(air.shape, bool)
+    border[:, [0, -1], :] = True
+    border[:, :, [0, -1]] = True
+    is_out = np.zeros(n2d + 1, bool)      # lookup table by label: np.isin sorts the whole grid
+    is_out[lab2d[(border | pad) & air]] = True
+    is_out[0] = False
+    outside = is_out[lab2d]
+    inside = air & ~outside
+    # an inside component shares a 3D air component with outside air exactly when one of its
+    # voxels face-touches an outside voxel (no 3D labelling of all air, inside and out, needed)
+    lab_in, n_in = ndi.label(inside)
+    if n_in:
+        big = np.zeros(n_in + 1, bool)
+        big[1:] = label_sizes(lab_in, n_in) * voxel_ml >= 100.0
+        drop = np.zeros(n_in + 1, bool)
+        drop[np.unique(lab_in[_face_neighbours(outside) & inside])] = True
+        drop &= ~big
+        drop[0] = False
+        inside &= ~drop[lab_in]
+    return outside, inside
+
+
+def body_midline(body: np.ndarray, axis_lps: np.ndarray) -> tuple[int, float, float]:
+    """(lr_axis, mid_lr, half_width): the in-plane numpy axis (1 or 2) with the largest |LPS x|
+    component, the body's midline along it (voxels, mass centre of the body's profile) and its
+    half width (voxels, between the 5 % points of the profile)."""
+    lr_axis = 1 + int(np.argmax(np.abs(axis_lps[1:, 0])))
+    lr_profile = body.sum(axis=(0, 3 - lr_axis))
+    idx = np.arange(lr_profile.size)
+    mid_lr = float((lr_profile * idx).sum() / max(lr_profile.sum(), 1))
+    extent = idx[lr_profile > 0.05 * lr_profile.max()] if lr_profile.any() else idx
+    return lr_axis, mid_lr, max((extent.max() - extent.min()) / 2.0, 1.0)
