@@ -85,9 +85,9 @@ def prepare_scan(task: ScanTask, config, out_dir, worker: str | None = None) -> 
             state.lungmask_input = run("segment", lungmask_preprocess, volume)
             state.volume = volume
             return state
-        labels = run("segment", _segment, volume, config)
+        labels, airway = run("segment", _segment, volume, config)
         row["device_segment"] = "cpu"
-        return _measure(state, run, task.scan_key, volume, labels, config, Path(out_dir))
+        return _measure(state, run, task.scan_key, volume, labels, config, Path(out_dir), airway)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a row, the job goes on
         return run.fail(exc)
     finally:
@@ -100,6 +100,7 @@ def finish_scan(state: ScanState, raw_labels, config, out_dir) -> ScanState:
     ``raw_labels`` is what ``device_stages.lungmask_on_device`` returned for this scan (a
     ``DeviceOutput``: the U-Net's labels or the exception that stopped it, seconds, device).
     """
+    from .segment import airway_out
     from .segment.lungmask import lungmask_postprocess
 
     if not state.ok:
@@ -117,15 +118,19 @@ def finish_scan(state: ScanState, raw_labels, config, out_dir) -> ScanState:
                      config.segment.model)
         volume = state.volume
         state.volume = state.lungmask_input = None
-        return _measure(state, run, state.row["scan_key"], volume, labels, config, Path(out_dir))
+        labels, airway = run("segment", airway_out, volume, labels)      # lungmask's R231 keeps bronchi
+        return _measure(state, run, state.row["scan_key"], volume, labels, config, Path(out_dir), airway)
     except Exception as exc:  # noqa: BLE001
         return run.fail(exc)
     finally:
         state.row["t_total_s"] = round(state.row["t_total_s"] + time.perf_counter() - t0, 4)
 
 
-def _measure(state: ScanState, run: StageClock, key: str, volume, labels, config, out_dir: Path) -> ScanState:
+def _measure(state: ScanState, run: StageClock, key: str, volume, labels, config, out_dir: Path,
+             airway=None) -> ScanState:
     row, h = state.row, config.config_hash
+    if airway is not None:          # trachea and bronchi kept out of the lungs (segment/airway.py)
+        row["airway_ml_removed"] = round(float(np.count_nonzero(airway)) * volume.voxel_volume_mm3 / 1000.0, 2)
     lobes = config.segment.name == "lungmask" and config.segment.model == "LTRCLobes"
     pheno = run("phenotypes", _phenotypes, volume, labels, config, "ltrc-lobes" if lobes else None)
     if lobes:                       # lobes measured; the mask file and model inputs keep the sides
@@ -135,7 +140,7 @@ def _measure(state: ScanState, run: StageClock, key: str, volume, labels, config
     row.update(pheno["summary"])
     state.result["phenotypes"] = [{"scan_key": key, "config_hash": h, **r} for r in pheno["regions"]]
     state.result["slices"] = [{"scan_key": key, "config_hash": h, **r} for r in pheno["slices"]]
-    row.update(run("artifacts", _artifacts, key, volume, labels, pheno, config, out_dir))
+    row.update(run("artifacts", _artifacts, key, volume, labels, pheno, config, out_dir, airway))
     if config.embed.backbone != "none":
         resampled, labels_1mm = run("resample", _resample_lung_box, volume, labels, config,
                                     pheno["harmonized_volume"])
@@ -194,7 +199,8 @@ def _run_qc(volume, config):
 def _segment(volume, config):
     from .segment import segment_lungs
 
-    return segment_lungs(volume, config.segment.name)
+    return segment_lungs(volume, config.segment.name, with_airway=True)
+
 
 
 def _phenotypes(volume, labels, config, encoding: str | None = None) -> dict:
@@ -231,7 +237,7 @@ def kernel_stage(volume, config):
                           volume_only=config.embed.backbone != "none" and config.embed.hu_source == "harmonized")
 
 
-def _artifacts(key: str, volume, labels, pheno, config, out_dir: Path) -> dict:
+def _artifacts(key: str, volume, labels, pheno, config, out_dir: Path, airway=None) -> dict:
     from .io import write_label_image
     from .qc_images import laa_curve_png, qc_montage_png
 
@@ -243,7 +249,8 @@ def _artifacts(key: str, volume, labels, pheno, config, out_dir: Path) -> dict:
         paths["mask_path"] = rel
     if config.output.write_qc_png:
         rel_m, rel_c = f"qc/{name}_montage.png", f"qc/{name}_laa_curve.png"
-        atomic_write(out_dir / rel_m, lambda p: qc_montage_png(volume.hu, labels, volume.direction_xyz, p))
+        atomic_write(out_dir / rel_m, lambda p: qc_montage_png(volume.hu, labels, volume.direction_xyz, p,
+                                                               airway=airway))
         atomic_write(out_dir / rel_c, lambda p: laa_curve_png(pheno["slices"], p, title=key))
         paths.update(qc_montage_path=rel_m, qc_curve_path=rel_c)
     return paths

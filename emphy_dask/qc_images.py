@@ -1,6 +1,7 @@
 """QC pictures a reader checks at a glance: an axial montage and the per-slice LAA curve.
 
-Both are written with matplotlib's Agg backend (no display) and carry no DICOM text.
+The montage is drawn with PIL, the curve with matplotlib's Agg backend (no display); neither
+carries DICOM text.
 """
 from __future__ import annotations
 
@@ -43,9 +44,29 @@ def _montage_levels(labels: np.ndarray, direction_xyz, n: int) -> tuple[int, lis
     return axis, picks, [abs(k - apex) for k in picks]
 
 
+#: Montage colours (RGB): lung outline, voxels below the threshold, airway removed from the lung.
+OUTLINE_RGB, LAA_RGB, AIRWAY_RGB = (0, 255, 0), (255, 40, 0), (0, 160, 255)
+#: Montage tile: slices are shown at most this many pixels wide (nearest-neighbour downsampling).
+TILE_PX = 256
+
+
+def _edge(mask: np.ndarray) -> np.ndarray:
+    """Pixels of a 2D bool mask with a 4-neighbour outside it (its one-pixel outline)."""
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
 def qc_montage_png(hu: np.ndarray, labels: np.ndarray, direction_xyz, path: str | Path,
-                   threshold_hu: float = -950.0, n: int = 9) -> None:
-    """Write an axial montage: lung window, lung outline (green), voxels below ``threshold_hu`` (red).
+                   threshold_hu: float = -950.0, n: int = 9, airway: np.ndarray | None = None) -> None:
+    """Write an axial montage: lung window, lung outline (green), voxels below ``threshold_hu``
+    (red) and, when given, the airway taken out of the lung (blue).
+
+    Drawn with PIL on arrays (matplotlib took ~0.8 s per scan for nine images): a 3-column grid of
+    tiles at most ``TILE_PX`` wide, each titled with its slice counted from the lung apex (as the LAA curve).
 
     Parameters
     ----------
@@ -53,27 +74,40 @@ def qc_montage_png(hu: np.ndarray, labels: np.ndarray, direction_xyz, path: str 
     labels : ndarray of uint8, same shape; 0 background, 1 right, 2 left lung
     direction_xyz : 9 floats, ITK direction
     path : output PNG
+    threshold_hu : float
+        LAA threshold, HU.
+    n : int
+        Number of slices.
+    airway : ndarray of bool, same shape, optional
+        Airway voxels removed from the lung mask.
     """
-    plt = _pyplot()
+    from PIL import Image, ImageDraw
+
     axis, picks, from_apex = _montage_levels(labels, direction_xyz, n)
-    cols = 3
-    rows = int(np.ceil(len(picks) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, k, r in zip(axes.ravel(), picks, from_apex):
-        img = np.take(hu, k, axis=axis)
-        lab = np.take(labels, k, axis=axis)
-        ax.imshow(img, cmap="gray", vmin=-1000, vmax=200, interpolation="nearest")
-        if lab.any():
-            ax.contour(lab > 0, levels=[0.5], colors="lime", linewidths=0.6)
-            laa = np.ma.masked_where(~((lab > 0) & (img < threshold_hu)), np.ones(img.shape))
-            ax.imshow(laa, cmap="autumn", alpha=0.8, interpolation="nearest")
-        ax.set_title(f"slice {r} from apex", fontsize=8)
-    fig.suptitle(f"lung outline (green), HU < {threshold_hu:g} (red)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=72, format="png", metadata={"Software": "emphy-dask"})
-    plt.close(fig)
+    step = max(1, int(np.ceil(max(hu.shape[a] for a in range(3) if a != axis) / TILE_PX)))
+    tiles = []
+    for k, r in zip(picks, from_apex):
+        img = np.take(hu, k, axis=axis)[::step, ::step]
+        lung = np.take(labels, k, axis=axis)[::step, ::step] > 0
+        gray = (np.clip((img.astype(np.float32) + 1000.0) / 1200.0, 0.0, 1.0) * 255.0).astype(np.uint8)
+        rgb = np.repeat(gray[..., None], 3, axis=2)
+        rgb[lung & (img < threshold_hu)] = LAA_RGB
+        if airway is not None:
+            rgb[np.take(airway, k, axis=axis)[::step, ::step]] = AIRWAY_RGB
+        rgb[_edge(lung)] = OUTLINE_RGB
+        tiles.append((r, rgb))
+    title_px, cols = 14, 3
+    th, tw = tiles[0][1].shape[:2]
+    rows = int(np.ceil(len(tiles) / cols))
+    canvas = Image.new("RGB", (cols * tw, 16 + rows * (th + title_px)), "white")
+    draw = ImageDraw.Draw(canvas)
+    legend = f"lung outline (green), HU < {threshold_hu:g} (red)" + (", airway removed (blue)" if airway is not None else "")
+    draw.text((4, 2), legend, fill="black")
+    for i, (r, rgb) in enumerate(tiles):
+        x, y = (i % cols) * tw, 16 + (i // cols) * (th + title_px)
+        draw.text((x + tw // 2 - 40, y), f"slice {r} from apex", fill="black")
+        canvas.paste(Image.fromarray(rgb), (x, y + title_px))
+    canvas.save(path, format="PNG", compress_level=1)
 
 
 def laa_curve_png(slice_rows: list[dict], path: str | Path, title: str = "") -> None:

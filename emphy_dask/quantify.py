@@ -145,6 +145,9 @@ def quantify_path(ct_path, mask_path=None, save_mask_path=None, segmenter: str =
         if np.shape(labels) != volume.shape:
             raise ScanError(mask_path, f"mask grid {np.shape(labels)} differs from CT grid {volume.shape}",
                             stage="quantify")
+        from emphy_dask.segment import airway_out
+
+        labels, _ = airway_out(volume, labels)     # a given mask may hold the trachea and bronchi
         source = "file"
     else:
         from emphy_dask.segment import SEGMENTERS, segment_lungs

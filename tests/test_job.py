@@ -285,9 +285,10 @@ def test_cli_extract_over_the_real_shared_data(tmp_path, job_file, no_backbone_j
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     scans = read_frame(out, "scans").set_index("scan_key")
-    assert sorted(scans.index) == ["lidc-idri-full/LIDC-IDRI-0013", "lidc-idri-slabs/LIDC-IDRI-0001",
-                                   "lidc-idri-slabs/LIDC-IDRI-0002", "lidc-idri-slabs/LIDC-IDRI-0003",
-                                   "lung-pet-ct-dx/Lung_Dx-A0001"]
+    assert sorted(scans.index) == ["lidc-idri-full/LIDC-IDRI-0002", "lidc-idri-full/LIDC-IDRI-0013",
+                                   "lidc-idri-slabs/LIDC-IDRI-0001", "lidc-idri-slabs/LIDC-IDRI-0002",
+                                   "lidc-idri-slabs/LIDC-IDRI-0003", "lung-pet-ct-dx/Lung_Dx-A0001",
+                                   "rider-lung-ct/RIDER-1225316081"]
     full = scans.loc["lidc-idri-full/LIDC-IDRI-0013"]        # saturated bone: the paper's rule excludes it
     assert full["status"] == "excluded" and full["qc_max_hu"] == 3071 and full["n_slices"] == 125
     assert set(scans["status"]) <= {"ok", "excluded"}

@@ -42,6 +42,32 @@ def _resample(img: sitk.Image, size, spacing, origin, direction, interp, default
     return f.Execute(img)
 
 
+def _source_crop(volume: CTVolume, size_xyz, spacing_xyz, origin_xyz, direction_xyz) -> tuple:
+    """The part of ``volume``'s grid that a resampling onto the given grid reads: (z, y, x)
+    slices and the origin of that part.
+
+    The target grid's corner voxel centres mapped to source indices, plus two voxels (linear
+    interpolation reads the two neighbours; ITK clamps at the buffer edge, so the crop must end
+    where the whole grid ends or beyond the last neighbour), clipped to the grid. Resampling
+    the crop gives the very same voxels as resampling the whole scan, without converting the
+    whole scan (3-5x the lung box) to a SimpleITK image first.
+    """
+    d_src = np.asarray(volume.direction_xyz, float).reshape(3, 3)
+    d_dst = np.asarray(direction_xyz, float).reshape(3, 3)
+    old_sp = np.asarray(volume.spacing_zyx_mm, float)[::-1]
+    corners = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], float)
+    pts = corners * (np.asarray(size_xyz, float) - 1.0)
+    world = np.asarray(origin_xyz, float) + (pts * np.asarray(spacing_xyz, float)) @ d_dst.T
+    idx = np.linalg.solve(d_src, (world - np.asarray(volume.origin_xyz_mm, float)).T).T / old_sp
+    n_xyz = np.asarray(volume.shape)[::-1]
+    lo = np.clip(np.floor(idx.min(0)) - 2, 0, n_xyz).astype(int)
+    hi = np.clip(np.ceil(idx.max(0)) + 3, 0, n_xyz).astype(int)
+    hi = np.maximum(hi, np.minimum(lo + 1, n_xyz))          # never an empty crop
+    origin = np.asarray(volume.origin_xyz_mm, float) + d_src @ (lo * old_sp)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo[::-1], hi[::-1]))
+    return box, tuple(float(o) for o in origin)
+
+
 def resampled_shape(volume: CTVolume, spacing_zyx_mm=(1.0, 1.0, 1.0)) -> tuple:
     """(n_z, n_y, n_x) of the grid ``resample_volume`` makes, without resampling anything."""
     return tuple(_target_geometry(volume, spacing_zyx_mm)[0][::-1])
@@ -119,13 +145,17 @@ def resample_volume(volume: CTVolume, spacing_zyx_mm=(1.0, 1.0, 1.0), roi=None) 
         start_xyz = np.array([roi[2][0], roi[1][0], roi[0][0]], float)
         origin = tuple(float(o) for o in np.asarray(origin) + d @ (start_xyz * np.asarray(sp)))
         size = [roi[2][1] - roi[2][0], roi[1][1] - roi[1][0], roi[0][1] - roi[0][0]]
-    img = volume.to_sitk(volume.hu.astype(np.float32))
-    out = _resample(img, size, sp, origin, volume.direction_xyz, sitk.sitkLinear,
-                    float(PADDING_HU), sitk.sitkFloat32)
+    box, crop_origin = _source_crop(volume, size, sp, origin, volume.direction_xyz)
+    src = CTVolume(hu=volume.hu[box], spacing_zyx_mm=volume.spacing_zyx_mm, origin_xyz_mm=crop_origin,
+                   direction_xyz=volume.direction_xyz)
+    # int16 in, float32 out: ITK interpolates in double either way (no float copy of the scan)
+    out = _resample(src.to_sitk(np.ascontiguousarray(src.hu)), size, sp, origin, volume.direction_xyz,
+                    sitk.sitkLinear, float(PADDING_HU), sitk.sitkFloat32)
     hu = np.clip(np.rint(sitk.GetArrayFromImage(out)), -32768, 32767).astype(np.int16)
 
-    fov = np.ones(volume.shape, np.uint8) if volume.fov_mask is None else volume.fov_mask.astype(np.uint8)
-    fov_out = _resample(volume.to_sitk(fov), size, sp, origin, volume.direction_xyz,
+    fov = (np.ones(src.shape, np.uint8) if volume.fov_mask is None
+           else volume.fov_mask[box].astype(np.uint8))
+    fov_out = _resample(src.to_sitk(fov), size, sp, origin, volume.direction_xyz,
                         sitk.sitkNearestNeighbor, 0.0, sitk.sitkUInt8)
     fov_mask = sitk.GetArrayFromImage(fov_out).astype(bool)
     if fov_mask.all():
@@ -157,8 +187,11 @@ def resample_labels(labels: np.ndarray, volume: CTVolume, target: CTVolume) -> n
     labels = np.asarray(labels)
     if labels.shape != volume.shape:
         raise ValueError(f"labels shape {labels.shape} != volume shape {volume.shape}")
-    out = _resample(volume.to_sitk(labels.astype(np.uint8)), target.shape[::-1],
-                    tuple(float(s) for s in target.spacing_zyx_mm[::-1]),
-                    tuple(float(o) for o in target.origin_xyz_mm), target.direction_xyz,
-                    sitk.sitkNearestNeighbor, 0.0, sitk.sitkUInt8)
+    size, sp = target.shape[::-1], tuple(float(s) for s in target.spacing_zyx_mm[::-1])
+    origin = tuple(float(o) for o in target.origin_xyz_mm)
+    box, crop_origin = _source_crop(volume, size, sp, origin, target.direction_xyz)
+    src = CTVolume(hu=labels[box], spacing_zyx_mm=volume.spacing_zyx_mm, origin_xyz_mm=crop_origin,
+                   direction_xyz=volume.direction_xyz)
+    out = _resample(src.to_sitk(np.ascontiguousarray(src.hu, dtype=np.uint8)), size, sp, origin,
+                    target.direction_xyz, sitk.sitkNearestNeighbor, 0.0, sitk.sitkUInt8)
     return sitk.GetArrayFromImage(out).astype(np.uint8)

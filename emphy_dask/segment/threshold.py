@@ -5,10 +5,10 @@ Pipeline (on an internal working grid of ~1.5-2 mm, then refined at full resolut
 1. air = HU < ``air_threshold_hu``; padding / outside-FOV voxels count as air.
 2. Outside air: per-slice 2D components of air touching the slice border or the
    padding, plus small internal pockets 3D-connected to them.
-3. Trachea and main bronchi: seeded at the most superior slice with a small, central
-   air tube (tight threshold), tracked slice by slice downwards until each branch
-   enters the lung (its surroundings become lung air, or its area jumps because it
-   merged with the parenchyma). Removed from the candidates.
+3. Trachea and bronchi: seeded at the most superior slice with a small, central air
+   tube, grown in 3D through lumen air with leak control (``segment/airway.py``).
+   Removed from the candidates, and again from each lung after its closing and hole
+   filling (which would close the lung around a bronchus like around a vessel).
 4. Lungs: the largest internal air components; if one component spans both sides of
    the body midline (lungs touching anteriorly/posteriorly), it is split by
    erosion (distance-transform cores) and nearest-core assignment.
@@ -29,83 +29,13 @@ from scipy import ndimage as ndi
 import fill_voids
 
 from emphy_dask.errors import ScanError
-from emphy_dask.segment.morphology import (S2D, bbox_slices, block_mean, close_mm, disk, fill_slices, label_sizes,
-                                          upsample)
+from emphy_dask.segment.airway import airway_wall, grow_airway, trachea_seed
+from emphy_dask.segment.morphology import (S2D, bbox_slices, body_air, body_midline, close_mm, fill_slices,
+                                          label_sizes, upsample, working_grid)
 from emphy_dask.volume import craniocaudal_axis
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 RIGHT, LEFT = 1, 2
-
-#: Largest cross-section of one tracked airway component (trachea ~ 250-500 mm^2), mm^2.
-MAX_AIRWAY_SECTION_MM2 = 800.0
-#: Largest plausible trachea + main bronchi volume; more means the tracker entered the lung, mL.
-MAX_AIRWAY_ML = 150.0
-
-
-def _track_airway(tight, loose, outside, sp, lr_axis_2d, mid_lr, half_width, sup_first):
-    """Trachea + main bronchi (bool, working grid) by slice-wise tracking from the top.
-
-    ``tight``: lumen air (HU < -900); ``loose``: air (HU < air threshold), both (z,y,x)
-    bool with outside air already removed from ``tight``. ``mid_lr`` / ``half_width``:
-    body midline and half width along ``lr_axis_2d`` (1=y, 2=x) in voxels.
-    """
-    nz = tight.shape[0]
-    px_mm2 = sp[1] * sp[2]
-    ring_out = disk((5.0 / sp[1], 5.0 / sp[2]))
-    ring_in = disk((1.5 / sp[1], 1.5 / sp[2]))
-    grow = disk((3.0 / sp[1], 3.0 / sp[2]))
-    airway = np.zeros_like(tight)
-    order = list(range(nz - 1, -1, -1)) if sup_first else list(range(nz))
-
-    def lung_fraction(z, comp):
-        ring = ndi.binary_dilation(comp, ring_out) & ~ndi.binary_dilation(comp, ring_in)
-        ring &= ~outside[z]
-        return float(loose[z][ring].mean()) if ring.any() else 0.0
-
-    # seed: most superior slice (top 40 %) holding a small, central, non-lung air tube
-    seed_pos, prev = None, None
-    for pos, z in enumerate(order[: max(1, int(0.4 * nz))]):
-        lab, n = ndi.label(tight[z])
-        if n == 0:
-            continue
-        areas = label_sizes(lab, n) * px_mm2
-        coms = ndi.center_of_mass(tight[z], lab, np.arange(1, n + 1))
-        best = None
-        for i, (a, c) in enumerate(zip(areas, coms)):
-            off = abs(c[lr_axis_2d - 1] - mid_lr)
-            if 30.0 <= a <= 800.0 and off < 0.25 * half_width:
-                comp = lab == i + 1
-                if lung_fraction(z, comp) < 0.5 and (best is None or off < best[0]):
-                    best = (off, comp)
-        if best is not None:
-            seed_pos, prev = pos, best[1]
-            break
-    if seed_pos is None:
-        return airway  # scan starts below the carina: nothing to remove
-    airway[order[seed_pos]] = prev
-    prev_area = prev.sum() * px_mm2
-    for z in order[seed_pos + 1:]:
-        lab, n = ndi.label(tight[z])
-        hit = np.unique(lab[ndi.binary_dilation(prev, grow) & (lab > 0)])
-        keep = np.zeros_like(prev)
-        for i in hit:
-            comp = lab == i
-            a = comp.sum() * px_mm2
-            if a > min(MAX_AIRWAY_SECTION_MM2, max(1000.0, 3.0 * prev_area)):
-                continue  # merged with emphysematous parenchyma: the branch entered the lung
-            if lung_fraction(z, comp) > 0.5:
-                continue  # surrounded by lung: intrapulmonary bronchus, part of the lung
-            keep |= comp
-        if not keep.any() or keep.sum() * px_mm2 > 2 * MAX_AIRWAY_SECTION_MM2:
-            break         # more than two main bronchi's worth of air: we are in the lung
-        airway[z] = keep
-        prev, prev_area = keep, keep.sum() * px_mm2
-    if airway.sum() * px_mm2 * sp[0] / 1000.0 > MAX_AIRWAY_ML:
-        # not a trachea: tracking wandered into lung (e.g. a scan starting below the carina);
-        # better to keep a bronchus stump in the mask than to cut a lung away
-        return np.zeros_like(airway)
-    return airway
-
 
 def _split_merged(comp: np.ndarray, sp: tuple, lr_coord, mid_lr: float):
     """Split one component spanning both sides into two by erosion cores.
@@ -144,7 +74,8 @@ def _split_merged(comp: np.ndarray, sp: tuple, lr_coord, mid_lr: float):
 
 def lung_mask_threshold(hu: np.ndarray, spacing_zyx_mm, direction_xyz=IDENTITY,
                         fov_mask: np.ndarray | None = None, *, air_threshold_hu: float = -320.0,
-                        closing_radius_mm: float = 8.0, min_lung_ml: float = 50.0) -> np.ndarray:
+                        closing_radius_mm: float = 8.0, min_lung_ml: float = 50.0,
+                        return_airway: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Segment the lungs of a chest CT by thresholding and morphology.
 
     Parameters
@@ -164,10 +95,14 @@ def lung_mask_threshold(hu: np.ndarray, spacing_zyx_mm, direction_xyz=IDENTITY,
         Ball radius of the 3D closing that pulls hilar vessels into the lung, mm.
     min_lung_ml : float
         Smallest air component accepted as a lung, mL.
+    return_airway : bool
+        Also return the airway kept out of the lungs.
 
     Returns
     -------
-    ndarray of uint8, shape (n_z, n_y, n_x): 0 background, 1 right lung, 2 left lung.
+    ndarray of uint8, shape (n_z, n_y, n_x): 0 background, 1 right lung, 2 left lung; with
+    ``return_airway``, a tuple (labels, airway): airway bool, same shape, the trachea and
+    bronchi (lumen plus a voxel of wall, ``segment/airway.py``) that the lungs exclude.
 
     Raises
     ------
@@ -187,9 +122,12 @@ def lung_mask_threshold(hu: np.ndarray, spacing_zyx_mm, direction_xyz=IDENTITY,
     sp_t = tuple(sp[a] for a in perm)
     # LPS vector per (transposed) numpy axis: column (2 - a) of the direction matrix
     axis_lps = np.stack([d[:, 2 - a] for a in perm])
-    labels = _segment(hu_t, sp_t, axis_lps, sup_up, fov_t, air_threshold_hu,
-                      closing_radius_mm, min_lung_ml)
-    return np.ascontiguousarray(np.transpose(labels, inv))
+    labels, airway, f = _segment(hu_t, sp_t, axis_lps, sup_up, fov_t, air_threshold_hu,
+                                 closing_radius_mm, min_lung_ml)
+    labels = np.ascontiguousarray(np.transpose(labels, inv))
+    if not return_airway:
+        return labels
+    return labels, np.ascontiguousarray(np.transpose(upsample(airway, f, hu_t.shape), inv)) & (labels == 0)
 
 
 def _segment(hu, sp, axis_lps, sup_up, fov, thr, closing_mm, min_ml):
@@ -200,49 +138,15 @@ def _segment(hu, sp, axis_lps, sup_up, fov, thr, closing_mm, min_ml):
     ~2 x 1.5 x 1.5 mm (block mean), then refines the boundary at full resolution.
     """
     shape = hu.shape
-    f = (max(1, int(2.0 / sp[0] + 0.5)), max(1, int(1.5 / sp[1] + 0.5)), max(1, int(1.5 / sp[2] + 0.5)))
-    spc = tuple(s * k for s, k in zip(sp, f))
+    f, spc, work, pad = working_grid(hu, sp, fov)
     vox_ml = float(np.prod(spc)) / 1000.0
-    work = block_mean(hu, f)
-    pad = np.zeros(work.shape, bool) if fov is None else block_mean(~fov, f) > 0.5
-    air = (work < thr) | pad
-
-    # outside air: per-slice components touching the slice border or padding
-    lab2d, _ = ndi.label(air, structure=S2D)
-    border = np.zeros(air.shape, bool)
-    border[:, [0, -1], :] = True
-    border[:, :, [0, -1]] = True
-    out_ids = np.unique(lab2d[(border | pad) & air])
-    outside = np.isin(lab2d, out_ids[out_ids > 0])
-    inside = air & ~outside
-    # internal pockets (arm/body folds, bed) 3D-linked to outside air in a neighbour slice
-    lab3, _ = ndi.label(air)
-    linked = np.unique(lab3[outside])
-    lab_in, n_in = ndi.label(inside)
-    if n_in:
-        vol = label_sizes(lab_in, n_in) * vox_ml
-        big = np.zeros(n_in + 1, bool)
-        big[1:] = vol >= 100.0  # a lung linked via the airway to the mouth must survive
-        linked_in = np.unique(lab_in[np.isin(lab3, linked) & inside])
-        drop = np.zeros(n_in + 1, bool)
-        drop[linked_in] = True
-        drop &= ~big
-        drop[0] = False
-        inside &= ~drop[lab_in]
-
+    outside, inside = body_air(work, pad, thr, vox_ml)
     body = ~outside
-    # L-R geometry: the in-plane axis with the largest |LPS x| component
-    lr_axis = 1 + int(np.argmax(np.abs(axis_lps[1:, 0])))
-    lr_profile = body.sum(axis=(0, 3 - lr_axis))
-    idx = np.arange(lr_profile.size)
-    mid_lr = float((lr_profile * idx).sum() / max(lr_profile.sum(), 1))
-    extent = idx[lr_profile > 0.05 * lr_profile.max()] if lr_profile.any() else idx
-    half_width = max((extent.max() - extent.min()) / 2.0, 1.0)
+    lr_axis, mid_lr, half_width = body_midline(body, axis_lps)
+    idx = np.arange(body.shape[lr_axis])
 
-    tight = (work < -900.0) & inside
-    airway = _track_airway(tight, inside, outside, spc, lr_axis, mid_lr, half_width,
-                           sup_first=sup_up)
-    airway_loose = ndi.binary_dilation(airway, S2D) & inside  # add partial-volume wall
+    seed = trachea_seed((work < -900.0) & inside, inside, outside, spc, lr_axis, mid_lr, half_width, sup_up)
+    airway_loose = airway_wall(grow_airway(work, inside, seed, vox_ml), inside)    # with its wall
     cand = inside & ~airway_loose
 
     lab, n = ndi.label(cand)
@@ -285,7 +189,9 @@ def _segment(hu, sp, axis_lps, sup_up, fov, thr, closing_mm, min_ml):
         m = fill_slices(m, spc[1] * spc[2])
         m = close_mm(m, closing_mm, spc) & ~others & body
         m = fill_voids.fill(fill_slices(m, spc[1] * spc[2]), in_place=False)
-        filled.append(m & ~others)
+        # the closing and the hole filling close the lung around a bronchus or the trachea
+        # (it is a hole, like a vessel): take the airway out again
+        filled.append(m & ~others & ~airway_loose)
 
     # physical L-R: LPS x of each centroid; smaller x = patient right
     def lps_x(mask):
@@ -302,8 +208,15 @@ def _segment(hu, sp, axis_lps, sup_up, fov, thr, closing_mm, min_ml):
         out = np.zeros(shape, np.uint8)
         for m, name in zip(filled, names):
             out[m] = name
-        return out
-    return _refine(hu, fov, thr, f, filled, names, airway_loose, shape, sp[1] * sp[2])
+        return out, airway_loose, f
+    return _refine(hu, fov, thr, f, filled, names, airway_loose, shape, sp[1] * sp[2]), airway_loose, f
+
+
+def _paste(part: np.ndarray, bb: tuple, shape: tuple) -> np.ndarray:
+    """A bool array of ``shape`` holding ``part`` at the box ``bb``, False elsewhere."""
+    out = np.zeros(shape, bool)
+    out[bb] = part
+    return out
 
 
 def _refine(hu, fov, thr, f, filled, names, airway, shape, pixel_mm2):
@@ -313,8 +226,12 @@ def _refine(hu, fov, thr, f, filled, names, airway, shape, pixel_mm2):
     for m in filled:
         union |= m
     for m, name in zip(filled, names):
-        interior = ndi.binary_erosion(m, S2D)
-        band = ndi.binary_dilation(m, S2D) & ~(union & ~m) & ~interior
+        # erosion and dilation by one pixel in this lung's box (+1) only: the same voxels
+        bb = bbox_slices(m, (0, 1, 1))
+        m_bb = m[bb]
+        interior = ndi.binary_erosion(m_bb, S2D)
+        band = ndi.binary_dilation(m_bb, S2D) & ~(union[bb] & ~m_bb) & ~interior
+        interior, band = _paste(interior, bb, m.shape), _paste(band, bb, m.shape)
         bb = bbox_slices(m | band, (0, 0, 0))
         full_bb = tuple(slice(s.start * k, min(s.stop * k, n)) for s, k, n in zip(bb, f, shape))
         sub_shape = tuple(s.stop - s.start for s in full_bb)
