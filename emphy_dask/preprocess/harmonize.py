@@ -52,8 +52,9 @@ import numpy as np
 from scipy import fft as sfft
 
 from .clipping import body_mask, clipped_fill
-from .kernel_estimate import (FIT_BAND_LPMM, KernelEstimate, estimate_kernel, image_noise_sd, planes_first,
-                              transfer_function)
+from .kernel_estimate import (FIT_BAND_LPMM, MIN_ROIS, KernelEstimate, estimate_kernel, image_noise_sd, measured_nps,
+                              planes_first, transfer_function)
+from .transfer import TRANSFER_BAND_LPMM, VENDOR_STANDARD_LOG_R, fit_transfer, nps_mean_frequency
 
 __all__ = ["harmonize_kernel", "harmonize_volume", "harmonize_scan", "filter_planes", "params_json",
            "estimate_kernel", "KernelEstimate", "transfer_function", "METHODS"]
@@ -67,7 +68,12 @@ VENDOR_STANDARD_STRENGTH = {"philips": 0.0, "ge": 0.38}
 DEFAULT_STRENGTH = {"sharp": 1.0, "very_sharp": 1.5}
 MAX_STRENGTH = 3.0
 MIN_STRENGTH = 0.1
-METHODS = ("nps",)
+#: ``nps_ratio`` (default): the whole transfer from the scan's own NPS (``transfer.py``);
+#: ``nps_shape``: the former one-parameter filter exp(-s g(f)), g the Philips L/B shape (kept
+#: for comparison: it over-corrects kernels of another shape, ``benchmarks/README.md``).
+METHODS = ("nps_ratio", "nps_shape")
+#: A transfer that keeps more than this at 0.5 lp/mm removes nothing worth a filter.
+MIN_REMOVED_GAIN = 0.95
 
 
 def _plane_grid(shape_yx, spacing_yx_mm):
@@ -90,16 +96,18 @@ def _filter_block(block: np.ndarray, h: np.ndarray, size) -> np.ndarray:
     return sfft.irfft2(spec, s=size, axes=(1, 2))[:, :ny, :nx] + level
 
 
-def filter_planes(hu: np.ndarray, spacing_zyx_mm, strength: float, slice_axis: int = 0, *, fov_mask=None,
+def filter_planes(hu: np.ndarray, spacing_zyx_mm, strength, slice_axis: int = 0, *, fov_mask=None,
                   floor_hu: float | None = None, fills: dict | None = None, clip_range=None,
                   body=None, chunk: int = 16) -> np.ndarray:
-    """Apply ``exp(-s g(f))`` to every reconstruction plane; same shape, float32 (or int16).
+    """Apply an in-plane transfer to every reconstruction plane; same shape, float32 (or int16).
 
     Parameters
     ----------
     hu : ndarray, HU
     spacing_zyx_mm : 3 floats, mm
-    strength : float
+    strength : float or callable
+        The transfer: a callable ``T(f_lpmm) -> gain`` (``transfer.Transfer.gain``), or the
+        strength s of ``exp(-s g(f))`` (method ``nps_shape``).
     slice_axis : int
     fov_mask : bool ndarray like ``hu``, optional
         Padding (False) is set to ``floor_hu`` (air) before filtering, so that the scan
@@ -121,7 +129,8 @@ def filter_planes(hu: np.ndarray, spacing_zyx_mm, strength: float, slice_axis: i
         ys, xs = _crop(body, k0, chunk, planes.shape[1:], (dy, dx))
         if (ys.stop - ys.start, xs.stop - xs.start) not in grids:
             size, fr = _plane_grid((ys.stop - ys.start, xs.stop - xs.start), (dy, dx))
-            grids[(ys.stop - ys.start, xs.stop - xs.start)] = size, transfer_function(fr, strength).astype(np.float32)
+            h = strength(fr) if callable(strength) else transfer_function(fr, strength)
+            grids[(ys.stop - ys.start, xs.stop - xs.start)] = size, h.astype(np.float32)
         size, h = grids[(ys.stop - ys.start, xs.stop - xs.start)]
         out[k0:k0 + chunk] = planes[k0:k0 + chunk]         # air beyond the crop: copied
         block = planes[k0:k0 + chunk].astype(np.float32)
@@ -170,9 +179,9 @@ def _stored_range(planes: np.ndarray, fov=None, chunk: int = 32) -> tuple[float,
     return (lo, hi) if np.isfinite(lo) else (-1024.0, 3071.0)
 
 
-def harmonize_kernel(hu: np.ndarray, spacing_zyx_mm, kernel_class: str = "unknown", *, method: str = "nps",
+def harmonize_kernel(hu: np.ndarray, spacing_zyx_mm, kernel_class: str = "unknown", *, method: str = "nps_ratio",
                      slice_axis: int = 0, fov_mask=None, estimate: KernelEstimate | None = None,
-                     target_strength: float = 0.0):
+                     target_strength: float = 0.0, target_log_r=(0.0, 0.0, 0.0)):
     """Harmonise a CT toward the reference standard kernel.
 
     Parameters
@@ -181,24 +190,28 @@ def harmonize_kernel(hu: np.ndarray, spacing_zyx_mm, kernel_class: str = "unknow
     spacing_zyx_mm : 3 floats, mm
     kernel_class : str
         Class from the vendor table (``io.kernels.kernel_class``); ``unknown`` lets the image decide.
-    method : {"nps"}
+    method : {"nps_ratio", "nps_shape"}
     slice_axis : int
         Array axis across reconstruction planes (0 for DICOM series).
     fov_mask : bool ndarray like ``hu``, optional
         False = padding: ignored by the estimate, kept as is in the output.
     estimate : KernelEstimate, optional
-        A previous ``estimate_kernel`` of this volume (saves ~0.5 s).
+        A previous ``estimate_kernel`` of this volume (saves ~0.3 s).
     target_strength : float
-        Strength of the standard kernel to reach (``VENDOR_STANDARD_STRENGTH``); the filter
-        removes ``s - target_strength``.
+        ``nps_shape``: strength of the standard kernel to reach (``VENDOR_STANDARD_STRENGTH``).
+    target_log_r : 3 floats
+        ``nps_ratio``: ln R of the standard kernel to reach (``transfer.VENDOR_STANDARD_LOG_R``).
 
     Returns
     -------
     hu_out : ndarray int16, same shape (``hu`` itself, unchanged, when nothing is done)
     params : dict
-        ``method``, ``applied`` (bool), ``reason``, ``strength`` (s used), ``strength_source``
-        (image | class-default), ``kernel_class`` (final) and ``kernel_class_source``
-        (table | image | None), and the estimate (``estimate_*``). JSON-serialisable.
+        ``method``, ``applied`` (bool), ``reason``, ``kernel_class`` (final) and
+        ``kernel_class_source`` (table | image | None), the estimate (``estimate_*``); when a
+        transfer was fitted: ``gain_03`` / ``gain_05`` (T at 0.3 / 0.5 lp/mm), ``fav_before_lpmm``
+        / ``fav_after_lpmm`` (NPS mean frequency before / after, the latter = NPS T^2),
+        ``transfer_coef``, ``noise_log_level``, ``transfer_fit_rms``; ``nps_shape``: ``strength``.
+        JSON-serialisable.
     """
     if method not in METHODS:
         raise ValueError(f"unknown harmonisation method {method!r} (known: {', '.join(METHODS)})")
@@ -216,6 +229,33 @@ def harmonize_kernel(hu: np.ndarray, spacing_zyx_mm, kernel_class: str = "unknow
     if cls not in ("sharp", "very_sharp"):
         params["reason"] = f"kernel class {cls} ({source or 'no estimate'}): left as is"
         return hu, params
+    spacing_yx = [float(s) for i, s in enumerate(spacing_zyx_mm) if i != slice_axis]
+    if method == "nps_shape":
+        transfer, noise_sd = _shape_transfer(est, cls, target_strength, spacing_yx, params)
+    else:
+        transfer, noise_sd = _ratio_transfer(est, target_log_r, params)
+    if transfer is None:
+        return hu, params
+    hu = np.asarray(hu)
+    fov = None if fov_mask is None else np.asarray(fov_mask, bool)
+    planes, fov_planes = planes_first(hu, slice_axis), None if fov is None else planes_first(fov, slice_axis)
+    floor, top = _stored_range(planes, fov_planes)
+    # sharp series clip air, emphysema and the pleural undershoot at the lowest stored value
+    # (Philips L: 3.8 % of the lung): extrapolate the censored tail (clipping.py)
+    body = body_mask(planes)
+    fills, info = clipped_fill(planes, floor, body, spacing_yx, noise_sd, fov_planes)
+    params.update(floor_hu=floor, noise_sd_hu=round(noise_sd, 1), **{f"clipped_{k}": v for k, v in info.items()})
+    # a real reconstruction stores nothing below/above the scanner's range either
+    out = filter_planes(hu, spacing_zyx_mm, transfer, slice_axis, fov_mask=fov, floor_hu=floor, fills=fills,
+                        clip_range=(floor, top), body=body)
+    if fov is not None:
+        out[~fov] = hu[~fov]
+    params.update(applied=True, reason=f"kernel class {cls} ({source}): filtered ({method})")
+    return out, params
+
+
+def _shape_transfer(est, cls, target_strength, spacing_yx, params):
+    """``nps_shape``: exp(-s g(f)) with s from the image (or the class default); None when s is too small."""
     if est.strength is not None:
         strength, params["strength_source"] = est.strength, "image"
     else:
@@ -225,32 +265,54 @@ def harmonize_kernel(hu: np.ndarray, spacing_zyx_mm, kernel_class: str = "unknow
     params["strength"] = round(strength, 4)
     if strength < MIN_STRENGTH:
         params["reason"] = f"kernel class {cls} but measured strength {strength:.2f} < {MIN_STRENGTH}: left as is"
-        return hu, params
-    hu = np.asarray(hu)
-    fov = None if fov_mask is None else np.asarray(fov_mask, bool)
-    planes, fov_planes = planes_first(hu, slice_axis), None if fov is None else planes_first(fov, slice_axis)
-    floor, top = _stored_range(planes, fov_planes)
-    # sharp series clip air, emphysema and the pleural undershoot at the lowest stored value
-    # (Philips L: 3.8 % of the lung): extrapolate the censored tail (clipping.py)
-    spacing_yx = [float(s) for i, s in enumerate(spacing_zyx_mm) if i != slice_axis]
+        return None, None
     noise_sd = image_noise_sd(est, spacing_yx) if est.noise_ratio is not None else 40.0
-    body = body_mask(planes)
-    fills, info = clipped_fill(planes, floor, body, spacing_yx, noise_sd, fov_planes)
-    params.update(floor_hu=floor, noise_sd_hu=round(noise_sd, 1), **{f"clipped_{k}": v for k, v in info.items()})
-    # a real reconstruction stores nothing below/above the scanner's range either
-    out = filter_planes(hu, spacing_zyx_mm, strength, slice_axis, fov_mask=fov, floor_hu=floor, fills=fills,
-                        clip_range=(floor, top), body=body)
-    if fov is not None:
-        out[~fov] = hu[~fov]
-    params.update(applied=True, reason=f"kernel class {cls} ({source}): filtered with strength {strength:.2f}")
-    return out, params
+    return strength, noise_sd
 
 
-def harmonize_volume(volume, method: str = "nps", estimate: KernelEstimate | None = None):
+def _ratio_transfer(est, target_log_r, params):
+    """``nps_ratio``: T(f) from the scan's NPS (``transfer.py``); None (with the reason) when the
+    estimate is unreliable or T removes nothing: the scan is then left as it is, never guessed."""
+    nps = measured_nps(est)
+    if nps is None:
+        params["reason"] = (f"unreliable estimate: {est.n_rois} uniform soft-tissue ROIs (need "
+                            f"{MIN_ROIS}; a slab or little soft tissue): left as is")
+        return None, None
+    f, power = nps
+    fit, why = fit_transfer(f, power, est.nyquist_lpmm)
+    if fit is None:
+        params["reason"] = f"unreliable estimate: {why}: left as is"
+        return None, None
+
+    def transfer(fr):
+        return fit.gain(fr, target_log_r)
+
+    t = transfer(f)
+    params.update(gain_03=round(float(transfer(0.3)), 4), gain_05=round(float(transfer(0.5)), 4),
+                  fav_before_lpmm=_round(nps_mean_frequency(f, power)),
+                  fav_after_lpmm=_round(nps_mean_frequency(f, power * t ** 2)),
+                  transfer_coef=[round(c, 4) for c in fit.coef], target_log_r=list(target_log_r),
+                  noise_log_level=round(fit.log_level, 4), transfer_fit_rms=round(fit.fit_rms, 4))
+    if params["gain_05"] > MIN_REMOVED_GAIN:
+        params["reason"] = f"transfer keeps {params['gain_05']:.2f} at 0.5 lp/mm: nothing to remove, left as is"
+        return None, None
+    # noise sd of the sharp image: its measured NPS over the plane (rings of width df)
+    ok = np.isfinite(power) & (f <= est.nyquist_lpmm)
+    df = float(f[1] - f[0])
+    noise_sd = float(np.sqrt(np.sum(power[ok] * 2 * np.pi * f[ok] * df)))
+    return transfer, noise_sd
+
+
+def _round(x, n=4):
+    return None if x is None else round(float(x), n)
+
+
+def harmonize_volume(volume, method: str = "nps_ratio", estimate: KernelEstimate | None = None):
     """``harmonize_kernel`` on a ``CTVolume``; returns ``(CTVolume, params)``.
 
     The kernel class comes from ``volume.meta`` (``kernel``, ``manufacturer``) via the vendor
-    table, the target from the vendor's standard kernel (``VENDOR_STANDARD_STRENGTH``); the slice
+    table, the target from the vendor's standard kernel (``transfer.VENDOR_STANDARD_LOG_R``,
+    ``VENDOR_STANDARD_STRENGTH`` for ``nps_shape``); the slice
     axis from the direction (the cranio-caudal axis). This is the call for any
     stage that wants the harmonised volume (phenotypes, embeddings).
     """
@@ -259,10 +321,12 @@ def harmonize_volume(volume, method: str = "nps", estimate: KernelEstimate | Non
 
     meta = volume.meta or {}
     cls = kernel_class(meta.get("kernel"), meta.get("manufacturer"))
-    target = VENDOR_STANDARD_STRENGTH.get(vendor_of(meta.get("manufacturer")), 0.0)
+    vendor = vendor_of(meta.get("manufacturer"))
     axis, _ = craniocaudal_axis(volume.direction_xyz)
     hu, params = harmonize_kernel(volume.hu, volume.spacing_zyx_mm, cls, method=method, slice_axis=axis,
-                                  fov_mask=volume.fov_mask, estimate=estimate, target_strength=target)
+                                  fov_mask=volume.fov_mask, estimate=estimate,
+                                  target_strength=VENDOR_STANDARD_STRENGTH.get(vendor, 0.0),
+                                  target_log_r=VENDOR_STANDARD_LOG_R.get(vendor, (0.0, 0.0, 0.0)))
     if hu is volume.hu:
         return volume, params
     return volume.with_hu(hu), params
@@ -272,15 +336,22 @@ def params_json(params: dict) -> str:
     """Compact JSON of the filter parameters for the scans table."""
     keep = ("method", "applied", "reason", "strength", "strength_source", "target_strength", "estimate_noise_ratio",
             "estimate_n_rois", "estimate_fit_rms", "floor_hu", "noise_sd_hu", "clipped_n_clipped",
-            "clipped_tail_mean_hu", "clipped_fill_sd_hu", "clipped_fill_mean_hu")
+            "clipped_tail_mean_hu", "clipped_fill_sd_hu", "clipped_fill_mean_hu", "gain_03", "gain_05",
+            "fav_before_lpmm", "fav_after_lpmm", "transfer_coef", "target_log_r", "noise_log_level",
+            "transfer_fit_rms")
     doc = {k: params[k] for k in keep if k in params}
-    if params.get("applied"):
+    if params.get("applied") and params["method"] == "nps_shape":
         doc.update(transfer="exp(-strength*g(f)), g: Philips L->B (Lung_Dx-A0001)",
                    fit_band_lpmm=list(FIT_BAND_LPMM))
+    elif "transfer_coef" in params:
+        doc.update(transfer="T = exp(min(0, lnR_target - lnR)), lnR = b1 f^2 + b2 f^4 + b3 f^6 (f lp/mm), "
+                            "fitted to the scan's soft-tissue NPS; non-increasing",
+                   fit_band_lpmm=[TRANSFER_BAND_LPMM[0], min(TRANSFER_BAND_LPMM[1],
+                                                             0.95 * params["estimate_nyquist_lpmm"])])
     return json.dumps(doc, sort_keys=True)
 
 
-def harmonize_scan(volume, enabled: bool, method: str = "nps", *, volume_only: bool = False):
+def harmonize_scan(volume, enabled: bool, method: str = "nps_ratio", *, volume_only: bool = False):
     """Kernel facts for a results row, and the harmonised volume when ``enabled``.
 
     The image estimate runs either way (~0.5 s), so that a kernel the vendor table does not
@@ -292,8 +363,10 @@ def harmonize_scan(volume, enabled: bool, method: str = "nps", *, volume_only: b
     -------
     columns : dict
         ``kernel_class``, ``kernel_class_source``, ``kernel_nps_fav_lpmm``, ``kernel_strength``,
-        ``harmonize_applied``, ``harmonize_strength``, ``harmonize_params`` (JSON; the three are
-        None when not enabled), ``t_harmonize_s``.
+        ``harmonize_applied``, ``harmonize_strength``, ``harmonize_params`` (JSON),
+        ``harmonize_gain_03``, ``harmonize_gain_05``, ``harmonize_fav_before_lpmm``,
+        ``harmonize_fav_after_lpmm``, ``harmonize_reason`` (None when not enabled), ``t_harmonize_s``.
+        ``harmonize_mld_shift_hu`` is the phenotype stage's (it has the lung mask).
     harmonized : CTVolume or None
         None when neither ``enabled`` nor ``volume_only``; ``volume`` itself when the kernel is
         soft/standard.
@@ -314,12 +387,15 @@ def harmonize_scan(volume, enabled: bool, method: str = "nps", *, volume_only: b
         cls, source = (est.kernel_class, "image") if est.strength is not None else ("unknown", None)
     cols = {"kernel_class": cls, "kernel_class_source": source, "kernel_nps_fav_lpmm": est.nps_fav_lpmm,
             "kernel_strength": est.strength, "harmonize_applied": None, "harmonize_strength": None,
-            "harmonize_params": None}
+            "harmonize_params": None, "harmonize_gain_03": None, "harmonize_gain_05": None,
+            "harmonize_fav_before_lpmm": None, "harmonize_fav_after_lpmm": None, "harmonize_reason": None}
     harmonized = None
     if enabled or volume_only:
         harmonized, params = harmonize_volume(volume, method, estimate=est)
     if enabled:
         cols.update(harmonize_applied=bool(params["applied"]), harmonize_strength=params["strength"],
-                    harmonize_params=params_json(params))
+                    harmonize_params=params_json(params), harmonize_gain_03=params.get("gain_03"),
+                    harmonize_gain_05=params.get("gain_05"), harmonize_fav_before_lpmm=params.get("fav_before_lpmm"),
+                    harmonize_fav_after_lpmm=params.get("fav_after_lpmm"), harmonize_reason=params["reason"])
     cols["t_harmonize_s"] = round(time.perf_counter() - t0, 4)
     return cols, harmonized
