@@ -52,6 +52,8 @@ import numpy as np
 from scipy import fft as sfft
 
 from .clipping import body_mask, clipped_fill
+from .edge_mtf import MIN_PROFILES as EDGE_MIN_PROFILES
+from .edge_mtf import edge_mtf
 from .kernel_estimate import (FIT_BAND_LPMM, MIN_ROIS, KernelEstimate, estimate_kernel, image_noise_sd, measured_nps,
                               planes_first, transfer_function)
 from .transfer import TRANSFER_BAND_LPMM, VENDOR_STANDARD_LOG_R, fit_transfer, nps_mean_frequency
@@ -230,15 +232,16 @@ def harmonize_kernel(hu: np.ndarray, spacing_zyx_mm, kernel_class: str = "unknow
         params["reason"] = f"kernel class {cls} ({source or 'no estimate'}): left as is"
         return hu, params
     spacing_yx = [float(s) for i, s in enumerate(spacing_zyx_mm) if i != slice_axis]
-    if method == "nps_shape":
-        transfer, noise_sd = _shape_transfer(est, cls, target_strength, spacing_yx, params)
-    else:
-        transfer, noise_sd = _ratio_transfer(est, target_log_r, params)
-    if transfer is None:
-        return hu, params
+    src = hu
     hu = np.asarray(hu)
     fov = None if fov_mask is None else np.asarray(fov_mask, bool)
     planes, fov_planes = planes_first(hu, slice_axis), None if fov is None else planes_first(fov, slice_axis)
+    if method == "nps_shape":
+        transfer, noise_sd = _shape_transfer(est, cls, target_strength, spacing_yx, params)
+    else:
+        transfer, noise_sd = _ratio_transfer(est, target_log_r, params, planes, spacing_yx, fov_planes)
+    if transfer is None:
+        return src, params
     floor, top = _stored_range(planes, fov_planes)
     # sharp series clip air, emphysema and the pleural undershoot at the lowest stored value
     # (Philips L: 3.8 % of the lung): extrapolate the censored tail (clipping.py)
@@ -270,16 +273,23 @@ def _shape_transfer(est, cls, target_strength, spacing_yx, params):
     return strength, noise_sd
 
 
-def _ratio_transfer(est, target_log_r, params):
-    """``nps_ratio``: T(f) from the scan's NPS (``transfer.py``); None (with the reason) when the
-    estimate is unreliable or T removes nothing: the scan is then left as it is, never guessed."""
+def _ratio_transfer(est, target_log_r, params, planes, spacing_yx, fov_planes):
+    """``nps_ratio``: T(f) from the scan's NPS and air-skin edge (``transfer.py``); None (with the
+    reason) when the estimate is unreliable or T removes nothing: the scan is then left as it
+    is, never guessed."""
     nps = measured_nps(est)
     if nps is None:
         params["reason"] = (f"unreliable estimate: {est.n_rois} uniform soft-tissue ROIs (need "
                             f"{MIN_ROIS}; a slab or little soft tissue): left as is")
         return None, None
     f, power = nps
-    fit, why = fit_transfer(f, power, est.nyquist_lpmm)
+    edge = edge_mtf(planes, spacing_yx, fov_planes)
+    params["edge_profiles"] = 0 if edge is None else edge[2]
+    if edge is None:
+        params["reason"] = (f"unreliable estimate: fewer than {EDGE_MIN_PROFILES} air-skin edge profiles "
+                            "(a truncated body or a slab): left as is")
+        return None, None
+    fit, why = fit_transfer(f, power, est.nyquist_lpmm, edge)
     if fit is None:
         params["reason"] = f"unreliable estimate: {why}: left as is"
         return None, None
@@ -338,7 +348,7 @@ def params_json(params: dict) -> str:
             "estimate_n_rois", "estimate_fit_rms", "floor_hu", "noise_sd_hu", "clipped_n_clipped",
             "clipped_tail_mean_hu", "clipped_fill_sd_hu", "clipped_fill_mean_hu", "gain_03", "gain_05",
             "fav_before_lpmm", "fav_after_lpmm", "transfer_coef", "target_log_r", "noise_log_level",
-            "transfer_fit_rms")
+            "transfer_fit_rms", "edge_profiles")
     doc = {k: params[k] for k in keep if k in params}
     if params.get("applied") and params["method"] == "nps_shape":
         doc.update(transfer="exp(-strength*g(f)), g: Philips L->B (Lung_Dx-A0001)",

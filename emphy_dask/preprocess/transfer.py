@@ -32,13 +32,21 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import optimize
 
-from .kernel_estimate import REF_NPS_LOG_LEVEL, reference_nps_log
+from .kernel_estimate import REF_NPS_F_LPMM, REF_NPS_LOG_LEVEL, REF_NPS_Q, reference_nps_log
 
 #: Fitted band, lp/mm (its top is also capped at 0.95 Nyquist).
 TRANSFER_BAND_LPMM = (0.05, 0.70)
 #: Fewer usable rings than this, or a fit worse than ``MAX_FIT_RMS`` (ln NPS): no transfer.
 MIN_RINGS = 8
 MAX_FIT_RMS = 0.25
+#: Edge MTF band that enters the fit (lp/mm): above it the edge's own shape (skin, fat) and the
+#: rest of the imaging chain weigh more than the kernel.
+EDGE_BAND_LPMM = (0.04, 0.30)
+EDGE_WEIGHT = 25.0
+#: Blur of the imaging chain outside the kernel (focal spot, detector, skin) at the reference
+#: edge, mm: Philips B's air-skin edge MTF over 0.1-0.25 lp/mm is its kernel shape times a
+#: Gaussian of 0.5-0.57 mm (Lung_Dx-A0001); the phantoms' chain is 0.4 mm.
+REF_EDGE_SIGMA_MM = 0.55
 #: ln R of each vendor's standard kernel against the reference (Philips B, R = 1), as
 #: (b1, b2, b3): a sharp scan is taken to its own vendor's standard. GE STANDARD: the mean of
 #: the fits on LIDC-IDRI-0013 and -0002 (GE LightSpeed, STANDARD); vendors without a measured
@@ -67,8 +75,8 @@ class Transfer:
         b1, b2, b3 = self.coef
         top = self.f_max_lpmm
         inside = np.minimum(f, top)
-        out = b1 * inside ** 2 + b2 * inside ** 4 + b3 * inside ** 6
-        slope = 2 * b1 * top + 4 * b2 * top ** 3 + 6 * b3 * top ** 5
+        out = b1 * inside + b2 * inside ** 2 + b3 * inside ** 3
+        slope = b1 + 2 * b2 * top + 3 * b3 * top ** 2
         return out + max(slope, 0.0) * np.maximum(f - top, 0.0)
 
     def gain(self, f_lpmm, target_coef=(0.0, 0.0, 0.0)) -> np.ndarray:
@@ -82,8 +90,17 @@ class Transfer:
         return np.interp(f, grid, t)
 
 
-def fit_transfer(f_lpmm: np.ndarray, nps: np.ndarray, nyquist_lpmm: float) -> tuple[Transfer | None, str | None]:
-    """Fit ``Transfer`` to a soft-tissue NPS (``kernel_estimate.soft_tissue_nps``).
+def reference_edge_log_mtf(f_lpmm) -> np.ndarray:
+    """ln MTF of the reference standard kernel's air-skin edge: the kernel (``REF_NPS_*`` shape)
+    times the rest of the chain (focal spot, detector, skin), a Gaussian of ``REF_EDGE_SIGMA_MM``."""
+    f = np.asarray(f_lpmm, dtype=np.float64)
+    return -(f / REF_NPS_F_LPMM) ** REF_NPS_Q - 2.0 * np.pi ** 2 * REF_EDGE_SIGMA_MM ** 2 * f ** 2
+
+
+def fit_transfer(f_lpmm: np.ndarray, nps: np.ndarray, nyquist_lpmm: float,
+                 edge=None) -> tuple[Transfer | None, str | None]:
+    """Fit ``Transfer`` to a soft-tissue NPS (``kernel_estimate.soft_tissue_nps``) and, when
+    given, the air-skin edge MTF (``edge_mtf.edge_mtf``), which pins the noise level.
 
     Parameters
     ----------
@@ -91,6 +108,9 @@ def fit_transfer(f_lpmm: np.ndarray, nps: np.ndarray, nyquist_lpmm: float) -> tu
     nps : ndarray (n_bins,), HU^2 mm^2 (NaN for empty rings)
     nyquist_lpmm : float
         In-plane Nyquist frequency of the scan, lp/mm.
+    edge : (f_lpmm, mtf, n_profiles), optional
+        Its ``EDGE_BAND_LPMM`` enters as ln R = ln MTF - ``reference_edge_log_mtf``, each point
+        weighted ``EDGE_WEIGHT`` NPS rings.
 
     Returns
     -------
@@ -103,15 +123,25 @@ def fit_transfer(f_lpmm: np.ndarray, nps: np.ndarray, nyquist_lpmm: float) -> tu
     f = f_lpmm[sel]
     y = np.log(nps[sel]) - reference_nps_log(f)
     # soft-tissue texture (f^-3) relative to the reference noise shape, through the same kernel
-    texture = f ** -3.0 / np.exp(reference_nps_log(f) - REF_NPS_LOG_LEVEL)
+    texture = np.log(f ** -3.0) - (reference_nps_log(f) - REF_NPS_LOG_LEVEL)
+    if edge is not None:
+        fe, me = np.asarray(edge[0]), np.asarray(edge[1])
+        use = (fe >= EDGE_BAND_LPMM[0]) & (fe <= EDGE_BAND_LPMM[1]) & (me > 0.05)
+        fe, ye = fe[use], np.log(me[use]) - reference_edge_log_mtf(fe[use])
+    else:
+        fe, ye = np.empty(0), np.empty(0)
 
-    def model(p):
-        log_c, log_a, b1, b2, b3 = p
-        return 2.0 * (b1 * f ** 2 + b2 * f ** 4 + b3 * f ** 6) + np.logaddexp(log_c, log_a + np.log(texture))
+    def log_r(b, x):
+        return b[0] * x + b[1] * x ** 2 + b[2] * x ** 3
 
-    res = optimize.least_squares(lambda p: model(p) - y, x0=(float(np.median(y)), -9.0, 0.0, 0.0, 0.0),
+    def residuals(p):
+        log_c, log_a, b = p[0], p[1], p[2:]
+        r_nps = 2.0 * log_r(b, f) + np.logaddexp(log_c, log_a + texture) - y
+        return np.concatenate([r_nps, np.sqrt(EDGE_WEIGHT) * 2.0 * (log_r(b, fe) - ye)])
+
+    res = optimize.least_squares(residuals, x0=(float(np.median(y)), -9.0, 0.0, 0.0, 0.0),
                                  bounds=((-10, -25, -50, -500, -5000), (10, 0, 50, 500, 5000)))
-    rms = float(np.sqrt(np.mean(res.fun ** 2)))
+    rms = float(np.sqrt(np.mean(res.fun[:f.size] ** 2)))
     if not res.success or rms > MAX_FIT_RMS:
         return None, f"NPS fit failed (rms {rms:.2f} ln NPS)"
     log_c, _, b1, b2, b3 = res.x

@@ -7,7 +7,7 @@ image is ``MTF_k * (object + ramp-shaped noise)``, so the noise power spectrum o
 ``f * MTF_k(f)^2`` and two kernels differ by exactly ``MTF_a / MTF_b``.
 
 Kernel models (in-plane kernel response, f in lp/mm; structure also passes the system blur,
-``exp(-2 pi^2 (0.4 mm)^2 f^2)`` for detector aperture and focal spot, which shapes the object but
+``exp(-2 pi^2 (0.5 mm)^2 f^2)`` for detector aperture and focal spot, which shapes the object but
 not the quantum noise):
 
 * ``standard``: ``exp(-(f/0.420)^2.26)``, the shape fitted to a real standard kernel's noise
@@ -36,8 +36,10 @@ from emphy_dask.preprocess.kernel_estimate import REF_NPS_F_LPMM, REF_NPS_Q, cal
 
 #: Strength of the family kernels (see module docstring).
 FAMILY_STRENGTH = {"standard": 0.0, "sharp": 1.0, "very_sharp": 1.6}
-#: Gaussian sigma of the system blur (detector aperture, focal spot), mm.
-SYSTEM_BLUR_MM = 0.4
+#: Gaussian sigma of the imaging chain outside the kernel (detector aperture, focal spot), mm:
+#: 0.5: with the phantom skin's own partial volume (~0.25 mm) its air-skin edge matches the real
+#: Philips B edge beyond the kernel (0.55 mm, preprocess/transfer.py).
+SYSTEM_BLUR_MM = 0.5
 #: name: (vendor, ConvolutionKernel, f_c lp/mm, p, a, f_b lp/mm); see the module docstring.
 VENDOR_KERNELS = {
     "siemens_b30f": ("SIEMENS", "B30f", 0.40, 2.2, 0.0, 0.3),
