@@ -2,31 +2,28 @@
 
 Why: LAA%-950, LAA%-910, Perc15 and MLD are density thresholds and moments, and the kernel moves
 them more than mild disease does (Philips L vs B on one acquisition: LAA%-950 13.2 % vs 0.1 %,
-MLD 18 HU lower). A sharp kernel is, to first order, the standard kernel times an in-plane
-transfer function 1/H(f): it amplifies high-frequency noise *and* mid/low-frequency edge
-overshoot (the dark halos around vessels and the chest wall that lower MLD). One Gaussian
-cannot undo that; the inverse transfer H(f) can.
+MLD 16 HU lower). A sharp kernel is, to first order, the standard kernel times an in-plane
+transfer R(f): it amplifies high-frequency noise *and* mid/low-frequency edge overshoot (the
+dark halos around vessels and the chest wall that lower MLD). The filter T = 1/R undoes both.
 
-Method ``"nps"`` (noise-power-spectrum matched transfer; Gallardo-Estrella et al., Eur Radiol
-2016, normalised the energy of frequency bands toward a reference kernel; this is the continuous,
-one-parameter form of that idea, with the band energies measured on the image's own noise):
+Method ``"nps_ratio"`` (default; ``transfer.py``, ``edge_mtf.py``): the whole transfer R(f) is
+read from the scan itself, shape-free: its soft-tissue noise power spectrum against the
+reference standard kernel's (Philips B) gives R up to the noise level, the air-skin edge's MTF
+pins R at 0.04-0.3 lp/mm; ``ln R`` is a three-term low-order form with R(0) = 1. T is clipped
+to <= 1 (never amplify), non-increasing, and aims at the scan's vendor standard
+(``transfer.VENDOR_STANDARD_LOG_R``). A scan whose estimate is unreliable (fewer than
+``MIN_ROIS`` soft-tissue ROIs, e.g. a slab; no usable air-skin edge; a failed fit) is left as
+it is, with the reason, never filtered on a guess.
 
-1. **Shape of the transfer, shipped.** ``g(f) = -ln H(f)`` of Philips L -> B, measured once
-   from the cross-spectrum of the real pair in ``../shared/data`` (Lung_Dx-A0001, 56 slices,
-   coherence > 0.9 below 0.3 lp/mm). A kernel of strength ``s`` is modelled as
-   ``H_s(f) = exp(-s g(f))``: s = 0 is the reference standard kernel, s = 1 Philips L.
-2. **Strength, from the image itself.** The noise power spectrum (NPS) is measured in uniform
-   soft tissue (24 mm ROIs where the smoothed image stays within 60 HU, detrended, Hann window)
-   and compared with the reference standard-kernel NPS shape, ``f exp(-2 (f/0.420)^2.26)``
-   (fitted to the B series' soft tissue). Over 0.20-0.55 lp/mm, where noise dominates anatomy,
-   ``ln NPS/NPS_ref = ln c + 2 s g(f)``: ``c`` absorbs dose and slice thickness, ``s`` is
-   the kernel. No paired data at run time; only the image.
-3. **Clipped voxels.** Voxels the sharp kernel pushed below the lowest stored value (-1024)
-   get their expected value below it first (``clipping.py``), or the filter would spread the
-   clipping's upward bias as too-dense lung.
-4. **Filter.** Each slice (the reconstruction plane) is multiplied in Fourier space by
-   ``exp(-s g(f))`` (zero phase, unit gain at f = 0 so the mean HU of any large region is kept,
-   >= 32 mm of air padding), rounded to int16 within the input's range; padding is put back.
+Method ``"nps_shape"`` (the former default, kept for comparison): ``exp(-s g(f))`` with ``g``
+the Philips L/B transfer measured once and shipped as constants, ``s`` fitted to the NPS over
+0.2-0.55 lp/mm. A kernel of another shape gets a wrong ``s`` and a wrong extrapolation below
+0.2 lp/mm: it over-corrects (``benchmarks/README.md``).
+
+Both: voxels the sharp kernel pushed below the lowest stored value (-1024) first get their
+expected value below it (``clipping.py``), or the filter would spread the clipping's upward
+bias as too-dense lung; each slice is then multiplied in Fourier space by T (zero phase, unit
+gain at f = 0, >= 32 mm of air padding) and rounded to int16 within the input's range.
 
 Which scans are filtered: a kernel classed ``sharp`` / ``very_sharp`` by the vendor table
 (``io/kernels.py``), or ``unknown`` there and sharp by the image estimate. Soft and standard
@@ -34,14 +31,8 @@ kernels are returned unchanged (the reference is a standard kernel; sharpening w
 
 What it cannot do: recover detail (it only removes the sharp kernel's excess); make a soft
 kernel standard; undo iterative or deep-learning reconstructions (non-linear, their noise
-texture is not a filtered FBP texture); fix slice thickness or dose differences (noise that a
-standard kernel would also show stays); know every vendor's standard (the target is the
-vendor's own standard where one was measured: Philips B (s = 0), GE STANDARD (s = 0.38, one
-scan); other vendors are taken to the Philips B texture). The shape ``g`` is one
-vendor's L/B ratio: kernels whose ratio to standard has another shape are matched in the
-noise band (0.2-0.55 lp/mm) and extrapolated below it (a phantom kernel with another shape
-ends 2-4 LAA points low). Heavy clipping (emphysema under a sharp kernel: 18-30 % of the lung at
--1024) is corrected only to first order (phantoms: within ~1.5 points instead of 0.5).
+texture is not a filtered FBP texture); remove dose or slice-thickness differences; restore
+where, inside a heavily clipped emphysema cluster, the deep voxels were.
 """
 from __future__ import annotations
 
