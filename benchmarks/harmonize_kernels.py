@@ -72,5 +72,21 @@ def main(quick: bool = False) -> None:
             print(row(f"{k} ({cls}, applied {p['applied']})", stats(hu, lung), stats(hu, lung), stats(out, lung)))
 
 
+def siemens_case() -> None:
+    """The issue's Siemens pair, rendered: B70f-like vs B30f-like, 30 slices of 8 mm."""
+    ph = make_phantom((30, 384, 384), (8.0, 0.78, 0.78), 15.0, "centrilobular", 5, scanner=False)
+    lung, fov = ph.lung_labels > 0, np.broadcast_to(ph.fov_mask_yx, ph.hu.shape)
+    soft = stats(render(ph, "siemens_b30f", noise=12.0), lung)
+    hu = render(ph, "siemens_b70f", noise=12.0)
+    print("\n### Siemens-like pair, 30 x 8 mm: B70f-like harmonised minus B30f-like\n")
+    print("| method | raw LAA950 | harm. LAA950 | B30f LAA950 | dLAA950 | dLAA910 | dPerc15 | dMLD | within targets |"
+          "\n|---|---|---|---|---|---|---|---|---|")
+    for method in ("nps_shape", "nps_ratio"):
+        out, p = harmonize_kernel(hu, ph.spacing_zyx_mm, "very_sharp", method=method, fov_mask=fov)
+        extra = f"s = {p['strength']}" if method == "nps_shape" else f"T(0.3) {p['gain_03']}, T(0.5) {p['gain_05']}"
+        print(row(f"{method} ({extra})", soft, stats(hu, lung), stats(out, lung)))
+
+
 if __name__ == "__main__":
+    siemens_case()
     main("--quick" in sys.argv)
