@@ -215,7 +215,10 @@ def _phenotypes(volume, labels, config, encoding: str | None = None) -> dict:
     m = measure_lungs(label_hu, labels, volume.spacing_zyx_mm, volume.direction_xyz, config.label, encoding)
     regions = [{**r, "hu_source": source} for r in m.regions]
     if harmonized is not None:
-        regions = [{**r, "hu_source": "raw"} for r in region_phenotypes(volume.hu, m.mask, volume.spacing_zyx_mm)] + regions
+        raw = region_phenotypes(volume.hu, m.mask, volume.spacing_zyx_mm)
+        regions = [{**r, "hu_source": "raw"} for r in raw] + regions
+        raw_mld = next(r["hu_mean"] for r in raw if r["region"] == "WholeLung")
+        kernel_cols["harmonize_mld_shift_hu"] = round(float(m.whole["hu_mean"] - raw_mld), 2)
     c = m.curve
     slices = [{"slice_index": int(k), "rank_from_superior": int(r), "depth_mm": float(dmm),
                "n_lung_voxels": int(n), "laa950_pct": float(pct)}

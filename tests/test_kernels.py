@@ -89,3 +89,23 @@ def test_noiseless_image_has_no_estimate():
     est = estimate_kernel(flat, (5.0, 0.7, 0.7))
     assert est.strength is None and est.kernel_class == "unknown"
     assert set(KERNEL_CLASSES) == {"soft", "standard", "sharp", "very_sharp"}
+
+
+def test_vendor_kernel_family_renders_with_its_table_class():
+    """Every rendered vendor-like kernel carries the name a scanner writes; its table class matches
+    its shape (standard kernels ~1 at 0.3 lp/mm, lung/bone kernels lift mid frequencies)."""
+    from emphy_dask.synth.kernels import VENDOR_KERNELS, kernel_mtf
+
+    f = np.array([0.0, 0.3])
+    expected = {"siemens_b30f": "standard", "siemens_b45f": "standard", "siemens_b70f": "very_sharp",
+                "siemens_i70f": "very_sharp", "ge_standard": "standard", "ge_lung": "sharp", "ge_bone": "sharp",
+                "philips_b": "standard", "philips_c": "standard", "philips_l": "sharp", "philips_ya": "standard",
+                "canon_fc13": "standard", "canon_fc51": "sharp"}
+    assert set(VENDOR_KERNELS) == set(expected)
+    for name, (vendor, kernel, *_shape) in VENDOR_KERNELS.items():
+        assert kernel_class(kernel, vendor) == expected[name], name
+        m0, m3 = kernel_mtf(name, f)
+        assert m0 == 1.0                                                   # unit gain at f = 0
+        assert (m3 > 0.95) if expected[name] in ("sharp", "very_sharp") else (0.5 < m3 < 0.85), (name, m3)
+    with pytest.raises(ValueError, match="unknown kernel model"):
+        kernel_mtf("siemens_b99x", f)

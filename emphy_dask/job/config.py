@@ -31,7 +31,7 @@ class ResampleSettings:
 @dataclass(frozen=True)
 class HarmonizeSettings:
     enabled: bool = False           # true: phenotypes also on kernel-harmonised HU, and the label uses them
-    method: str = "nps"             # preprocess.harmonize.METHODS
+    method: str = "nps_ratio"       # preprocess.harmonize.METHODS
 
 
 @dataclass(frozen=True)

@@ -2,31 +2,28 @@
 
 Why: LAA%-950, LAA%-910, Perc15 and MLD are density thresholds and moments, and the kernel moves
 them more than mild disease does (Philips L vs B on one acquisition: LAA%-950 13.2 % vs 0.1 %,
-MLD 18 HU lower). A sharp kernel is, to first order, the standard kernel times an in-plane
-transfer function 1/H(f): it amplifies high-frequency noise *and* mid/low-frequency edge
-overshoot (the dark halos around vessels and the chest wall that lower MLD). One Gaussian
-cannot undo that; the inverse transfer H(f) can.
+MLD 16 HU lower). A sharp kernel is, to first order, the standard kernel times an in-plane
+transfer R(f): it amplifies high-frequency noise *and* mid/low-frequency edge overshoot (the
+dark halos around vessels and the chest wall that lower MLD). The filter T = 1/R undoes both.
 
-Method ``"nps"`` (noise-power-spectrum matched transfer; Gallardo-Estrella et al., Eur Radiol
-2016, normalised the energy of frequency bands toward a reference kernel; this is the continuous,
-one-parameter form of that idea, with the band energies measured on the image's own noise):
+Method ``"nps_ratio"`` (default; ``transfer.py``, ``edge_mtf.py``): the whole transfer R(f) is
+read from the scan itself, shape-free: its soft-tissue noise power spectrum against the
+reference standard kernel's (Philips B) gives R up to the noise level, the air-skin edge's MTF
+pins R at 0.04-0.3 lp/mm; ``ln R`` is a three-term low-order form with R(0) = 1. T is clipped
+to <= 1 (never amplify), non-increasing, and aims at the scan's vendor standard
+(``transfer.VENDOR_STANDARD_LOG_R``). A scan whose estimate is unreliable (fewer than
+``MIN_ROIS`` soft-tissue ROIs, e.g. a slab; no usable air-skin edge; a failed fit) is left as
+it is, with the reason, never filtered on a guess.
 
-1. **Shape of the transfer, shipped.** ``g(f) = -ln H(f)`` of Philips L -> B, measured once
-   from the cross-spectrum of the real pair in ``../shared/data`` (Lung_Dx-A0001, 56 slices,
-   coherence > 0.9 below 0.3 lp/mm). A kernel of strength ``s`` is modelled as
-   ``H_s(f) = exp(-s g(f))``: s = 0 is the reference standard kernel, s = 1 Philips L.
-2. **Strength, from the image itself.** The noise power spectrum (NPS) is measured in uniform
-   soft tissue (24 mm ROIs where the smoothed image stays within 60 HU, detrended, Hann window)
-   and compared with the reference standard-kernel NPS shape, ``f exp(-2 (f/0.420)^2.26)``
-   (fitted to the B series' soft tissue). Over 0.20-0.55 lp/mm, where noise dominates anatomy,
-   ``ln NPS/NPS_ref = ln c + 2 s g(f)``: ``c`` absorbs dose and slice thickness, ``s`` is
-   the kernel. No paired data at run time; only the image.
-3. **Clipped voxels.** Voxels the sharp kernel pushed below the lowest stored value (-1024)
-   get their expected value below it first (``clipping.py``), or the filter would spread the
-   clipping's upward bias as too-dense lung.
-4. **Filter.** Each slice (the reconstruction plane) is multiplied in Fourier space by
-   ``exp(-s g(f))`` (zero phase, unit gain at f = 0 so the mean HU of any large region is kept,
-   >= 32 mm of air padding), rounded to int16 within the input's range; padding is put back.
+Method ``"nps_shape"`` (the former default, kept for comparison): ``exp(-s g(f))`` with ``g``
+the Philips L/B transfer measured once and shipped as constants, ``s`` fitted to the NPS over
+0.2-0.55 lp/mm. A kernel of another shape gets a wrong ``s`` and a wrong extrapolation below
+0.2 lp/mm: it over-corrects (``benchmarks/README.md``).
+
+Both: voxels the sharp kernel pushed below the lowest stored value (-1024) first get their
+expected value below it (``clipping.py``), or the filter would spread the clipping's upward
+bias as too-dense lung; each slice is then multiplied in Fourier space by T (zero phase, unit
+gain at f = 0, >= 32 mm of air padding) and rounded to int16 within the input's range.
 
 Which scans are filtered: a kernel classed ``sharp`` / ``very_sharp`` by the vendor table
 (``io/kernels.py``), or ``unknown`` there and sharp by the image estimate. Soft and standard
@@ -34,14 +31,8 @@ kernels are returned unchanged (the reference is a standard kernel; sharpening w
 
 What it cannot do: recover detail (it only removes the sharp kernel's excess); make a soft
 kernel standard; undo iterative or deep-learning reconstructions (non-linear, their noise
-texture is not a filtered FBP texture); fix slice thickness or dose differences (noise that a
-standard kernel would also show stays); know every vendor's standard (the target is the
-vendor's own standard where one was measured: Philips B (s = 0), GE STANDARD (s = 0.38, one
-scan); other vendors are taken to the Philips B texture). The shape ``g`` is one
-vendor's L/B ratio: kernels whose ratio to standard has another shape are matched in the
-noise band (0.2-0.55 lp/mm) and extrapolated below it (a phantom kernel with another shape
-ends 2-4 LAA points low). Heavy clipping (emphysema under a sharp kernel: 18-30 % of the lung at
--1024) is corrected only to first order (phantoms: within ~1.5 points instead of 0.5).
+texture is not a filtered FBP texture); remove dose or slice-thickness differences; restore
+where, inside a heavily clipped emphysema cluster, the deep voxels were.
 """
 from __future__ import annotations
 
@@ -52,8 +43,11 @@ import numpy as np
 from scipy import fft as sfft
 
 from .clipping import body_mask, clipped_fill
-from .kernel_estimate import (FIT_BAND_LPMM, KernelEstimate, estimate_kernel, image_noise_sd, planes_first,
-                              transfer_function)
+from .edge_mtf import MIN_PROFILES as EDGE_MIN_PROFILES
+from .edge_mtf import edge_mtf
+from .kernel_estimate import (FIT_BAND_LPMM, MIN_ROIS, KernelEstimate, estimate_kernel, image_noise_sd, measured_nps,
+                              planes_first, transfer_function)
+from .transfer import TRANSFER_BAND_LPMM, VENDOR_STANDARD_LOG_R, fit_transfer, nps_mean_frequency
 
 __all__ = ["harmonize_kernel", "harmonize_volume", "harmonize_scan", "filter_planes", "params_json",
            "estimate_kernel", "KernelEstimate", "transfer_function", "METHODS"]
@@ -67,7 +61,12 @@ VENDOR_STANDARD_STRENGTH = {"philips": 0.0, "ge": 0.38}
 DEFAULT_STRENGTH = {"sharp": 1.0, "very_sharp": 1.5}
 MAX_STRENGTH = 3.0
 MIN_STRENGTH = 0.1
-METHODS = ("nps",)
+#: ``nps_ratio`` (default): the whole transfer from the scan's own NPS (``transfer.py``);
+#: ``nps_shape``: the former one-parameter filter exp(-s g(f)), g the Philips L/B shape (kept
+#: for comparison: it over-corrects kernels of another shape, ``benchmarks/README.md``).
+METHODS = ("nps_ratio", "nps_shape")
+#: A transfer that keeps more than this at 0.5 lp/mm removes nothing worth a filter.
+MIN_REMOVED_GAIN = 0.95
 
 
 def _plane_grid(shape_yx, spacing_yx_mm):
@@ -90,16 +89,18 @@ def _filter_block(block: np.ndarray, h: np.ndarray, size) -> np.ndarray:
     return sfft.irfft2(spec, s=size, axes=(1, 2))[:, :ny, :nx] + level
 
 
-def filter_planes(hu: np.ndarray, spacing_zyx_mm, strength: float, slice_axis: int = 0, *, fov_mask=None,
+def filter_planes(hu: np.ndarray, spacing_zyx_mm, strength, slice_axis: int = 0, *, fov_mask=None,
                   floor_hu: float | None = None, fills: dict | None = None, clip_range=None,
                   body=None, chunk: int = 16) -> np.ndarray:
-    """Apply ``exp(-s g(f))`` to every reconstruction plane; same shape, float32 (or int16).
+    """Apply an in-plane transfer to every reconstruction plane; same shape, float32 (or int16).
 
     Parameters
     ----------
     hu : ndarray, HU
     spacing_zyx_mm : 3 floats, mm
-    strength : float
+    strength : float or callable
+        The transfer: a callable ``T(f_lpmm) -> gain`` (``transfer.Transfer.gain``), or the
+        strength s of ``exp(-s g(f))`` (method ``nps_shape``).
     slice_axis : int
     fov_mask : bool ndarray like ``hu``, optional
         Padding (False) is set to ``floor_hu`` (air) before filtering, so that the scan
@@ -121,7 +122,8 @@ def filter_planes(hu: np.ndarray, spacing_zyx_mm, strength: float, slice_axis: i
         ys, xs = _crop(body, k0, chunk, planes.shape[1:], (dy, dx))
         if (ys.stop - ys.start, xs.stop - xs.start) not in grids:
             size, fr = _plane_grid((ys.stop - ys.start, xs.stop - xs.start), (dy, dx))
-            grids[(ys.stop - ys.start, xs.stop - xs.start)] = size, transfer_function(fr, strength).astype(np.float32)
+            h = strength(fr) if callable(strength) else transfer_function(fr, strength)
+            grids[(ys.stop - ys.start, xs.stop - xs.start)] = size, h.astype(np.float32)
         size, h = grids[(ys.stop - ys.start, xs.stop - xs.start)]
         out[k0:k0 + chunk] = planes[k0:k0 + chunk]         # air beyond the crop: copied
         block = planes[k0:k0 + chunk].astype(np.float32)
@@ -170,9 +172,9 @@ def _stored_range(planes: np.ndarray, fov=None, chunk: int = 32) -> tuple[float,
     return (lo, hi) if np.isfinite(lo) else (-1024.0, 3071.0)
 
 
-def harmonize_kernel(hu: np.ndarray, spacing_zyx_mm, kernel_class: str = "unknown", *, method: str = "nps",
+def harmonize_kernel(hu: np.ndarray, spacing_zyx_mm, kernel_class: str = "unknown", *, method: str = "nps_ratio",
                      slice_axis: int = 0, fov_mask=None, estimate: KernelEstimate | None = None,
-                     target_strength: float = 0.0):
+                     target_strength: float = 0.0, target_log_r=(0.0, 0.0, 0.0)):
     """Harmonise a CT toward the reference standard kernel.
 
     Parameters
@@ -181,24 +183,28 @@ def harmonize_kernel(hu: np.ndarray, spacing_zyx_mm, kernel_class: str = "unknow
     spacing_zyx_mm : 3 floats, mm
     kernel_class : str
         Class from the vendor table (``io.kernels.kernel_class``); ``unknown`` lets the image decide.
-    method : {"nps"}
+    method : {"nps_ratio", "nps_shape"}
     slice_axis : int
         Array axis across reconstruction planes (0 for DICOM series).
     fov_mask : bool ndarray like ``hu``, optional
         False = padding: ignored by the estimate, kept as is in the output.
     estimate : KernelEstimate, optional
-        A previous ``estimate_kernel`` of this volume (saves ~0.5 s).
+        A previous ``estimate_kernel`` of this volume (saves ~0.3 s).
     target_strength : float
-        Strength of the standard kernel to reach (``VENDOR_STANDARD_STRENGTH``); the filter
-        removes ``s - target_strength``.
+        ``nps_shape``: strength of the standard kernel to reach (``VENDOR_STANDARD_STRENGTH``).
+    target_log_r : 3 floats
+        ``nps_ratio``: ln R of the standard kernel to reach (``transfer.VENDOR_STANDARD_LOG_R``).
 
     Returns
     -------
     hu_out : ndarray int16, same shape (``hu`` itself, unchanged, when nothing is done)
     params : dict
-        ``method``, ``applied`` (bool), ``reason``, ``strength`` (s used), ``strength_source``
-        (image | class-default), ``kernel_class`` (final) and ``kernel_class_source``
-        (table | image | None), and the estimate (``estimate_*``). JSON-serialisable.
+        ``method``, ``applied`` (bool), ``reason``, ``kernel_class`` (final) and
+        ``kernel_class_source`` (table | image | None), the estimate (``estimate_*``); when a
+        transfer was fitted: ``gain_03`` / ``gain_05`` (T at 0.3 / 0.5 lp/mm), ``fav_before_lpmm``
+        / ``fav_after_lpmm`` (NPS mean frequency before / after, the latter = NPS T^2),
+        ``transfer_coef``, ``noise_log_level``, ``transfer_fit_rms``; ``nps_shape``: ``strength``.
+        JSON-serialisable.
     """
     if method not in METHODS:
         raise ValueError(f"unknown harmonisation method {method!r} (known: {', '.join(METHODS)})")
@@ -216,6 +222,34 @@ def harmonize_kernel(hu: np.ndarray, spacing_zyx_mm, kernel_class: str = "unknow
     if cls not in ("sharp", "very_sharp"):
         params["reason"] = f"kernel class {cls} ({source or 'no estimate'}): left as is"
         return hu, params
+    spacing_yx = [float(s) for i, s in enumerate(spacing_zyx_mm) if i != slice_axis]
+    src = hu
+    hu = np.asarray(hu)
+    fov = None if fov_mask is None else np.asarray(fov_mask, bool)
+    planes, fov_planes = planes_first(hu, slice_axis), None if fov is None else planes_first(fov, slice_axis)
+    if method == "nps_shape":
+        transfer, noise_sd = _shape_transfer(est, cls, target_strength, spacing_yx, params)
+    else:
+        transfer, noise_sd = _ratio_transfer(est, target_log_r, params, planes, spacing_yx, fov_planes)
+    if transfer is None:
+        return src, params
+    floor, top = _stored_range(planes, fov_planes)
+    # sharp series clip air, emphysema and the pleural undershoot at the lowest stored value
+    # (Philips L: 3.8 % of the lung): extrapolate the censored tail (clipping.py)
+    body = body_mask(planes)
+    fills, info = clipped_fill(planes, floor, body, spacing_yx, noise_sd, fov_planes)
+    params.update(floor_hu=floor, noise_sd_hu=round(noise_sd, 1), **{f"clipped_{k}": v for k, v in info.items()})
+    # a real reconstruction stores nothing below/above the scanner's range either
+    out = filter_planes(hu, spacing_zyx_mm, transfer, slice_axis, fov_mask=fov, floor_hu=floor, fills=fills,
+                        clip_range=(floor, top), body=body)
+    if fov is not None:
+        out[~fov] = hu[~fov]
+    params.update(applied=True, reason=f"kernel class {cls} ({source}): filtered ({method})")
+    return out, params
+
+
+def _shape_transfer(est, cls, target_strength, spacing_yx, params):
+    """``nps_shape``: exp(-s g(f)) with s from the image (or the class default); None when s is too small."""
     if est.strength is not None:
         strength, params["strength_source"] = est.strength, "image"
     else:
@@ -225,32 +259,61 @@ def harmonize_kernel(hu: np.ndarray, spacing_zyx_mm, kernel_class: str = "unknow
     params["strength"] = round(strength, 4)
     if strength < MIN_STRENGTH:
         params["reason"] = f"kernel class {cls} but measured strength {strength:.2f} < {MIN_STRENGTH}: left as is"
-        return hu, params
-    hu = np.asarray(hu)
-    fov = None if fov_mask is None else np.asarray(fov_mask, bool)
-    planes, fov_planes = planes_first(hu, slice_axis), None if fov is None else planes_first(fov, slice_axis)
-    floor, top = _stored_range(planes, fov_planes)
-    # sharp series clip air, emphysema and the pleural undershoot at the lowest stored value
-    # (Philips L: 3.8 % of the lung): extrapolate the censored tail (clipping.py)
-    spacing_yx = [float(s) for i, s in enumerate(spacing_zyx_mm) if i != slice_axis]
+        return None, None
     noise_sd = image_noise_sd(est, spacing_yx) if est.noise_ratio is not None else 40.0
-    body = body_mask(planes)
-    fills, info = clipped_fill(planes, floor, body, spacing_yx, noise_sd, fov_planes)
-    params.update(floor_hu=floor, noise_sd_hu=round(noise_sd, 1), **{f"clipped_{k}": v for k, v in info.items()})
-    # a real reconstruction stores nothing below/above the scanner's range either
-    out = filter_planes(hu, spacing_zyx_mm, strength, slice_axis, fov_mask=fov, floor_hu=floor, fills=fills,
-                        clip_range=(floor, top), body=body)
-    if fov is not None:
-        out[~fov] = hu[~fov]
-    params.update(applied=True, reason=f"kernel class {cls} ({source}): filtered with strength {strength:.2f}")
-    return out, params
+    return strength, noise_sd
 
 
-def harmonize_volume(volume, method: str = "nps", estimate: KernelEstimate | None = None):
+def _ratio_transfer(est, target_log_r, params, planes, spacing_yx, fov_planes):
+    """``nps_ratio``: T(f) from the scan's NPS and air-skin edge (``transfer.py``); None (with the
+    reason) when the estimate is unreliable or T removes nothing: the scan is then left as it
+    is, never guessed."""
+    nps = measured_nps(est)
+    if nps is None:
+        params["reason"] = (f"unreliable estimate: {est.n_rois} uniform soft-tissue ROIs (need "
+                            f"{MIN_ROIS}; a slab or little soft tissue): left as is")
+        return None, None
+    f, power = nps
+    edge = edge_mtf(planes, spacing_yx, fov_planes)
+    params["edge_profiles"] = 0 if edge is None else edge[2]
+    if edge is None:
+        params["reason"] = (f"unreliable estimate: fewer than {EDGE_MIN_PROFILES} air-skin edge profiles "
+                            "(a truncated body or a slab): left as is")
+        return None, None
+    fit, why = fit_transfer(f, power, est.nyquist_lpmm, edge)
+    if fit is None:
+        params["reason"] = f"unreliable estimate: {why}: left as is"
+        return None, None
+
+    def transfer(fr):
+        return fit.gain(fr, target_log_r)
+
+    t = transfer(f)
+    params.update(gain_03=round(float(transfer(0.3)), 4), gain_05=round(float(transfer(0.5)), 4),
+                  fav_before_lpmm=_round(nps_mean_frequency(f, power)),
+                  fav_after_lpmm=_round(nps_mean_frequency(f, power * t ** 2)),
+                  transfer_coef=[round(c, 4) for c in fit.coef], target_log_r=list(target_log_r),
+                  noise_log_level=round(fit.log_level, 4), transfer_fit_rms=round(fit.fit_rms, 4))
+    if params["gain_05"] > MIN_REMOVED_GAIN:
+        params["reason"] = f"transfer keeps {params['gain_05']:.2f} at 0.5 lp/mm: nothing to remove, left as is"
+        return None, None
+    # noise sd of the sharp image: its measured NPS over the plane (rings of width df)
+    ok = np.isfinite(power) & (f <= est.nyquist_lpmm)
+    df = float(f[1] - f[0])
+    noise_sd = float(np.sqrt(np.sum(power[ok] * 2 * np.pi * f[ok] * df)))
+    return transfer, noise_sd
+
+
+def _round(x, n=4):
+    return None if x is None else round(float(x), n)
+
+
+def harmonize_volume(volume, method: str = "nps_ratio", estimate: KernelEstimate | None = None):
     """``harmonize_kernel`` on a ``CTVolume``; returns ``(CTVolume, params)``.
 
     The kernel class comes from ``volume.meta`` (``kernel``, ``manufacturer``) via the vendor
-    table, the target from the vendor's standard kernel (``VENDOR_STANDARD_STRENGTH``); the slice
+    table, the target from the vendor's standard kernel (``transfer.VENDOR_STANDARD_LOG_R``,
+    ``VENDOR_STANDARD_STRENGTH`` for ``nps_shape``); the slice
     axis from the direction (the cranio-caudal axis). This is the call for any
     stage that wants the harmonised volume (phenotypes, embeddings).
     """
@@ -259,10 +322,12 @@ def harmonize_volume(volume, method: str = "nps", estimate: KernelEstimate | Non
 
     meta = volume.meta or {}
     cls = kernel_class(meta.get("kernel"), meta.get("manufacturer"))
-    target = VENDOR_STANDARD_STRENGTH.get(vendor_of(meta.get("manufacturer")), 0.0)
+    vendor = vendor_of(meta.get("manufacturer"))
     axis, _ = craniocaudal_axis(volume.direction_xyz)
     hu, params = harmonize_kernel(volume.hu, volume.spacing_zyx_mm, cls, method=method, slice_axis=axis,
-                                  fov_mask=volume.fov_mask, estimate=estimate, target_strength=target)
+                                  fov_mask=volume.fov_mask, estimate=estimate,
+                                  target_strength=VENDOR_STANDARD_STRENGTH.get(vendor, 0.0),
+                                  target_log_r=VENDOR_STANDARD_LOG_R.get(vendor, (0.0, 0.0, 0.0)))
     if hu is volume.hu:
         return volume, params
     return volume.with_hu(hu), params
@@ -272,15 +337,22 @@ def params_json(params: dict) -> str:
     """Compact JSON of the filter parameters for the scans table."""
     keep = ("method", "applied", "reason", "strength", "strength_source", "target_strength", "estimate_noise_ratio",
             "estimate_n_rois", "estimate_fit_rms", "floor_hu", "noise_sd_hu", "clipped_n_clipped",
-            "clipped_tail_mean_hu", "clipped_fill_sd_hu", "clipped_fill_mean_hu")
+            "clipped_tail_mean_hu", "clipped_fill_sd_hu", "clipped_fill_mean_hu", "gain_03", "gain_05",
+            "fav_before_lpmm", "fav_after_lpmm", "transfer_coef", "target_log_r", "noise_log_level",
+            "transfer_fit_rms", "edge_profiles")
     doc = {k: params[k] for k in keep if k in params}
-    if params.get("applied"):
+    if params.get("applied") and params["method"] == "nps_shape":
         doc.update(transfer="exp(-strength*g(f)), g: Philips L->B (Lung_Dx-A0001)",
                    fit_band_lpmm=list(FIT_BAND_LPMM))
+    elif "transfer_coef" in params:
+        doc.update(transfer="T = exp(min(0, lnR_target - lnR)), lnR = b1 f^2 + b2 f^4 + b3 f^6 (f lp/mm), "
+                            "fitted to the scan's soft-tissue NPS; non-increasing",
+                   fit_band_lpmm=[TRANSFER_BAND_LPMM[0], min(TRANSFER_BAND_LPMM[1],
+                                                             0.95 * params["estimate_nyquist_lpmm"])])
     return json.dumps(doc, sort_keys=True)
 
 
-def harmonize_scan(volume, enabled: bool, method: str = "nps", *, volume_only: bool = False):
+def harmonize_scan(volume, enabled: bool, method: str = "nps_ratio", *, volume_only: bool = False):
     """Kernel facts for a results row, and the harmonised volume when ``enabled``.
 
     The image estimate runs either way (~0.5 s), so that a kernel the vendor table does not
@@ -292,8 +364,10 @@ def harmonize_scan(volume, enabled: bool, method: str = "nps", *, volume_only: b
     -------
     columns : dict
         ``kernel_class``, ``kernel_class_source``, ``kernel_nps_fav_lpmm``, ``kernel_strength``,
-        ``harmonize_applied``, ``harmonize_strength``, ``harmonize_params`` (JSON; the three are
-        None when not enabled), ``t_harmonize_s``.
+        ``harmonize_applied``, ``harmonize_strength``, ``harmonize_params`` (JSON),
+        ``harmonize_gain_03``, ``harmonize_gain_05``, ``harmonize_fav_before_lpmm``,
+        ``harmonize_fav_after_lpmm``, ``harmonize_reason`` (None when not enabled), ``t_harmonize_s``.
+        ``harmonize_mld_shift_hu`` is the phenotype stage's (it has the lung mask).
     harmonized : CTVolume or None
         None when neither ``enabled`` nor ``volume_only``; ``volume`` itself when the kernel is
         soft/standard.
@@ -314,12 +388,15 @@ def harmonize_scan(volume, enabled: bool, method: str = "nps", *, volume_only: b
         cls, source = (est.kernel_class, "image") if est.strength is not None else ("unknown", None)
     cols = {"kernel_class": cls, "kernel_class_source": source, "kernel_nps_fav_lpmm": est.nps_fav_lpmm,
             "kernel_strength": est.strength, "harmonize_applied": None, "harmonize_strength": None,
-            "harmonize_params": None}
+            "harmonize_params": None, "harmonize_gain_03": None, "harmonize_gain_05": None,
+            "harmonize_fav_before_lpmm": None, "harmonize_fav_after_lpmm": None, "harmonize_reason": None}
     harmonized = None
     if enabled or volume_only:
         harmonized, params = harmonize_volume(volume, method, estimate=est)
     if enabled:
         cols.update(harmonize_applied=bool(params["applied"]), harmonize_strength=params["strength"],
-                    harmonize_params=params_json(params))
+                    harmonize_params=params_json(params), harmonize_gain_03=params.get("gain_03"),
+                    harmonize_gain_05=params.get("gain_05"), harmonize_fav_before_lpmm=params.get("fav_before_lpmm"),
+                    harmonize_fav_after_lpmm=params.get("fav_after_lpmm"), harmonize_reason=params["reason"])
     cols["t_harmonize_s"] = round(time.perf_counter() - t0, 4)
     return cols, harmonized

@@ -72,6 +72,11 @@ class KernelEstimate:
     n_rois : int
     fit_rms : float or None
         RMS residual of the fit, in ln NPS.
+    nps_f_lpmm, nps_hu2mm2 : tuples or None
+        The measured soft-tissue NPS (ring centres, lp/mm; HU^2 mm^2, None for empty rings) when
+        ``MIN_ROIS`` ROIs were found: ``transfer.fit_transfer`` reads the whole transfer from it.
+    nyquist_lpmm : float or None
+        In-plane Nyquist frequency (coarser axis).
     """
 
     strength: float | None
@@ -80,6 +85,9 @@ class KernelEstimate:
     noise_ratio: float | None
     n_rois: int
     fit_rms: float | None
+    nps_f_lpmm: tuple | None = None
+    nps_hu2mm2: tuple | None = None
+    nyquist_lpmm: float | None = None
 
 
 def planes_first(hu: np.ndarray, slice_axis: int) -> np.ndarray:
@@ -172,9 +180,11 @@ def estimate_kernel(hu: np.ndarray, spacing_zyx_mm, slice_axis: int = 0, fov_mas
     f, nps, n_rois = soft_tissue_nps(hu, spacing_zyx_mm, slice_axis, fov_mask)
     pix = max(float(s) for i, s in enumerate(spacing_zyx_mm) if i != slice_axis)
     nyquist = 0.5 / pix
-    none = KernelEstimate(None, "unknown", None, None, int(n_rois), None)
+    none = KernelEstimate(None, "unknown", None, None, int(n_rois), None, nyquist_lpmm=round(nyquist, 4))
     if n_rois < MIN_ROIS:
         return none
+    none = dataclasses.replace(none, nps_f_lpmm=tuple(round(float(x), 4) for x in f),
+                               nps_hu2mm2=tuple(None if not np.isfinite(x) else float(f"{x:.5g}") for x in nps))
     fav_sel = (f >= FAV_BAND_LPMM[0]) & (f <= min(FAV_BAND_LPMM[1], nyquist)) & np.isfinite(nps)
     if not (nps[fav_sel] > 1e-3).any():             # a noiseless (synthetic) image has no kernel to measure
         return none
@@ -187,8 +197,9 @@ def estimate_kernel(hu: np.ndarray, spacing_zyx_mm, slice_axis: int = 0, fov_mas
     design = np.column_stack([np.ones(sel.sum()), 2.0 * calibrated_g(f[sel])])
     (log_c, s), *_ = np.linalg.lstsq(design, y, rcond=None)
     rms = float(np.sqrt(np.mean((y - design @ (log_c, s)) ** 2)))
-    return KernelEstimate(round(float(s), 4), _class_of(float(s)), round(fav, 4), round(float(np.exp(log_c)), 4),
-                          int(n_rois), round(rms, 4))
+    return dataclasses.replace(none, strength=round(float(s), 4), kernel_class=_class_of(float(s)),
+                               nps_fav_lpmm=round(fav, 4), noise_ratio=round(float(np.exp(log_c)), 4),
+                               fit_rms=round(rms, 4))
 
 
 def image_noise_sd(estimate: KernelEstimate, spacing_yx_mm) -> float:
@@ -198,3 +209,11 @@ def image_noise_sd(estimate: KernelEstimate, spacing_yx_mm) -> float:
     fr[0, 0] = 1e-6
     nps = estimate.noise_ratio * np.exp(reference_nps_log(fr) + 2.0 * estimate.strength * calibrated_g(fr))
     return float(np.sqrt(nps.sum() / (256 * spacing_yx_mm[0] * 256 * spacing_yx_mm[1])))
+
+
+def measured_nps(estimate: KernelEstimate) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(f_lpmm, nps_hu2mm2)`` arrays of an estimate (NaN for empty rings), or None."""
+    if estimate.nps_f_lpmm is None:
+        return None
+    return (np.asarray(estimate.nps_f_lpmm, np.float64),
+            np.array([np.nan if v is None else v for v in estimate.nps_hu2mm2], np.float64))

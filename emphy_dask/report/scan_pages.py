@@ -16,7 +16,11 @@ from .html import esc, fmt, img, link, page, rel, table
 
 FACTS = ("status", "reason", "qc_rule", "qc_max_hu", "qc_std_hu", "manufacturer", "model", "kernel", "kernel_class",
          "slice_thickness_mm", "n_slices", "lung_volume_l", "laa950_pct", "hu_mean", "cluster_d", "label",
-         "fov_truncated", "segmenter", "backbone")
+         "fov_truncated", "segmenter", "backbone",
+         # kernel harmonisation: the noise spectrum's mean frequency before/after, what T kept
+         "kernel_nps_fav_lpmm", "hu_source", "harmonize_applied", "harmonize_fav_before_lpmm",
+         "harmonize_fav_after_lpmm", "harmonize_gain_03", "harmonize_gain_05", "harmonize_mld_shift_hu",
+         "harmonize_reason")
 
 
 @dataclass
