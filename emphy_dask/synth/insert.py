@@ -254,7 +254,7 @@ def insert_emphysema(hu, lung_labels, spacing_zyx_mm, pattern: str, added_laa950
             deltas = np.minimum(spec.target_hu + rng.normal(0, 8, len(vols)) - local, 0.0).astype(np.float32)
             bins = np.clip(np.searchsorted(radii, np.cbrt(vols * 3.0 / (4.0 * np.pi))), 0, len(radii) - 1)
             before = added
-            n_core = canvas.add(centres, bins, deltas, templates, rng, separate=n_pass == 0)
+            n_core = canvas.add(centres, bins, deltas, templates, rng, separate=n_pass < MAX_PASSES - 2)
             added = int(np.count_nonzero(canvas.laa)) - base_laa
             if added >= goal - TOLERANCE_PCT / 100.0 * n_lung:
                 break

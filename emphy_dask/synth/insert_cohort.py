@@ -9,7 +9,7 @@ by ``scan_key``)::
     truth.csv                                               one row per variant (``TRUTH_COLUMNS``)
     refused.csv                                             base, reason: bases not used
 
-``scan_key`` = ``<base_id>-<pattern>-<severity>-s<seed>``; ``base_id`` = ``anat-`` + 10 hex
+``scan_key`` = ``<base_id>[-TAG]-<pattern>-<severity>-s<seed>``; ``base_id`` = ``anat-`` + 10 hex
 digits of SHA-256 of the base key: every variant of one base carries it as PatientID (so a
 run groups them as one patient) and nothing of the base's identity (PS3.15 keywords in
 ``io.metadata.PHI_TAGS``, private tags and patient-module attributes are removed; dates fixed).
@@ -53,12 +53,21 @@ TRUTH_COLUMNS = (["scan_key", "base_key", "base_id", "pattern", "severity_aimed_
 
 
 def base_id(base_key: str) -> str:
-    """Non-identifying anatomy id of a base: ``anat-`` + 10 hex digits of SHA-256(key)."""
-    return "anat-" + hashlib.sha256(base_key.encode("utf-8")).hexdigest()[:10]
+    """Non-identifying anatomy id of a base: ``anat-`` + 10 hex digits of SHA-256 of the key's
+    anatomy (the part before ``#``: ``Lung_Dx-A0001#L`` and ``#B``, two kernels of one
+    acquisition, are one anatomy and one patient)."""
+    return "anat-" + hashlib.sha256(base_key.split("#")[0].encode("utf-8")).hexdigest()[:10]
+
+
+def _tag(base_key: str) -> str:
+    """The ``#TAG`` of a base key as a scan-key part (``-L``), or ''."""
+    tag = base_key.split("#", 1)[1] if "#" in base_key else ""
+    return "-" + "".join(c for c in tag if c.isalnum()) if tag else ""
 
 
 def parse_base(spec: str) -> tuple[str, Path]:
-    """``KEY=PATH`` or ``PATH`` (key = the folder or file name without suffix)."""
+    """``KEY=PATH`` or ``PATH`` (key = the folder or file name without suffix). ``KEY#TAG=PATH``:
+    another reconstruction (kernel) of the anatomy ``KEY``."""
     if "=" in spec and not Path(spec).exists():
         key, path = spec.split("=", 1)
         return key, Path(path)
@@ -162,8 +171,8 @@ def _write_mask(vol: CTVolume, mask, path: Path) -> None:
     sitk.WriteImage(vol.to_sitk(np.ascontiguousarray(mask, np.uint8)), str(path), useCompression=True)
 
 
-def variant_key(bid: str, pattern: str, severity_pct: float, seed: int) -> str:
-    return f"{bid}-{pattern}-{severity_pct:g}-s{seed}"
+def variant_key(bid: str, pattern: str, severity_pct: float, seed: int, tag: str = "") -> str:
+    return f"{bid}{tag}-{pattern}-{severity_pct:g}-s{seed}"
 
 
 def insert_base(base_key: str, path, out_dir, patterns, severities, seed: int = 0, log=print) -> list[dict]:
@@ -180,13 +189,13 @@ def insert_base(base_key: str, path, out_dir, patterns, severities, seed: int = 
     bid = base_id(base_key)
     psf = psf_sigma_mm(vol.hu, vol.spacing_zyx_mm, vol.fov_mask)
     thickness = float(vol.meta.get("slice_thickness_mm") or vol.spacing_zyx_mm[0])
-    lung_rel = f"masks/{bid}-lung.nii.gz"
+    lung_rel = f"masks/{bid}{_tag(base_key)}-lung.nii.gz"
     _write_mask(vol, labels, out / lung_rel)
     plan = [("none", 0.0)] if any(float(s) == 0 for s in severities) else []
     plan += [(p, float(s)) for p in patterns for s in severities if float(s) > 0]
     rows = []
     for pattern, sev in plan:
-        key = variant_key(bid, pattern, sev, seed)
+        key = variant_key(bid, pattern, sev, seed, _tag(base_key))
         t0 = time.perf_counter()
         if pattern == "none":
             new_hu, lesion = vol.hu, np.zeros(vol.shape, bool)
