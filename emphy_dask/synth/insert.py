@@ -34,7 +34,7 @@ from emphy_dask.volume import bounding_box, craniocaudal_axis
 LAA_HU = -950
 #: Stop adding lesions once the added LAA% is this close to the aim (percentage points).
 TOLERANCE_PCT = 0.25
-MAX_PASSES = 8
+MAX_PASSES = 12
 NO_OWNER = np.iinfo(np.int32).max
 #: Templates per radius bin and radius bins per pattern (shapes are reused, flipped).
 TEMPLATES_PER_BIN, RADIUS_BINS = 6, 12
@@ -96,12 +96,11 @@ class _Canvas:
         self.scratch = np.full(hu_b.size, NO_OWNER, np.int32)
         self.n_lesions = 0
 
-    def add(self, centres, bins, deltas, templates, rng, separate: bool) -> np.ndarray:
-        """Add lesions (centres (n, 3) in box voxels); returns the core voxels (weight >= 0.5)
-        of the lesions accepted."""
+    def add(self, centres, bins, which, deltas, templates, separate: bool) -> tuple[int, int]:
+        """Add lesions (centres (n, 3) in box voxels, template ``templates[bins][which]``);
+        returns (core voxels (weight >= 0.5) of the lesions accepted, lesions accepted)."""
         flat_change, flat_cov = self.change.reshape(-1), self.covered.reshape(-1)
-        which = rng.integers(TEMPLATES_PER_BIN, size=len(centres))
-        touched, n_core = [], 0
+        touched, n_core, n_accepted = [], 0, 0
         for b in np.unique(bins):
             for t in range(TEMPLATES_PER_BIN):
                 sel = (bins == b) & (which == t)
@@ -126,13 +125,14 @@ class _Canvas:
                 touched.append(idx.ravel())
                 self.n_lesions += len(idx)
                 n_core += len(idx) * int(np.count_nonzero(w >= 0.5))
+                n_accepted += len(idx)
         if touched:
             mark = np.zeros(self.change.size, bool)
             for t in touched:
                 mark[t] = True
             t = np.flatnonzero(mark)
             self.laa.reshape(-1)[t] = self.lung.reshape(-1)[t] & (self._values(t) < LAA_HU)
-        return n_core
+        return n_core, n_accepted
 
     def _values(self, t):
         hu = self.hu.reshape(-1)[t].astype(np.int32)
@@ -239,25 +239,33 @@ def insert_emphysema(hu, lung_labels, spacing_zyx_mm, pattern: str, added_laa950
         voxel_mm3 = float(np.prod(sp))
         efficiency = 0.8                        # new LAA voxels per core voxel; measured after each pass
         mean_mm3 = mean_volume_mm3(d_aim, spec.diameter_mm)
-        for n_pass in range(MAX_PASSES):
+        core_vox = np.array([[np.count_nonzero(w >= 0.5) for _, w in row] for row in templates])
+        separate = True
+        for _ in range(MAX_PASSES):
             # Aim a little short, then top up: approach the severity from below.
-            need_mm3 = 0.9 * (goal - added) / efficiency * voxel_mm3
-            vols = sample_volumes_mm3(max(1, int(math.ceil(1.2 * need_mm3 / mean_mm3))), d_aim,
+            need_vox = 0.9 * (goal - added) / efficiency
+            vols = sample_volumes_mm3(int(math.ceil(1.5 * need_vox * voxel_mm3 / mean_mm3)) + 4, d_aim,
                                       spec.diameter_mm, rng)
-            vols = vols[: int(np.searchsorted(np.cumsum(vols), need_mm3)) + 1]
-            centres = sample_centres(grid, weights, len(vols), rng)
-            centres = centres.clip(0, np.asarray(hu_b.shape) - 1)
+            bins = np.clip(np.searchsorted(radii, np.cbrt(vols * 3.0 / (4.0 * np.pi))), 0, len(radii) - 1)
+            which = rng.integers(TEMPLATES_PER_BIN, size=len(vols))
+            size = core_vox[bins, which]
+            fits = size <= max(1.5 * need_vox, size.min())        # no single lesion far past the aim
+            bins, which, size = bins[fits], which[fits], size[fits]
+            n = int(np.searchsorted(np.cumsum(size), need_vox)) + 1
+            bins, which = bins[:n], which[:n]
+            centres = sample_centres(grid, weights, len(bins), rng).clip(0, np.asarray(hu_b.shape) - 1)
             ok = lung_b[tuple(centres.T)]
-            centres, vols = centres[ok], vols[ok]
+            centres, bins, which = centres[ok], bins[ok], which[ok]
             cell = tuple((centres // np.asarray(grid.factor)).clip(0, np.asarray(grid.paren_mean_hu.shape) - 1).T)
             local = np.nan_to_num(grid.paren_mean_hu[cell], nan=fallback_hu)
-            deltas = np.minimum(spec.target_hu + rng.normal(0, 8, len(vols)) - local, 0.0).astype(np.float32)
-            bins = np.clip(np.searchsorted(radii, np.cbrt(vols * 3.0 / (4.0 * np.pi))), 0, len(radii) - 1)
+            deltas = np.minimum(spec.target_hu + rng.normal(0, 8, len(bins)) - local, 0.0).astype(np.float32)
             before = added
-            n_core = canvas.add(centres, bins, deltas, templates, rng, separate=n_pass < MAX_PASSES - 2)
+            n_core, n_accepted = canvas.add(centres, bins, which, deltas, templates, separate)
             added = int(np.count_nonzero(canvas.laa)) - base_laa
             if added >= goal - TOLERANCE_PCT / 100.0 * n_lung:
                 break
+            if n_accepted < 0.5 * max(len(bins), 1):
+                separate = False                    # the lung is full of separate lesions: let them merge
             if n_core and added > before:
                 efficiency = float(np.clip((added - before) / n_core, 0.1, 1.5))
     out_b, moved_b = canvas.result()
