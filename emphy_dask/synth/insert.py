@@ -59,11 +59,23 @@ def psf_sigma_mm(hu: np.ndarray, spacing_zyx_mm, fov_mask=None, default_mm: floa
     return float(np.clip(math.sqrt(max(-slope, 0.0) / (4 * math.pi ** 2)), 0.3, 2.0))
 
 
+def _halo(offsets: np.ndarray) -> np.ndarray:
+    """The offsets and their 6 face neighbours: a lesion kept off this stays a separate cluster."""
+    steps = np.vstack([np.zeros((1, 3), int), np.eye(3, dtype=int), -np.eye(3, dtype=int)])
+    return np.unique((offsets[:, None, :] + steps[None]).reshape(-1, 3), axis=0)
+
+
 def _templates(spec, spacing_zyx_mm, sigma_mm, rng):
-    """Radius bins (mm, ascending) and per bin a list of (offsets, weights) blobs."""
+    """Radius bins (mm, ascending) and per bin a list of (offsets, weights, halo) blobs."""
     radii = np.geomspace(spec.diameter_mm[0] / 2, spec.diameter_mm[1] / 2, RADIUS_BINS)
-    return radii, [[blob_template(r, spacing_zyx_mm, spec.irregularity, sigma_mm, rng)
-                    for _ in range(TEMPLATES_PER_BIN)] for r in radii]
+    out = []
+    for r in radii:
+        row = []
+        for _ in range(TEMPLATES_PER_BIN):
+            off, w = blob_template(r, spacing_zyx_mm, spec.irregularity, sigma_mm, rng)
+            row.append((off, w, _halo(off)))
+        out.append(row)
+    return radii, out
 
 
 def _first_claims(idx: np.ndarray, scratch: np.ndarray) -> np.ndarray:
@@ -106,17 +118,17 @@ class _Canvas:
                 sel = (bins == b) & (which == t)
                 if not sel.any():
                     continue
-                off, w = templates[b][t]
-                idx = np.ravel_multi_index((centres[sel][:, None, :] + off[None]).transpose(2, 0, 1),
-                                           self.change.shape)                   # (m, k)
-                d = deltas[sel]
+                off, w, halo = templates[b][t]
+                c, d = centres[sel], deltas[sel]
                 if separate:
-                    # Refuse lesions on covered voxels, and all but one of a group that overlap.
-                    free = ~flat_cov[idx].any(axis=1)
-                    idx, d = idx[free], d[free]
-                    if len(idx) > 1:
-                        keep = _first_claims(idx, self.scratch)
-                        idx, d = idx[keep], d[keep]
+                    # Refuse lesions touching covered voxels, and all but one of a group that touch.
+                    near = np.ravel_multi_index((c[:, None, :] + halo[None]).transpose(2, 0, 1), self.change.shape)
+                    free = ~flat_cov[near].any(axis=1)
+                    c, d, near = c[free], d[free], near[free]
+                    if len(c) > 1:
+                        keep = _first_claims(near, self.scratch)
+                        c, d = c[keep], d[keep]
+                idx = np.ravel_multi_index((c[:, None, :] + off[None]).transpose(2, 0, 1), self.change.shape)
                 if not len(idx):
                     continue
                 vals = (d[:, None] * w[None]).astype(np.float32)
@@ -220,7 +232,7 @@ def insert_emphysema(hu, lung_labels, spacing_zyx_mm, pattern: str, added_laa950
                          + spec.extra_blur_mm ** 2)
     radii, templates = _templates(spec, sp, spec_sigma, rng)
     # The lung box, padded by the largest template's reach so that no lesion leaves it.
-    pad = np.max([np.abs(off).max(axis=0) for row in templates for off, _ in row], axis=0) + 1
+    pad = np.max([np.abs(off).max(axis=0) for row in templates for off, _, _ in row], axis=0) + 2
     bb = bounding_box(lung)
     box = tuple(slice(max(lo - p, 0), min(hi + 1 + p, n)) for (lo, hi), p, n in zip(bb, pad, hu.shape))
     # Where the lung reaches the volume's edge (apex on the first slice), pad the box instead.
@@ -239,7 +251,7 @@ def insert_emphysema(hu, lung_labels, spacing_zyx_mm, pattern: str, added_laa950
         voxel_mm3 = float(np.prod(sp))
         efficiency = 0.8                        # new LAA voxels per core voxel; measured after each pass
         mean_mm3 = mean_volume_mm3(d_aim, spec.diameter_mm)
-        core_vox = np.array([[np.count_nonzero(w >= 0.5) for _, w in row] for row in templates])
+        core_vox = np.array([[np.count_nonzero(w >= 0.5) for _, w, _ in row] for row in templates])
         separate = True
         for _ in range(MAX_PASSES):
             # Aim a little short, then top up: approach the severity from below.
