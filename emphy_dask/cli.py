@@ -1,4 +1,4 @@
-"""The ``emphy`` command: synth, quantify, extract, fit, predict, report, demo, schemas."""
+"""The ``emphy`` command: synth, insert, quantify, extract, fit, predict, report, demo, schemas."""
 from __future__ import annotations
 
 import argparse
@@ -128,6 +128,20 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_insert(args) -> int:
+    from .synth.insert_cohort import insert_cohort
+
+    try:
+        truth, refused = insert_cohort(args.base, args.out, patterns=args.patterns, severities=args.severities,
+                                       seed=args.seed)
+    except ValueError as exc:
+        print(f"emphy insert: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {len(truth)} variants of {truth['base_id'].nunique()} bases, {len(refused)} bases refused; "
+          f"truth in {Path(args.out) / 'truth.csv'}; run: emphy extract {Path(args.out) / 'dicom'} -o RUN")
+    return 0 if len(truth) or not refused else 1
+
+
 def cmd_demo(args) -> int:
     import pandas as pd
 
@@ -189,6 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", choices=("small", "full"), default="small")
     p.set_defaults(func=cmd_synth)
+
+    from .synth.lesions import PATTERNS
+
+    p = sub.add_parser("insert", help="insert emphysema of known extent into real chest CT (DICOM + truth)")
+    p.add_argument("--base", nargs="+", required=True, metavar="[KEY=]PATH",
+                   help="base chest CT: a patient or series folder; KEY names it (default: the folder name)")
+    p.add_argument("-o", "--out", required=True)
+    p.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
+    p.add_argument("--severities", nargs="+", type=float, default=[0.0, 10.0, 25.0],
+                   help="added LAA%%-950, percentage points of the lung (0-40); 0 = the base with new UIDs")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_insert)
 
     p = sub.add_parser("demo", help="synthesise a small cohort and run the job on a LocalCluster")
     p.add_argument("-o", "--out", default="demo-out")

@@ -1,0 +1,195 @@
+"""Where emphysema lesions go and how big they are: the four patterns' anatomy, on arrays.
+
+A lesion is an irregular blob (a voxel template) at a centre. Sizes follow a truncated power
+law in volume, P(V >= v) ~ v^-D (Mishima et al., PNAS 1999: D ~ 1.8-1.9 in normal lungs,
+1.3-1.5 in emphysema; ``phenotypes/clusters.py`` measures it), between the pattern's
+diameters. Centres are drawn on a coarse grid of cells (``CELL_MM``), weighted by the
+pattern's zone (upper / lower predominance along the cranio-caudal axis), its distance to the
+pleura (the lung mask's edge) and, for centrilobular lesions, the presence of small vessels
+(the artery of the airway-artery bundle at the centre of the secondary lobule).
+
+What is not modelled: fissures (the mask has no lobes, so paraseptal lesions follow the
+costal and mediastinal pleura only), airway walls (airways stay as the base has them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+#: Edge of a placement cell, mm: coarse enough to be cheap on a 512^2 x 300 grid, fine
+#: enough for "within 5 mm of the pleura".
+CELL_MM = 4.0
+#: Parenchyma (not vessel, not wall): HU below this inside the lung mask.
+VESSEL_MIN_HU = -600
+
+
+@dataclass(frozen=True)
+class PatternSpec:
+    """One emphysema pattern.
+
+    diameter_mm : (min, max) equivalent-sphere diameter of a lesion core, mm.
+    d_aim : power-law exponent of lesion volumes (cumulative), dimensionless.
+    target_hu : mean HU the lesion core is brought to (its noise stays on top).
+    zone_power : weight (1 - rank)^p for upper (p > 0), rank^-p for lower (p < 0), rank 0 = apex.
+    pleura_mm : (min, max) distance of a centre from the lung mask's edge, mm.
+    vessel_bundle : True = centres favour cells with a small-vessel fraction (centrilobular).
+    extra_blur_mm : added to the scan's point spread at the edges (panlobular: a graded fall).
+    irregularity : relative amplitude of the radius modulation (0 = sphere).
+    """
+
+    name: str
+    diameter_mm: tuple
+    d_aim: float
+    target_hu: float
+    zone_power: float
+    pleura_mm: tuple
+    vessel_bundle: bool = False
+    extra_blur_mm: float = 0.0
+    irregularity: float = 0.3
+
+
+PATTERNS: dict[str, PatternSpec] = {
+    # Small lucencies around the lobular core, upper zones, spared subpleural rim.
+    "centrilobular": PatternSpec("centrilobular", (3.0, 10.0), 1.5, -985.0, 2.0, (8.0, 1e9), vessel_bundle=True),
+    # Whole lobules (10-25 mm), lower zones, merging, a graded fall rather than holes.
+    "panlobular": PatternSpec("panlobular", (6.0, 25.0), 1.3, -975.0, -2.0, (0.0, 1e9), extra_blur_mm=2.0,
+                              irregularity=0.45),
+    # One row of subpleural lucencies, 5-20 mm, abutting the pleura.
+    "paraseptal": PatternSpec("paraseptal", (5.0, 20.0), 1.5, -990.0, 0.5, (0.0, 5.0), irregularity=0.25),
+    # A few large thin-walled spaces, > 10 mm, apical and subpleural.
+    "bullous": PatternSpec("bullous", (12.0, 70.0), 1.1, -995.0, 1.5, (0.0, 20.0), irregularity=0.15),
+}
+
+
+def sample_volumes_mm3(n: int, d: float, diameter_mm: tuple, rng) -> np.ndarray:
+    """``n`` lesion volumes (mm^3) from the truncated power law P(V >= v) ~ v^-d, shape (n,).
+
+    Inverse-CDF sampling of a Pareto law with exponent ``d`` cut at the volumes of spheres of
+    ``diameter_mm`` (min, max).
+    """
+    v_min, v_max = (np.pi / 6.0 * float(x) ** 3 for x in diameter_mm)
+    u = rng.random(n)
+    # CDF F(v) = (1 - (v_min/v)^d) / (1 - (v_min/v_max)^d), inverted.
+    tail = 1.0 - u * (1.0 - (v_min / v_max) ** d)
+    return v_min * tail ** (-1.0 / d)
+
+
+def mean_volume_mm3(d: float, diameter_mm: tuple) -> float:
+    """Mean of the truncated power law of ``sample_volumes_mm3``, mm^3."""
+    v_min, v_max = (np.pi / 6.0 * float(x) ** 3 for x in diameter_mm)
+    r = v_min / v_max
+    if abs(d - 1.0) < 1e-9:
+        return float(v_min * np.log(1 / r) / (1 - r))
+    return float(d / (d - 1.0) * v_min * (1 - r ** (d - 1.0)) / (1 - r ** d))
+
+
+def blob_template(radius_mm: float, spacing_zyx_mm, irregularity: float, sigma_mm, rng,
+                  min_weight: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """One irregular blob of equivalent radius ``radius_mm``, blurred by ``sigma_mm``.
+
+    The radius is modulated by three random low-order waves of direction (amplitude
+    ``irregularity``), so blobs are lumpy, not round. The indicator is then blurred with a
+    Gaussian of ``sigma_mm`` (z, y, x): partial volume at the border.
+
+    Returns
+    -------
+    offsets : ndarray int, shape (k, 3): voxel offsets (z, y, x) from the centre where the
+        blurred weight >= ``min_weight``.
+    weights : ndarray float32, shape (k,): the blurred indicator there, in (0, 1].
+    """
+    sp = np.asarray(spacing_zyx_mm, dtype=np.float64)
+    sig = np.asarray(sigma_mm, dtype=np.float64)
+    reach = radius_mm * (1.0 + irregularity) + 2.5 * sig + sp
+    half = np.ceil(reach / sp).astype(int)
+    grids = np.meshgrid(*(np.arange(-h, h + 1) for h in half), indexing="ij")
+    pos = np.stack([g * s for g, s in zip(grids, sp)], axis=-1)         # mm, (nz, ny, nx, 3)
+    r = np.linalg.norm(pos, axis=-1)
+    unit = pos / np.maximum(r, 1e-9)[..., None]
+    mod = np.zeros(r.shape)
+    for _ in range(3):
+        w = rng.normal(size=3)
+        w *= rng.uniform(1.5, 3.0) / np.linalg.norm(w)
+        mod += np.cos(unit @ w + rng.uniform(0, 2 * np.pi))
+    inside = (r <= radius_mm * (1.0 + irregularity * mod / 3.0)).astype(np.float32)
+    inside[tuple(half)] = 1.0
+    blurred = ndi.gaussian_filter(inside, sig / sp, truncate=2.5) if sig.any() else inside
+    keep = blurred >= min_weight
+    offsets = np.stack([g[keep] for g in grids], axis=1)
+    return offsets, np.minimum(blurred[keep], 1.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class CellGrid:
+    """Placement cells over a lung mask.
+
+    factor : cell size in voxels along (z, y, x).
+    lung_frac, vessel_frac : ndarray float32 (cz, cy, cx): lung voxels / cell voxels, and
+        vessel voxels / lung voxels.
+    paren_mean_hu : ndarray float32: mean HU of the cell's parenchyma (NaN without any).
+    pleura_mm : ndarray float32: distance of a cell to the nearest non-lung cell, mm.
+    rank : ndarray float32: cranio-caudal rank of the cell's slab, 0 apex .. 1 base.
+    """
+
+    factor: tuple
+    lung_frac: np.ndarray
+    vessel_frac: np.ndarray
+    paren_mean_hu: np.ndarray
+    pleura_mm: np.ndarray
+    rank: np.ndarray
+
+
+def _block_sum(a: np.ndarray, f: tuple) -> np.ndarray:
+    """Sums over blocks of ``f`` voxels (the array is cut to whole blocks)."""
+    cz, cy, cx = (n // k for n, k in zip(a.shape, f))
+    a = a[:cz * f[0], :cy * f[1], :cx * f[2]]
+    return a.reshape(cz, f[0], cy, f[1], cx, f[2]).sum(axis=(1, 3, 5), dtype=np.float64)
+
+
+def cell_grid(hu: np.ndarray, lung: np.ndarray, spacing_zyx_mm, superior_is_high_index: bool) -> CellGrid:
+    """Placement cells (``CELL_MM``) of a lung mask: see ``CellGrid``."""
+    f = tuple(max(1, int(round(CELL_MM / s))) for s in spacing_zyx_mm)
+    paren = lung & (hu < VESSEL_MIN_HU)
+    n_cell = float(np.prod(f))
+    n_lung = _block_sum(lung, f)
+    n_paren = _block_sum(paren, f)
+    sum_paren = _block_sum(np.where(paren, hu, 0).astype(np.float32), f)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        vessel_frac = np.where(n_lung > 0, 1.0 - n_paren / n_lung, 0.0)
+        paren_mean = np.where(n_paren > 0, sum_paren / n_paren, np.nan)
+    inside = n_lung > 0.5 * n_cell
+    cell_mm = tuple(k * s for k, s in zip(f, spacing_zyx_mm))
+    pleura = ndi.distance_transform_edt(np.pad(inside, 1), sampling=cell_mm)[1:-1, 1:-1, 1:-1]
+    per_slab = n_lung.sum(axis=(1, 2))
+    sup_first = per_slab[::-1] if superior_is_high_index else per_slab
+    r = (np.cumsum(sup_first) - sup_first / 2.0) / max(float(sup_first.sum()), 1.0)
+    rank = r[::-1] if superior_is_high_index else r
+    return CellGrid(f, (n_lung / n_cell).astype(np.float32), vessel_frac.astype(np.float32),
+                    paren_mean.astype(np.float32), pleura.astype(np.float32), rank.astype(np.float32))
+
+
+def placement_weights(grid: CellGrid, spec: PatternSpec) -> np.ndarray:
+    """Relative probability of a lesion centre per cell, shape of ``grid.lung_frac``."""
+    rank = grid.rank[:, None, None]
+    zone = (1.0 - rank) ** spec.zone_power if spec.zone_power >= 0 else rank ** (-spec.zone_power)
+    w = grid.lung_frac * (0.15 + zone)
+    lo, hi = spec.pleura_mm
+    w = w * ((grid.pleura_mm >= lo) & (grid.pleura_mm <= hi) & (grid.lung_frac > 0.5))
+    if spec.vessel_bundle:
+        # Lobular cores: cells holding a little vessel (the centrilobular artery), not hila.
+        v = grid.vessel_frac
+        w = w * np.where((v > 0.01) & (v < 0.2), 1.0, 0.1)
+    return np.nan_to_num(w).astype(np.float64)
+
+
+def sample_centres(grid: CellGrid, weights: np.ndarray, n: int, rng) -> np.ndarray:
+    """``n`` voxel centres (n, 3) int, cells drawn by ``weights``, uniform within a cell."""
+    p = weights.ravel()
+    if n == 0 or p.sum() <= 0:
+        return np.zeros((0, 3), int)
+    cells = rng.choice(p.size, size=n, p=p / p.sum())
+    cz, cy, cx = np.unravel_index(cells, weights.shape)
+    f = np.asarray(grid.factor)
+    jitter = (rng.random((n, 3)) * f).astype(int)
+    return np.stack([cz, cy, cx], axis=1) * f + jitter
