@@ -32,7 +32,7 @@ def fabricate_run(out, n_scans: int, *, seed: int = 0, signal: float = 0.0, n_si
                   backbone: str = "ct-i3resnet152", weights_sha256: str = "f" * 64, n_excluded: int = 0,
                   n_featuremaps: int = 0, discordant_every: int = 0, part_size: int = 200,
                   hu_source: str = "raw", n_groups: int = 0, group_signal: float = 3.0, n_classes: int = 0,
-                  class_signal: float = 2.0) -> Path:
+                  class_signal: float = 2.0, input_recipe: str | None = "upstream") -> Path:
     """Write a run of ``n_scans`` ok scans (+ ``n_excluded`` excluded ones) under ``out``.
 
     ``n_featuremaps`` > 0: that many random float16 layer4 files (shape of ct-i3resnet152) and
@@ -96,6 +96,7 @@ def fabricate_run(out, n_scans: int, *, seed: int = 0, signal: float = 0.0, n_si
         for zi, zone in enumerate(ZONES):
             embs.append({"scan_key": key, "config_hash": "fabricated", "backbone": backbone,
                          "weights_sha256": weights_sha256, "precision": "fp32", "hu_source": hu_source, "zone": zone,
+                         "input_recipe": input_recipe,
                          "zone_pooling": "lung", "embedding": emb[i, zi].tolist(),
                          "featuremap_path": files.get("featuremap"), "input_png_path": files.get(zone)})
     for table, rows, per in (("scans", scans, part_size), ("phenotypes", pheno, part_size * 4),

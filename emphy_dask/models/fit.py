@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import figures
-from .cohort import Cohort, balanced_subset, check_classes, embedding_hu_source, load_cohort
+from .cohort import Cohort, balanced_subset, check_classes, embedding_hu_source, embedding_input_recipe, load_cohort
 from .metrics import pr_band, roc_band
 from .covariates import join_covariates, read_covariates, resolve_groups
 from .grouping import CONTROL_NOTE, inner_splits
@@ -143,6 +143,7 @@ def fit_run(out_dir, s: FitSettings, *, figures_on: bool = True, log=None) -> di
     (model_dir / "figures").mkdir(parents=True, exist_ok=True)
     run = {"backbone": c.backbone, "weights_sha256": c.weights_sha256, "zones": list(c.zones),
            "hu_source": embedding_hu_source(out_dir, c.backbone, c.weights_sha256),
+           "input_recipe": embedding_input_recipe(out_dir, c.backbone, c.weights_sha256),
            "embedding_dim": int(c.X.shape[1] // len(c.zones)), "source_run": str(out_dir.resolve()),
            "grouping": grouping.get("by"),
            "settings": dataclasses.asdict(s), "versions": versions()}
