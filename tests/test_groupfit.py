@@ -135,7 +135,8 @@ def test_target_pattern_from_embeddings_beats_density_and_its_control(tmp_path):
 
 
 def test_fit_warns_and_groups_by_patient_key_by_default(tmp_path, capsys):
-    out = fabricate_run(tmp_path / "run", 24, seed=7, signal=1.0, n_groups=8, group_signal=0.5)
+    out = fabricate_run(tmp_path / "run", 24, seed=7, signal=1.0, n_groups=8, group_signal=0.5, n_classes=3,
+                        class_signal=3.0)
     c = load_cohort(out, ("middle",))
     with pytest.warns(GroupingWarning, match="8 patients have several scans"):
         groups, g = resolve_groups(c, "")
@@ -143,16 +144,32 @@ def test_fit_warns_and_groups_by_patient_key_by_default(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error", GroupingWarning)
         assert resolve_groups(c, "scan_key")[0] is None          # asked for: no warning, no grouping
-    rc = main(["fit", str(out), "--repeats", "1", "--folds", "3", "--bootstrap", "20"])
+    rc = main(["fit", str(out), "--repeats", "1", "--folds", "3", "--bootstrap", "20", "--features", "zones",
+               "--covariates", str(out / "covariates.csv"), "--target", "pattern"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert "warning: 8 patients have several scans" in cap.err and "folds grouped by patient_key (8 groups)" in cap.out
+    assert "target pattern (3 classes" in cap.out
     m = json.loads((out / "model" / "metrics.json").read_text())
     assert m["grouping"]["by"] == "patient_key"
     for name in ("paper_protocol", "nested_cv", "l1_logistic", "phenotypes_only"):
         assert "auc" in m[name]["shuffled_control"] and "group k-fold" in m[name]["cv"]
     assert "r2" in m["ridge_laa950"]["shuffled_control"]
     assert "shuffled control" in cap.out
+    assert m["target"]["classes"] == ["centrilobular", "panlobular", "paraseptal"]
+    assert m["target"]["embeddings"]["cv"].startswith("stratified group k-fold")
+    # the report: grouping, controls, the target's table and, per scan, the zones behind its prediction
+    from emphy_dask.report import build_report
+
+    index = build_report(out).read_text()
+    assert "folds grouped by <code>patient_key</code> (8 groups" in index
+    assert "AUC, shuffled control" in index and "Target: pattern (3 classes" in index
+    per = pd.read_parquet(out / "model" / "target_predictions.parquet")
+    assert len(per) == 24 and {"zone_contribution_upper", "zone_contribution_lower"} <= set(per.columns)
+    from emphy_dask.report.scan_pages import scan_page_path
+
+    page = scan_page_path(out / "report", "FAB-00003").read_text()
+    assert "pattern: predicted" in page and "contribution to the predicted class" in page
 
 
 def test_patient_key_is_a_pseudonym_of_patient_id_shared_by_its_scans(tmp_path, monkeypatch):
