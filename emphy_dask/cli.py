@@ -18,6 +18,9 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--segmenter", help="lung segmenter (overrides the job's [segment].name)")
     p.add_argument("--backbone", help="embedding backbone: ct-i3resnet152, resnet152 or none (overrides [embed].backbone)")
     p.add_argument("--weights", help="the backbone's weight file (overrides [embed].weights)")
+    p.add_argument("--input-recipe", dest="input_recipe",
+                   help="HU windows of the backbone's input: upstream, lung or multiwindow (overrides "
+                        "[embed].input_recipe; see docs/models.md)")
     p.add_argument("--limit", type=int, help="process only the first N scans of the manifest")
     p.add_argument("--overwrite", action="store_true",
                    help="start clean instead of resuming: removes what emphy wrote in OUT, refuses other files")
@@ -67,7 +70,8 @@ def _job_config(args):
             raise ConfigError(f"--segmenter: unknown segmenter {args.segmenter!r} (known: {', '.join(SEGMENTERS)})")
         cfg = dataclasses.replace(cfg, segment=dataclasses.replace(cfg.segment, name=args.segmenter))
     embed = {k: v for k, v in (("backbone", getattr(args, "backbone", None)),
-                               ("weights", getattr(args, "weights", None))) if v}
+                               ("weights", getattr(args, "weights", None)),
+                               ("input_recipe", getattr(args, "input_recipe", None))) if v}
     if embed:
         from .job.config import config_from_dict
 

@@ -127,6 +127,7 @@ def _store_embeddings(state: ScanState, fmap: np.ndarray, weights, config, out_d
         "feature_depth_start": mi.feature_depth.get(zone, (None, None))[0],
         "feature_depth_stop": mi.feature_depth.get(zone, (None, None))[1],
         "embedding": emb[i].tolist(), "featuremap_path": rel, "input_png_path": pngs.get(zone),
+        "input_recipe": e.input_recipe,
     } for i, zone in enumerate(mi.zones)]
 
 

@@ -146,9 +146,14 @@ def fail_scan(state: ScanState, config, stage: str, exc: BaseException) -> None:
     state.volume = state.lungmask_input = state.model_input = None
 
 
-def selection_columns(n_candidates: int, not_picked, multi_kernel_kernels) -> dict:
-    """Scans-table columns describing how the series was picked."""
-    return {"n_candidate_series": int(n_candidates),
+def selection_columns(n_candidates: int, not_picked, multi_kernel_kernels, patient_key: str | None = None) -> dict:
+    """Scans-table columns describing how the series was picked, and whose scan it is.
+
+    ``patient_key``: the series' ``patient_ref`` (a salted one-way hash of PatientID, never the ID;
+    ``--pseudonymize`` replaces it by the run's HMAC pseudonym of it), so models can group folds
+    by patient and scans of one person can be followed over time.
+    """
+    return {"n_candidate_series": int(n_candidates), "patient_key": patient_key,
             "not_picked": json.dumps([{"series_uid": uid, "reason": why} for uid, why in not_picked]),
             "multi_kernel": bool(multi_kernel_kernels),
             "kernels_in_study": ",".join(multi_kernel_kernels) if multi_kernel_kernels else None}

@@ -123,7 +123,7 @@ def test_saved_models_round_trip_to_the_fitted_pipelines(signal_run):
         np.testing.assert_allclose(models[name].predict(c.X, c.feature_names), pipe.predict_proba(c.X)[:, 1],
                                    rtol=1e-10, atol=1e-12)
         assert len(models[name].features) == 20
-    ridge = ridge_pipeline().fit(c.X, c.scans["laa950_pct"].to_numpy(float))
+    ridge = ridge_pipeline(models["ridge_laa950"].info["alpha"]).fit(c.X, c.scans["laa950_pct"].to_numpy(float))
     np.testing.assert_allclose(models["ridge_laa950"].predict(c.X, c.feature_names), ridge.predict(c.X), rtol=1e-9)
     names = ["laa950_pct", "hu_mean", "perc15_hu"]
     pheno = phenotype_pipeline().fit(c.pheno[bal], c.y[bal])
@@ -131,7 +131,7 @@ def test_saved_models_round_trip_to_the_fitted_pipelines(signal_run):
                                rtol=1e-10)
     l1 = models["l1_logistic"]
     assert 0 < len(l1.features) < c.X.shape[1] and all(v != 0 for v in l1.coef)
-    ref = l1_pipeline(3).fit(c.X[bal], c.y[bal])
+    ref = l1_pipeline(l1.info["C"]).fit(c.X[bal], c.y[bal])
     np.testing.assert_allclose(l1.predict(c.X, c.feature_names), ref.predict_proba(c.X)[:, 1], rtol=1e-8)
     # contributions sum to score - intercept
     contrib = models["paper"].contributions(c.X, c.feature_names)

@@ -97,6 +97,9 @@ class _I3Inference:
         stem = fuse_conv_bn_eval(module.conv1, module.bn1)
         # in: 3 identical channels -> sum them; the 3 depth taps become the 2D conv's channels
         self.stem_w = stem.weight.detach().sum(1).to(dtype).contiguous(memory_format=torch.channels_last)
+        # in: 3 different channels (multiwindow): (channel, depth tap) pairs become the 2D conv's 9 channels
+        w = stem.weight.detach()                                            # (64, 3, 3, 7, 7)
+        self.stem_w3 = w.reshape(w.shape[0], 9, *w.shape[3:]).to(dtype).contiguous(memory_format=torch.channels_last)
         self.stem_b = stem.bias.detach().to(dtype)
         for block in (b for layer in (module.layer1, module.layer2, module.layer3, module.layer4) for b in layer):
             for i in (1, 2, 3):
@@ -110,20 +113,22 @@ class _I3Inference:
         self.dtype = dtype
 
     def to(self, device):
-        self.stem_w, self.stem_b = self.stem_w.to(device), self.stem_b.to(device)
+        self.stem_w, self.stem_b, self.stem_w3 = self.stem_w.to(device), self.stem_b.to(device), self.stem_w3.to(device)
         self.layers.to(device)
         return self
 
     def __call__(self, x):
-        """x: (B, 1, D, H, W) in 0..1 -> layer4 (B, 2048, D/16, H/32, W/32)."""
+        """x: (B, 1, D, H, W) (one window, the network's 3 channels are copies) or (B, 3, D, H, W)
+        (three windows) in 0..1 -> layer4 (B, 2048, D/16, H/32, W/32)."""
         import torch
         import torch.nn.functional as F
 
-        b, _, d, h, w = x.shape
-        xp = F.pad(x[:, 0], (0, 0, 0, 0, 1, 1))                          # zero depth padding, as conv3d
-        stacked = torch.stack([xp[:, k:k + d] for k in range(3)], dim=2)  # (B, D, 3, H, W)
-        y = F.conv2d(stacked.reshape(b * d, 3, h, w).contiguous(memory_format=torch.channels_last),
-                     self.stem_w, self.stem_b, stride=2, padding=3)
+        b, c, d, h, w = x.shape
+        xp = F.pad(x, (0, 0, 0, 0, 1, 1))                                # zero depth padding, as conv3d
+        stacked = torch.stack([xp[:, :, k:k + d] for k in range(3)], dim=3)  # (B, C, D, 3 taps, H, W)
+        stacked = stacked.permute(0, 2, 1, 3, 4, 5).reshape(b * d, c * 3, h, w)   # channel-major, as stem_w3
+        weight = self.stem_w if c == 1 else self.stem_w3
+        y = F.conv2d(stacked.contiguous(memory_format=torch.channels_last), weight, self.stem_b, stride=2, padding=3)
         y = y.reshape(b, d, 64, h // 2, w // 2).permute(0, 2, 1, 3, 4)
         y = F.relu(self.maxpool(y.contiguous(memory_format=torch.channels_last_3d)))  # relu commutes with max
         return self.layers(y)
@@ -169,8 +174,8 @@ def _prepare_batch(inputs: list[ModelInput], recipe: str, device: str, dtype):
 
     arr = np.stack([m.array for m in inputs])
     t = torch.from_numpy(arr).to(device=device)
-    if recipe == "volume":
-        return t[:, None].to(dtype)                                   # (B, 1, D, H, W)
+    if recipe == "volume":                                            # (B, 1 or 3 windows, D, H, W)
+        return (t[:, None] if arr.ndim == 4 else t).to(dtype)
     t = t.reshape(-1, 3, arr.shape[-2], arr.shape[-1]).float()        # (B * zones, 3, H, W)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)

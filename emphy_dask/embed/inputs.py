@@ -14,6 +14,13 @@ area in the zone) are the three channels of one 224 x 224 image, cropped to the 
 in-plane bounding box made square with a margin, HU clipped to the [-1000, 400] window and
 scaled to 0..1 (ImageNet normalisation is applied on the device).
 
+**Input recipes** (``[embed].input_recipe``, ``INPUT_RECIPES``): which HU windows become the
+network's 0..1 input. ``upstream`` (default): the backbone's own window (ct-i3resnet152:
+-1000..200 HU, where -950 vs -850 HU is 8 % of the range; resnet152: the [qc] clip window).
+``lung``: -1024..-600 HU, the parenchyma spread over the whole range. ``multiwindow`` (3D backbone
+only): three windows as the input's three channels (upstream, lung, low attenuation
+-1024..-850 HU); the 2.5D backbone's channels are its three slices, so it takes one window.
+
 Zones are the phenotypes' equal-volume cranio-caudal thirds (``phenotypes.regions.slice_thirds``),
 applied on the 1 mm grid.
 """
@@ -32,6 +39,36 @@ VOLUME_SIZE = (160, 224, 224)          # depth, H, W of the 3D backbone's input
 FEATURE_STRIDE = (16, 32, 32)          # layer4 cell of the 3D backbone, in input voxels
 VOLUME_WINDOW_HU = (-1000.0, 200.0)    # upstream chest CT window of the 3D backbone
 SLAB_SIZE = 224
+LUNG_WINDOW_HU = (-1024.0, -600.0)     # parenchyma only: -950 vs -850 HU is 24 % of the range, not 8 %
+LOW_ATTENUATION_WINDOW_HU = (-1024.0, -850.0)   # emphysema and air trapping below the normal lung
+#: [embed].input_recipe -> the HU windows of the input's channels (None: the backbone's own window)
+INPUT_RECIPES = {"upstream": None, "lung": (LUNG_WINDOW_HU,),
+                 "multiwindow": (VOLUME_WINDOW_HU, LUNG_WINDOW_HU, LOW_ATTENUATION_WINDOW_HU)}
+
+
+def recipe_windows(recipe: str, upstream_hu) -> tuple:
+    """The windows ((low, high) HU, one per channel) of ``recipe``; ``upstream_hu`` = the backbone's own."""
+    if recipe not in INPUT_RECIPES:
+        raise ValueError(f"input recipe must be one of {', '.join(INPUT_RECIPES)}, got {recipe!r}")
+    windows = INPUT_RECIPES[recipe]
+    return (tuple(float(v) for v in upstream_hu),) if windows is None else windows
+
+
+def apply_windows(hu: np.ndarray, windows) -> np.ndarray:
+    """HU -> 0..1 per window (clipped): shape of ``hu`` for one window, (len(windows), ...) for several.
+
+    Parameters
+    ----------
+    hu : ndarray of float, HU
+    windows : sequence of (low_hu, high_hu); low maps to 0, high to 1
+
+    Returns
+    -------
+    ndarray of float32
+    """
+    hu = np.asarray(hu, np.float32)
+    chans = [(np.clip(hu, lo, hi) - np.float32(lo)) / np.float32(hi - lo) for lo, hi in windows]
+    return chans[0] if len(chans) == 1 else np.stack(chans)
 
 
 @dataclass
@@ -41,7 +78,8 @@ class ModelInput:
     Attributes
     ----------
     array : ndarray of float16
-        ``volume``: shape (160, 224, 224), values 0..1. ``slabs``: shape (3 zones, 3, 224, 224), 0..1.
+        ``volume``: shape (160, 224, 224), values 0..1 (``multiwindow``: (3 windows, 160, 224, 224)).
+        ``slabs``: shape (3 zones, 3, 224, 224), 0..1.
     recipe : str
         ``volume`` or ``slabs``.
     zones : tuple of str
@@ -138,7 +176,8 @@ def _area_resize(array: np.ndarray, size) -> np.ndarray:
 
 
 def volume_input(hu_1mm: np.ndarray, labels_1mm: np.ndarray, direction_xyz, *, margin_mm: float = 10.0,
-                 zone_pooling: str = "lung", size=VOLUME_SIZE, window_hu=VOLUME_WINDOW_HU) -> ModelInput:
+                 zone_pooling: str = "lung", size=VOLUME_SIZE, window_hu=VOLUME_WINDOW_HU,
+                 windows=None) -> ModelInput:
     """The 3D backbone's input and per-zone pooling weights from a 1 mm volume.
 
     Parameters
@@ -154,6 +193,8 @@ def volume_input(hu_1mm: np.ndarray, labels_1mm: np.ndarray, direction_xyz, *, m
         rows whose lung mostly belongs to the zone (``whole``: all positions, global average).
     size : (depth, H, W)
     window_hu : (low, high): HU mapped to 0 and 1
+    windows : sequence of (low, high) or None
+        Several windows (``recipe_windows``): one input channel each; None = ``(window_hu,)``.
 
     Returns
     -------
@@ -165,8 +206,9 @@ def volume_input(hu_1mm: np.ndarray, labels_1mm: np.ndarray, direction_xyz, *, m
     box = _lung_box(zones_sra > 0, int(round(margin_mm)))
     crop = tuple(slice(a, b) for a, b in box)
     hu = _area_resize(to_ras(hu_1mm, direction_xyz)[crop], size)
-    lo, hi = window_hu
-    array = ((np.clip(hu, lo, hi) - lo) / (hi - lo)).astype(np.float16)
+    windows = tuple(windows) if windows else (tuple(window_hu),)
+    array = apply_windows(hu, windows).astype(np.float16)
+    first = array if array.ndim == 3 else array[0]          # the QC picture shows the first window
 
     zone_crop = zones_sra[crop]
     onehot = np.stack([zone_crop == z for z in (1, 2, 3)])
@@ -198,8 +240,9 @@ def volume_input(hu_1mm: np.ndarray, labels_1mm: np.ndarray, direction_xyz, *, m
         w = lung_rows[i]
         depth_of[z] = int(np.round((w * np.arange(w.size)).sum() / w.sum()))
     depth_of["whole"] = int(np.round((lung_rows.sum(0) * np.arange(size[0])).sum() / lung_rows.sum()))
-    png = {z: radiological(array[d].astype(np.float32)) for z, d in depth_of.items()}
-    meta = {"crop_sra_1mm": [list(b) for b in box], "input_size": list(size), "window_hu": list(window_hu),
+    png = {z: radiological(first[d].astype(np.float32)) for z, d in depth_of.items()}
+    meta = {"crop_sra_1mm": [list(b) for b in box], "input_size": list(size), "window_hu": list(windows[0]),
+            "windows_hu": [list(w) for w in windows],
             "zone_pooling": zone_pooling, "png_depth": depth_of, "axes": "S,R,A"}
     return ModelInput(array, "volume", zones, weights, feature_depth, {}, png, meta)
 
@@ -243,8 +286,7 @@ def slab_inputs(hu_1mm: np.ndarray, labels_1mm: np.ndarray, direction_xyz, *, ma
         with torch.inference_mode():
             t = F.interpolate(torch.from_numpy(stack)[None], size=(size, size), mode="bilinear",
                               align_corners=False, antialias=True)[0].numpy()
-        lo, hi = window_hu
-        img = (np.clip(t, lo, hi) - lo) / (hi - lo)
+        img = apply_windows(t, (window_hu,))
         images.append(img)
         slices[z] = [n_s - 1 - i for i in ks]       # rank from the most superior slice
         png[z] = radiological(img[1])

@@ -171,7 +171,7 @@ def read_header(path) -> dict | None:
     spacing], mm), slice_thickness_mm, rows, columns, n_frames, kernel (multi-values
     joined with "/"), manufacturer, model, kvp, tube_current_ma, transfer_syntax_uid,
     rescale_slope, rescale_intercept, has_pixels, read_error (None), patient_ref (a one-way
-    hash of PatientID, to tell patients apart; never output). Missing tags -> None.
+    hash of PatientID, to tell patients apart; output only as scans.patient_key). Missing tags -> None.
     A DICOM file (DICM preamble) whose header cannot be parsed (truncated) gives a short
     record {path, read_error: str, has_pixels: False, series_uid: None} instead of None.
     Never any patient-identifying tag (see ``metadata.PHI_TAGS``).
@@ -223,7 +223,8 @@ def read_header(path) -> dict | None:
 
 
 def patient_ref(patient_id) -> str | None:
-    """Salted one-way hash of PatientID: tells patients apart in memory, never written out."""
+    """Salted one-way hash of PatientID (16 hex): tells patients apart; written only as
+    ``scans.patient_key`` (replaced by the run's HMAC pseudonym of it under ``--pseudonymize``)."""
     if patient_id in (None, ""):
         return None
     return hashlib.sha256(b"emphy-dask/patient/" + str(patient_id).encode()).hexdigest()[:16]

@@ -45,7 +45,7 @@ class SeriesInfo:
     z_min_mm: float | None = None
     z_max_mm: float | None = None
     n_files: int = 0
-    patient_ref: str | None = None   # one-way hash of PatientID (in memory only)
+    patient_ref: str | None = None   # one-way hash of PatientID (scans.patient_key; never the ID)
 
 
 @dataclass

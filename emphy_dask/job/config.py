@@ -52,6 +52,8 @@ class EmbedSettings:
     batch_size: int = 8             # scans per forward on a GPU (halved on out-of-memory); 1 on CPU
     save_feature_maps: bool = True  # layer4 maps in featuremaps/ (for exact class-activation maps)
     hu_source: str = "raw"          # "raw", or "harmonized": inputs cut from kernel-harmonised HU ([harmonize].method)
+    input_recipe: str = "upstream"  # HU windows of the input (embed.inputs.INPUT_RECIPES): "upstream" (the backbone's
+    #                                 own), "lung" (-1024..-600 HU), "multiwindow" (3 windows as channels; 3D only)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ class JobConfig:
             out["embed"].pop("zone_pooling")
         if self.embed.hu_source == "raw":             # runs before the option existed keep their hash
             out["embed"].pop("hu_source", None)
+        if self.embed.input_recipe == "upstream":     # likewise: the recipe enters the hash when it is not upstream
+            out["embed"].pop("input_recipe", None)
         elif self.embed.backbone != "none":
             out["embed"]["harmonize_method"] = self.harmonize.method
         if not self.harmonize.enabled:               # the method matters only when it runs
@@ -170,6 +174,14 @@ def _check_models(cfg: JobConfig, source: str) -> None:
         raise ConfigError(f"{source}: [embed].precision must be one of {', '.join(PRECISIONS)}, got {e.precision!r}")
     if e.hu_source not in ("raw", "harmonized"):
         raise ConfigError(f"{source}: [embed].hu_source must be raw or harmonized, got {e.hu_source!r}")
+    from ..embed.inputs import INPUT_RECIPES
+
+    if e.input_recipe not in INPUT_RECIPES:
+        raise ConfigError(f"{source}: [embed].input_recipe must be one of {', '.join(INPUT_RECIPES)}, "
+                          f"got {e.input_recipe!r}")
+    if e.input_recipe == "multiwindow" and e.backbone == "resnet152":
+        raise ConfigError(f"{source}: [embed].input_recipe = \"multiwindow\" needs the 3D backbone; resnet152's "
+                          "three input channels are three slices (use \"upstream\" or \"lung\")")
     if e.zone_pooling not in ("lung", "slab"):
         raise ConfigError(f"{source}: [embed].zone_pooling must be \"lung\" or \"slab\", got {e.zone_pooling!r}")
     if e.batch_size < 1 or cfg.segment.batch_size < 1 or e.margin_mm < 0:

@@ -57,7 +57,8 @@ def _tasks_from_choices(choices: dict) -> list[ScanTask]:
             tasks.append(ScanTask(key, "error", error=choice.reason, error_path=choice.path))
             continue
         tasks.append(ScanTask(key, "dicom", tuple(str(p) for p in choice.picked.files),
-                              selection_columns(choice.n_candidates, choice.not_picked, choice.multi_kernel_kernels)))
+                              selection_columns(choice.n_candidates, choice.not_picked, choice.multi_kernel_kernels,
+                                                choice.picked.patient_ref)))
     return tasks
 
 
@@ -236,6 +237,9 @@ def unique_keys(tasks: list[ScanTask]) -> list[ScanTask]:
 
 
 PSEUDONYMIZED = b"emphy.pseudonymized"
+#: the series-selection facts (``pipeline.selection_columns``) a manifest row carries to the scans table
+SELECTION_KEYS = ("n_candidate_series", "not_picked", "multi_kernel", "kernels_in_study", "input_fingerprint",
+                  "patient_key")
 
 
 def read_manifest_file(path: Path, client=None, in_flight: int = 32):
@@ -301,8 +305,7 @@ def iter_manifest_file(path: Path, batch_rows: int = 128):
     root = Path((pq.ParquetFile(path).schema_arrow.metadata or {}).get(b"emphy.input_root", b".").decode())
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
         for row in batch.to_pylist():
-            sel = {k: row[k] for k in ("n_candidate_series", "not_picked", "multi_kernel", "kernels_in_study",
-                                       "input_fingerprint")}
+            sel = {k: row.get(k) for k in SELECTION_KEYS}      # manifests older than patient_key: None
             yield ScanTask(row["scan_key"], row["kind"], tuple(str(root / p) for p in row["paths"] or ()),
                            sel, row["error"], row["error_path"])
 
@@ -337,8 +340,7 @@ class ManifestWriter:
         sel = t.selection
         self.rows.append({"scan_key": t.scan_key, "kind": t.kind, "paths": None if self.drop_paths else rel, "error": t.error,
                           "error_path": t.error_path,
-                          **{k: sel.get(k) for k in ("n_candidate_series", "not_picked", "multi_kernel",
-                                                      "kernels_in_study", "input_fingerprint")}})
+                          **{k: sel.get(k) for k in SELECTION_KEYS}})
         self.kinds[t.kind] += 1
         if len(self.rows) >= self.batch_rows:
             self._flush()

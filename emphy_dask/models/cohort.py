@@ -54,13 +54,24 @@ def run_backbones(out_dir) -> pd.DataFrame:
     return t.groupby(["backbone", "weights_sha256"], as_index=False)["scan_key"].nunique()
 
 
+def embedding_setting(out_dir, backbone: str, weights_sha256: str, column: str, before: str) -> str:
+    """The value of an ``embeddings`` column that fixes the feature space (hu_source, input_recipe)
+    for this backbone; ``before`` for runs from before the column; "mixed" when a run holds several."""
+    # read with the schema: parts written before the column hold nulls there
+    t = read_table(out_dir, "embeddings", columns=["backbone", "weights_sha256", column]).to_pandas()
+    found = set(t.loc[(t["backbone"] == backbone) & (t["weights_sha256"] == weights_sha256), column].fillna(before))
+    return found.pop() if len(found) == 1 else ("mixed" if found else before)
+
+
 def embedding_hu_source(out_dir, backbone: str, weights_sha256: str) -> str:
     """raw or harmonized: the HU the run's embeddings of this backbone were cut from ([embed].hu_source;
     runs from before the column are raw); "mixed" when a run holds both."""
-    t = read_table(out_dir, "embeddings", columns=["backbone", "weights_sha256", "hu_source"]).to_pandas()
-    found = set(t.loc[(t["backbone"] == backbone) & (t["weights_sha256"] == weights_sha256), "hu_source"]
-                .fillna("raw"))
-    return found.pop() if len(found) == 1 else ("mixed" if found else "raw")
+    return embedding_setting(out_dir, backbone, weights_sha256, "hu_source", "raw")
+
+
+def embedding_input_recipe(out_dir, backbone: str, weights_sha256: str) -> str:
+    """upstream, lung or multiwindow ([embed].input_recipe; runs from before the column: upstream)."""
+    return embedding_setting(out_dir, backbone, weights_sha256, "input_recipe", "upstream")
 
 
 def pick_backbone(out_dir, backbone: str = "") -> tuple[str, str]:

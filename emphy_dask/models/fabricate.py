@@ -8,6 +8,13 @@ feature maps and PNGs) exactly as ``extract`` lays them out, with no image proce
   ``n_signal`` embedding channels by ``signal`` standard deviations per standard deviation of LAA%;
   with ``discordant_every = k``, every k-th scan over 6 % gets an MLD above -850 HU, hence label 0
   (the paper's discordant case).
+- ``n_groups > 0``: scans belong to that many patients / base anatomies (``scans.patient_key``
+  and ``base_key`` in ``covariates.csv``); each group shifts every embedding channel by its own
+  offset (``group_signal`` standard deviations: anatomy dominates). With ``signal = 0`` the label
+  is drawn per group, so it is learnable only by recognising a group seen in training: a split
+  that is not grouped scores high, a grouped one reads chance or below.
+- ``n_classes > 0``: a categorical ``pattern`` (``covariates.csv``) drawn per scan, each class
+  shifting its own block of 5 channels by ``class_signal`` standard deviations.
 """
 from __future__ import annotations
 
@@ -24,7 +31,8 @@ ZONES = ("whole", "upper", "middle", "lower")
 def fabricate_run(out, n_scans: int, *, seed: int = 0, signal: float = 0.0, n_signal: int = 10, dim: int = 2048,
                   backbone: str = "ct-i3resnet152", weights_sha256: str = "f" * 64, n_excluded: int = 0,
                   n_featuremaps: int = 0, discordant_every: int = 0, part_size: int = 200,
-                  hu_source: str = "raw") -> Path:
+                  hu_source: str = "raw", n_groups: int = 0, group_signal: float = 3.0, n_classes: int = 0,
+                  class_signal: float = 2.0, input_recipe: str | None = "upstream") -> Path:
     """Write a run of ``n_scans`` ok scans (+ ``n_excluded`` excluded ones) under ``out``.
 
     ``n_featuremaps`` > 0: that many random float16 layer4 files (shape of ct-i3resnet152) and
@@ -49,6 +57,16 @@ def fabricate_run(out, n_scans: int, *, seed: int = 0, signal: float = 0.0, n_si
     if signal > 0:
         z = (laa - laa.mean()) / laa.std()
         emb[:, :, :n_signal] += (signal * z)[:, None, None]
+    group = np.arange(n) % n_groups if n_groups else None
+    if n_groups:
+        offsets = rng.normal(scale=group_signal, size=(n_groups, 1, dim)).astype(np.float32)
+        emb += offsets[group]
+        if signal == 0:                                   # the label belongs to the group, not to the scan
+            label = rng.permutation(np.arange(n_groups) % 2)[group]
+    pattern = rng.integers(0, n_classes, n) if n_classes else None
+    if n_classes:
+        for cl in range(n_classes):
+            emb[pattern == cl, :, n_signal + 5 * cl:n_signal + 5 * cl + 5] += class_signal
     maps = _shared_files(out, n_featuremaps, rng) if n_featuremaps else []
     manufacturers = np.array(["SIEMENS", "GE MEDICAL SYSTEMS", "Philips"])
     kernels = {"SIEMENS": ("B30f", "standard"), "GE MEDICAL SYSTEMS": ("LUNG", "sharp"), "Philips": ("B", "soft")}
@@ -65,6 +83,8 @@ def fabricate_run(out, n_scans: int, *, seed: int = 0, signal: float = 0.0, n_si
                        manufacturer="GE MEDICAL SYSTEMS", kernel="LUNG", kernel_class="sharp")
             scans.append(row)
             continue
+        if n_groups:
+            row["patient_key"] = f"PAT-{group[i]:03d}"
         row.update(laa950_pct=float(laa[i]), hu_mean=float(mld[i]), label=int(label[i]), lung_volume_l=4.5,
                    cluster_d=1.5, backbone=backbone, backbone_weights_sha256=weights_sha256,
                    featuremap_path=files.get("featuremap"))
@@ -76,12 +96,22 @@ def fabricate_run(out, n_scans: int, *, seed: int = 0, signal: float = 0.0, n_si
         for zi, zone in enumerate(ZONES):
             embs.append({"scan_key": key, "config_hash": "fabricated", "backbone": backbone,
                          "weights_sha256": weights_sha256, "precision": "fp32", "hu_source": hu_source, "zone": zone,
+                         "input_recipe": input_recipe,
                          "zone_pooling": "lung", "embedding": emb[i, zi].tolist(),
                          "featuremap_path": files.get("featuremap"), "input_png_path": files.get(zone)})
     for table, rows, per in (("scans", scans, part_size), ("phenotypes", pheno, part_size * 4),
                              ("embeddings", embs, part_size * len(ZONES))):
         for j in range(0, len(rows), per):
             write_part(table, rows[j:j + per], out, f"fab{j // per:04d}")
+    if n_groups or n_classes:
+        import pandas as pd
+
+        cov = pd.DataFrame({"scan_key": [f"FAB-{i:05d}" for i in range(n)]})
+        if n_groups:
+            cov["base_key"] = [f"BASE-{g:03d}" for g in group]
+        if n_classes:
+            cov["pattern"] = np.array(["centrilobular", "panlobular", "paraseptal", "bullous", "other"])[pattern % 5]
+        cov.to_csv(out / "covariates.csv", index=False)
     (out / "run.json").write_text(json.dumps({"command": "fabricated", "config": {
         "label": {"laa950_min_pct": 6.0, "mld_max_hu": -850.0}}}))
     return out

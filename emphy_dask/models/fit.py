@@ -22,12 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import figures
-from .cohort import Cohort, balanced_subset, check_classes, embedding_hu_source, load_cohort
+from .cohort import Cohort, balanced_subset, check_classes, embedding_hu_source, embedding_input_recipe, load_cohort
 from .metrics import pr_band, roc_band
-from .pipelines import (inner_folds_for, l1_pipeline, paper_pipeline, phenotype_pipeline, ridge_pipeline,
-                        student_t)
-from .protocols import (breakdown, honest_protocol, l1_protocol, paper_protocol, phenotype_protocol,
-                        ridge_protocol)
+from .covariates import join_covariates, read_covariates, resolve_groups
+from .grouping import CONTROL_NOTE, inner_splits
+from .pipelines import l1_pipeline, paper_pipeline, phenotype_pipeline, ridge_pipeline, student_t
+from .protocols import (TUNED, breakdown, honest_protocol, l1_protocol, paper_protocol, phenotype_protocol,
+                        ridge_protocol, shuffled_control, tuned_value)
 from .saved import from_pipeline, save_models
 from .settings import FitSettings
 
@@ -48,7 +49,13 @@ def _pheno_ok(c: Cohort, idx: np.ndarray) -> np.ndarray:
     return idx[np.isfinite(c.pheno[idx]).all(axis=1)]
 
 
-def final_models(c: Cohort, bal: np.ndarray, s: FitSettings) -> dict:
+def _tuned_fit(pipe, key: str, X, y, strat, groups, s: FitSettings):
+    """``pipe`` with its ``TUNED[key]`` parameter chosen by grouped inner folds on all rows, fitted."""
+    inner = inner_splits(strat, groups, s.inner_folds, s.seed)
+    return pipe.set_params(**{TUNED[key][0]: tuned_value(pipe, key, X, y, inner)}).fit(X, y)
+
+
+def final_models(c: Cohort, bal: np.ndarray, s: FitSettings, groups=None) -> dict:
     """The models refitted on all their scans (what ``emphy predict`` applies)."""
     info = lambda sub, idx: {"subset": sub, "n_train": int(len(idx)), "n_positive": int(c.y[idx].sum())}  # noqa: E731
     allidx = np.arange(len(c))
@@ -58,14 +65,15 @@ def final_models(c: Cohort, bal: np.ndarray, s: FitSettings) -> dict:
         out[name] = from_pipeline(pipe, c.feature_names, kind="logistic", inputs="embedding", target="label",
                                   info={**info("balanced" if cw is None else "full", idx), "class_weight": cw,
                                         "model": f"t-test top {s.n_features} + logistic regression"})
-    pipe = l1_pipeline(inner_folds_for(c.y[bal], s.inner_folds), None, s.seed).fit(c.X[bal], c.y[bal])
+    gb = None if groups is None else groups[bal]
+    pipe = _tuned_fit(l1_pipeline(1.0, None, s.seed), "l1", c.X[bal], c.y[bal], c.y[bal], gb, s)
     out["l1_logistic"] = from_pipeline(pipe, c.feature_names, kind="logistic", inputs="embedding", target="label",
-                                       info={**info("balanced", bal), "C": float(pipe.named_steps["model"].C_)})
+                                       info={**info("balanced", bal), "C": float(pipe.named_steps["model"].C)})
     laa = c.scans["laa950_pct"].to_numpy(float)
-    pipe = ridge_pipeline().fit(c.X, laa)
+    pipe = _tuned_fit(ridge_pipeline(), "ridge", c.X, laa, c.y, groups, s)
     out["ridge_laa950"] = from_pipeline(pipe, c.feature_names, kind="linear", inputs="embedding",
                                         target="laa950_pct", info={**info("full", allidx),
-                                                                   "alpha": float(pipe.named_steps["model"].alpha_)})
+                                                                   "alpha": float(pipe.named_steps["model"].alpha)})
     pb = _pheno_ok(c, bal)
     if len(np.unique(c.y[pb])) == 2:
         pipe = phenotype_pipeline(None, s.seed).fit(c.pheno[pb], c.y[pb])
@@ -74,17 +82,28 @@ def final_models(c: Cohort, bal: np.ndarray, s: FitSettings) -> dict:
     return out
 
 
-def fit_run(out_dir, s: FitSettings, *, figures_on: bool = True) -> dict:
+def fit_run(out_dir, s: FitSettings, *, figures_on: bool = True, log=None) -> dict:
     """Fit every model on the run in ``out_dir``; write ``out_dir/model/``; return metrics.json's dict.
 
-    Raises ``CohortError`` (no model) when a class has fewer than ``s.min_per_class`` scans.
+    Every protocol splits by ``s.group_by`` (or by patient_key when a patient has several scans,
+    see ``covariates.resolve_groups``) and is repeated with the embeddings shuffled across scans
+    (``shuffled_control`` beside each score). Raises ``CohortError`` (no model) when a class has
+    fewer than ``s.min_per_class`` scans. ``log``: where notes go (warnings about covariates).
     """
     out_dir = Path(out_dir)
     timing: dict = {}
     t0 = time.perf_counter()
     c = load_cohort(out_dir, s.zones, s.backbone)
+    cov_info = None
+    if s.covariates:
+        cov_info = join_covariates(c, read_covariates(s.covariates), str(s.covariates))
+        if cov_info["missing"] and log:
+            log(f"covariates: {cov_info['missing']} of {len(c)} scans are not in {s.covariates} "
+                f"(first: {', '.join(cov_info['missing_keys'][:5])})")
+    groups, grouping = resolve_groups(c, s.group_by)
     check_classes(c.y, s.min_per_class, str(out_dir))
     bal = balanced_subset(c.y, s.seed)
+    gb = None if groups is None else groups[bal]
     laa = c.scans["laa950_pct"].to_numpy(float)
     timing["load"] = time.perf_counter() - t0
 
@@ -95,30 +114,47 @@ def fit_run(out_dir, s: FitSettings, *, figures_on: bool = True) -> dict:
         return res
 
     Xb, yb = c.X[bal], c.y[bal]
-    res = {
-        "paper": timed("paper_protocol", paper_protocol, Xb, yb, s),
-        "honest": timed("nested_cv", honest_protocol, Xb, yb, s),
-        "full_paper": timed("full_paper_protocol", paper_protocol, c.X, c.y, s, "balanced"),
-        "full_honest": timed("full_nested_cv", honest_protocol, c.X, c.y, s, "balanced"),
-        "l1": timed("l1_logistic", l1_protocol, Xb, yb, s),
-        "ridge": timed("ridge_laa950", ridge_protocol, c.X, c.y, laa, s),
-    }
+    jobs = {"paper": (paper_protocol, (Xb, yb, s), {"groups": gb}),
+            "honest": (honest_protocol, (Xb, yb, s), {"groups": gb}),
+            "full_paper": (paper_protocol, (c.X, c.y, s, "balanced"), {"groups": groups}),
+            "full_honest": (honest_protocol, (c.X, c.y, s, "balanced"), {"groups": groups}),
+            "l1": (l1_protocol, (Xb, yb, s), {"groups": gb}),
+            "ridge": (ridge_protocol, (c.X, c.y, laa, s), {"groups": groups})}
     pb = _pheno_ok(c, bal)
     if len(pb) >= 2 * s.min_per_class and min(np.bincount(c.y[pb], minlength=2)) >= s.min_per_class:
-        res["pheno"] = timed("phenotypes_only", phenotype_protocol, c.pheno[pb], c.y[pb], s)
-    models = timed("final_models", final_models, c, bal, s)
+        jobs["pheno"] = (phenotype_protocol, (c.pheno[pb], c.y[pb], s),
+                         {"groups": None if groups is None else groups[pb]})
+    names = {"paper": "paper_protocol", "honest": "nested_cv", "full_paper": "full_paper_protocol",
+             "full_honest": "full_nested_cv", "l1": "l1_logistic", "ridge": "ridge_laa950", "pheno": "phenotypes_only"}
+    res = {}
+    for key, (fn, args, kw) in jobs.items():
+        res[key] = timed(names[key], fn, *args, **kw)
+        res[key]["metrics"]["shuffled_control"] = timed(f"{names[key]}_control", shuffled_control, fn,
+                                                        args[0], *args[1:], seed=s.seed, **kw)
+    models = timed("final_models", final_models, c, bal, s, groups)
+    target = None
+    if s.target:
+        from .target import fit_target
+
+        target = timed("target", fit_target, out_dir, c, s.target, groups, s)
+        models.update(target.pop("models"))
 
     model_dir = out_dir / MODEL_DIR
     (model_dir / "figures").mkdir(parents=True, exist_ok=True)
     run = {"backbone": c.backbone, "weights_sha256": c.weights_sha256, "zones": list(c.zones),
            "hu_source": embedding_hu_source(out_dir, c.backbone, c.weights_sha256),
+           "input_recipe": embedding_input_recipe(out_dir, c.backbone, c.weights_sha256),
            "embedding_dim": int(c.X.shape[1] // len(c.zones)), "source_run": str(out_dir.resolve()),
+           "grouping": grouping.get("by"),
            "settings": dataclasses.asdict(s), "versions": versions()}
     save_models(model_dir / "model.json", models, run)
     sel = _selected_table(c, bal, res, models["paper"])
     pq.write_table(pa.Table.from_pandas(sel, preserve_index=False), model_dir / "selected_features.parquet")
     oof = _oof_table(c, bal, res, pb)
     pq.write_table(pa.Table.from_pandas(oof, preserve_index=False), model_dir / "oof_predictions.parquet")
+    if target is not None:
+        pq.write_table(pa.Table.from_pandas(target["per_scan"], preserve_index=False),
+                       model_dir / "target_predictions.parquet")
     explore = timed("pca_tsne", _embedding_views, c, s)
     corr = _correlations(c, bal, sel)
     if figures_on:
@@ -138,10 +174,13 @@ def fit_run(out_dir, s: FitSettings, *, figures_on: bool = True) -> dict:
         "tsne": {"perplexity": explore["perplexity"], "seed": s.seed},
         "feature_correlation": corr["summary"],
         "cohort": _cohort_counts(out_dir, c, bal),
+        "grouping": grouping, "covariates": cov_info, "shuffled_control_note": CONTROL_NOTE,
+        "target": None if target is None else target["metrics"],
         "features": {"backbone": c.backbone, "weights_sha256": c.weights_sha256, "zones": list(c.zones),
                      "n_columns": int(c.X.shape[1]), "n_selected": int(min(s.n_features, c.X.shape[1]))},
         "settings": dataclasses.asdict(s),
-        "seeds": {"balanced_subset": s.seed, "folds": s.seed, "bootstrap": s.seed, "tsne": s.seed},
+        "seeds": {"balanced_subset": s.seed, "folds": s.seed, "bootstrap": s.seed, "tsne": s.seed,
+                  "shuffled_control": [s.seed, 13]},
         "versions": versions(),
     }
     timing["total"] = round(time.perf_counter() - t0, 3)

@@ -2,9 +2,14 @@
 
 - ``paper_pipeline``: standardise -> Student's t-test top k -> logistic regression (the paper's
   model; fitted inside each training fold in the honest protocol).
-- ``l1_pipeline``: standardise -> L1 logistic regression, C chosen by an inner stratified CV.
-- ``ridge_pipeline``: standardise -> ridge regression of laa950_pct, alpha by leave-one-out
-  within the training rows.
+- ``l1_pipeline``: standardise -> L1 logistic regression; its C is chosen per training fold by
+  grouped inner folds (``grouping.tune``, ``L1_CS``).
+- ``ridge_pipeline``: standardise -> ridge regression of laa950_pct; alpha chosen per training
+  fold by grouped inner folds (``RIDGE_ALPHAS``). Not RidgeCV's leave-one-out: it leaves one
+  *scan* out, so scans of the same patient or base anatomy stay in the inner training rows and
+  the weakest penalty always wins.
+- ``target_pipeline``: standardise -> ANOVA-F top k -> multinomial logistic regression (a
+  categorical ``--target``).
 - ``phenotype_pipeline``: standardise -> logistic regression on laa950_pct, hu_mean, perc15_hu.
 """
 from __future__ import annotations
@@ -13,8 +18,8 @@ import numpy as np
 from scipy.stats import ttest_ind
 from sklearn.base import BaseEstimator
 from sklearn.feature_selection import SelectorMixin
-from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
-from sklearn.model_selection import StratifiedKFold
+from sklearn.feature_selection import SelectKBest, f_classif
+from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -64,17 +69,22 @@ def paper_pipeline(k: int = 20, C: float = 1.0, class_weight=None, seed: int = 0
                                                   random_state=seed))])
 
 
-def l1_pipeline(inner_folds: int = 3, class_weight=None, seed: int = 0) -> Pipeline:
-    inner = StratifiedKFold(inner_folds, shuffle=True, random_state=seed)
-    model = LogisticRegressionCV(Cs=L1_CS, l1_ratios=(1.0,), cv=inner, solver="liblinear", scoring="roc_auc",
-                                 class_weight=class_weight, max_iter=5000, random_state=seed,
-                                 use_legacy_attributes=False)
+def l1_pipeline(C: float = 1.0, class_weight=None, seed: int = 0) -> Pipeline:
+    """L1 logistic regression; ``C`` is set per training fold by ``grouping.tune`` over ``L1_CS``."""
+    model = LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", class_weight=class_weight, max_iter=5000,
+                               random_state=seed)
     return Pipeline([("scale", StandardScaler()), ("model", model)])
 
 
-def ridge_pipeline() -> Pipeline:
-    # alpha by efficient leave-one-out on the training rows (closed form: 100x faster than k-fold)
-    return Pipeline([("scale", StandardScaler()), ("model", RidgeCV(alphas=RIDGE_ALPHAS))])
+def ridge_pipeline(alpha: float = 1.0) -> Pipeline:
+    """Ridge regression; ``alpha`` is set per training fold by ``grouping.tune`` over ``RIDGE_ALPHAS``."""
+    return Pipeline([("scale", StandardScaler()), ("model", Ridge(alpha=alpha))])
+
+
+def target_pipeline(k: int = 20, C: float = 1.0, seed: int = 0) -> Pipeline:
+    """Standardise -> ANOVA-F top k (the t-test's multiclass form) -> multinomial logistic regression."""
+    return Pipeline([("scale", StandardScaler()), ("select", SelectKBest(f_classif, k=k)),
+                     ("model", LogisticRegression(C=C, max_iter=5000, random_state=seed))])
 
 
 def phenotype_pipeline(class_weight=None, seed: int = 0) -> Pipeline:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..tables import read_frame, write_part
-from .cohort import (CohortError, embedding_hu_source, embedding_matrix, feature_names, run_backbones,
+from .cohort import (CohortError, embedding_hu_source, embedding_input_recipe, embedding_matrix, feature_names, run_backbones,
                      wholelung_phenotypes)
 from .saved import load_models
 
@@ -37,6 +37,11 @@ def check_run(out_dir, run: dict) -> None:
     if have_hu != need_hu:
         raise RunMismatch(f"{out_dir}: embeddings cut from {have_hu} HU; the model was fitted on {need_hu} HU "
                           f"([embed].hu_source): refusing to score another feature space")
+    have, need = (embedding_input_recipe(out_dir, run["backbone"], run["weights_sha256"]),
+                  run.get("input_recipe", "upstream"))
+    if have != need:
+        raise RunMismatch(f"{out_dir}: embeddings of the {have!r} input recipe; the model was fitted on {need!r} "
+                          f"([embed].input_recipe): refusing to score another feature space")
 
 
 def predict_run(model_dir, out_dir, model_name: str = "paper") -> tuple[Path, dict]:

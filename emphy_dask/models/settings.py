@@ -27,6 +27,10 @@ class FitSettings:
     seed: int = 0                   # balanced subset draw, folds, bootstrap, t-SNE
     min_per_class: int = 5          # fewer scans in a class: no model (exit code 2)
     logistic_c: float = 1.0         # inverse L2 strength of the paper's logistic regression
+    group_by: str = ""              # column whose values never straddle a split (patient_key, base_key, ...);
+    #                                 "" = patient_key when a patient has several scans, else none; "scan_key" = none
+    covariates: str = ""            # CSV or Parquet keyed by scan_key: extra columns for group_by and target
+    target: str = ""                # a categorical column to predict besides the weak label (e.g. pattern)
 
     @property
     def zones(self) -> tuple[str, ...]:

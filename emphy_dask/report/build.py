@@ -16,7 +16,7 @@ import pandas as pd
 
 from ..scan_state import artifact_stem
 from . import cohort as C
-from .html import ci, esc, img, link, page, rel, table
+from .html import ci, esc, fmt, img, link, page, rel, table
 from .scan_pages import MapModel, scan_page, scan_page_path
 
 GALLERY_N = 3          # most confident positives / negatives
@@ -117,9 +117,34 @@ MODEL_ROWS = (("paper_protocol", "t-test top k + logistic regression", "balanced
               ("nested_cv", "t-test top k + logistic regression", "balanced", "honest"),
               ("full_cohort.paper_protocol", "same, class weights", "full", "paper protocol: OPTIMISTIC"),
               ("full_cohort.nested_cv", "same, class weights", "full", "honest"),
-              ("l1_logistic", "L1 logistic regression (C by inner CV)", "balanced", "honest"),
+              ("l1_logistic", "L1 logistic regression (C by grouped inner folds)", "balanced", "honest"),
               ("phenotypes_only", "logistic on laa950_pct, hu_mean, perc15_hu", "balanced",
                "honest (circularity check)"))
+
+
+def _target_section(m: dict) -> list[str]:
+    """``emphy fit --target``: embeddings vs the density baseline, each beside its shuffled control."""
+    t = m.get("target")
+    if not t:
+        return []
+    rows = []
+    for name, mm in (("embeddings", t["embeddings"]), ("density phenotypes (per-third LAA%-950, Perc15, cluster D)",
+                                                      t.get("density_baseline"))):
+        if mm:
+            c = mm.get("shuffled_control") or {}
+            rows.append({"inputs": name, "accuracy [95 % CI]": ci(mm, "accuracy"),
+                         "balanced accuracy": ci(mm, "balanced_accuracy"),
+                         "accuracy, shuffled control": fmt(c.get("accuracy"), 3),
+                         "balanced, shuffled control": fmt(c.get("balanced_accuracy"), 3)})
+    conf = pd.DataFrame(t["embeddings"]["confusion"], columns=[f"predicted {c}" for c in t["classes"]])
+    conf.insert(0, "true", t["classes"])
+    return [f'<h3 id="target">Target: {esc(t["target"])} ({len(t["classes"])} classes, chance accuracy '
+            f'{t["chance_accuracy"]:.3f})</h3>', table(pd.DataFrame(rows), left=("inputs",)),
+            "<p>Confusion matrix of the embeddings model (honest, out of fold; rows: true class):</p>",
+            table(conf, left=("true",)),
+            '<p class="note">Multinomial logistic regression on the ANOVA-F top k channels, scaling and selection '
+            "refitted inside each (grouped) training fold. Each scan's page shows which zones drove its "
+            "predicted class.</p>"]
 
 
 def _metric(m: dict, path: str):
@@ -137,8 +162,13 @@ def _models_section(d: C.RunData, report: Path) -> list[str]:
     out.append(f"<p>Embeddings: {esc(feats['backbone'])} (weights {esc(feats['weights_sha256'][:12])}), zones "
                f"{esc(', '.join(feats['zones']))}; {feats['n_selected']} features selected by Student's t-test. "
                f"Cohort: {m['cohort']['positive']} positive, {m['cohort']['negative']} negative scans; balanced subset "
-               f"{m['cohort']['balanced_subset']['n']}. {m['nested_cv']['folds']}-fold x {m['nested_cv']['repeats']} "
-               "repeats; 95 % intervals by stratified bootstrap of scans.</p>")
+               f"{m['cohort']['balanced_subset']['n']}. Folds: {esc(m['nested_cv'].get('cv') or '')}; 95 % intervals "
+               "by stratified bootstrap of scans.</p>")
+    g = m.get("grouping") or {}
+    out.append(f"<p><b>Grouping:</b> folds grouped by <code>{esc(g['by'])}</code> ({g['n_groups']} groups, the "
+               f"largest {g['largest_group']} scans): no group is in a training fold and its test fold, inner loops "
+               "included.</p>" if g.get("by") else f"<p><b>Grouping:</b> {esc(g.get('reason', 'none'))}.</p>")
+    out.append(f'<p class="note">{esc(m.get("shuffled_control_note", ""))}</p>')
     out.append('<p class="warn">The paper protocol selects its features with a t-test on every scan, test folds '
                "included: its figures are optimistic (on pure noise they read far above 0.5). The honest rows "
                "refit scaling, selection and model inside each training fold.</p>")
@@ -146,14 +176,20 @@ def _models_section(d: C.RunData, report: Path) -> list[str]:
     for key, model, subset, kind in MODEL_ROWS:
         mm = _metric(m, key)
         if mm:
+            ctrl = (mm.get("shuffled_control") or {}).get("auc")
             rows.append({"protocol": kind, "model": model, "subset": subset, "AUC [95 % CI]": ci(mm, "auc"),
+                         "AUC, shuffled control": "n/a" if ctrl is None else f"{ctrl:.3f}",
                          "AP": ci(mm, "ap"), "accuracy": ci(mm, "accuracy"), "sensitivity": ci(mm, "sensitivity"),
                          "specificity": ci(mm, "specificity")})
     out.append(table(pd.DataFrame(rows), left=tuple(rows[0]) if rows else ()))
     r = m.get("ridge_laa950")
     if r:
-        out.append(f"<p>Ridge regression of LAA%-950 on the embeddings (out of fold, full cohort): R&sup2; "
-                   f"{ci(r, 'r2')}, Pearson r {ci(r, 'pearson_r')}, MAE {ci(r, 'mae')} points.</p>")
+        rc = (r.get("shuffled_control") or {}).get("r2")
+        out.append(f"<p>Ridge regression of LAA%-950 on the embeddings (out of fold, full cohort, alpha by grouped "
+                   f"inner folds): R&sup2; {ci(r, 'r2')} (shuffled control "
+                   f"{'n/a' if rc is None else f'{rc:.3f}'}), Pearson r {ci(r, 'pearson_r')}, MAE {ci(r, 'mae')} "
+                   "points.</p>")
+    out += _target_section(m)
     fig = d.out / "model" / "figures"
     out.append('<div class="grid">' + "".join(
         img(rel(fig / f, report), cap, caption=cap) for f, cap in (

@@ -26,6 +26,7 @@ class RunData:
     metrics: dict | None
     selected: pd.DataFrame | None
     oof: pd.DataFrame | None
+    target: pd.DataFrame | None = None     # emphy fit --target: per scan, predicted class and zone contributions
 
 
 def anatomical_order(df: pd.DataFrame) -> pd.DataFrame:
@@ -61,7 +62,9 @@ def load_run(out_dir) -> RunData:
     metrics = json.loads((mdir / "metrics.json").read_text()) if (mdir / "metrics.json").exists() else None
     sel = pd.read_parquet(mdir / "selected_features.parquet") if metrics else None
     oof = pd.read_parquet(mdir / "oof_predictions.parquet") if metrics else None
-    return RunData(out, scans, regions, inputs, laa_min, mld_max, metrics, sel, oof)
+    target = (pd.read_parquet(mdir / "target_predictions.parquet")
+              if metrics and (mdir / "target_predictions.parquet").exists() else None)
+    return RunData(out, scans, regions, inputs, laa_min, mld_max, metrics, sel, oof, target)
 
 
 def status_counts(d: RunData) -> pd.DataFrame:

@@ -100,6 +100,22 @@ def _predictions(d: RunData, key: str) -> pd.DataFrame:
     return p[["model", "subset", "kind", "prediction", "prediction_sd", "n_repeats"]]
 
 
+def _target_section(d: RunData, key: str) -> str:
+    """``emphy fit --target``: the scan's predicted class and how much each zone pushed toward it."""
+    if d.target is None or key not in set(d.target["scan_key"]):
+        return ""
+    r = d.target[d.target["scan_key"] == key].iloc[0]
+    zones = [c for c in d.target.columns if c.startswith("zone_contribution_")]
+    t = pd.DataFrame({"zone": [c.removeprefix("zone_contribution_") for c in zones],
+                      "contribution to the predicted class": [float(r[c]) for c in zones]})
+    return (f"<h2>{esc(r['target'])}: predicted {esc(r['final_predicted_class'])}</h2>"
+            f"<p>True: {esc(r['true_class'])}; honest out-of-fold prediction: {esc(r['oof_predicted_class'])} "
+            f"(p = {float(r['oof_probability']):.2f}).</p>" + table(t, digits=3, left=("zone",)) +
+            '<p class="note">Which zones drove the final model\'s prediction: per zone, the sum of its exact '
+            "contribution map for the predicted class (weights on raw embedding channels x the zone's embedding); "
+            "the largest value pushed hardest toward that class.</p>")
+
+
 def scan_page(d: RunData, row: dict, mm: MapModel | None, report_dir: Path) -> Path:
     """Write ``report/scans/<stem>.html`` for one scans row (any status); returns its path."""
     key = row["scan_key"]
@@ -116,6 +132,7 @@ def scan_page(d: RunData, row: dict, mm: MapModel | None, report_dir: Path) -> P
         parts.append("<h2>Predicted probability</h2>" + table(pred, digits=3) +
                      '<p class="note">prediction = mean over the cross-validation repeats (ridge_laa950: '
                      'LAA%-950 in %). Only the honest rows estimate how the model does on unseen scans.</p>')
+    parts.append(_target_section(d, key))
     zones = d.regions[d.regions["scan_key"] == key].drop(columns=["scan_key"])
     if not zones.empty:
         parts.append("<h2>Zone values (raw HU)</h2>" + table(zones, left=("region",)))

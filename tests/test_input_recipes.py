@@ -1,0 +1,95 @@
+"""Embedding input recipes ([embed].input_recipe): exact window maths, the 3D backbone's three
+windows as channels, the recipe in config_hash and in the embeddings rows, predict's refusal."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from emphy_dask.embed import inputs_for
+from emphy_dask.embed.backbones import feature_maps, load_model, load_state
+from emphy_dask.embed.inputs import INPUT_RECIPES, ModelInput, apply_windows, recipe_windows, volume_input
+from emphy_dask.embed.weights import WeightsFile
+from emphy_dask.job.config import ConfigError, EmbedSettings, JobConfig, config_from_dict
+
+RANDOM = WeightsFile(None, "random", "random")
+HU = np.array([-1100.0, -1024.0, -1000.0, -950.0, -850.0, -600.0, 0.0, 200.0, 300.0])
+
+
+def test_recipe_windows_map_hu_exactly():
+    up = apply_windows(HU, recipe_windows("upstream", (-1000.0, 200.0)))
+    np.testing.assert_array_equal(up, np.float32([0, 0, 0, 50 / 1200, 150 / 1200, 400 / 1200, 1000 / 1200, 1, 1]))
+    lung = apply_windows(HU, recipe_windows("lung", (-1000.0, 200.0)))
+    np.testing.assert_array_equal(lung, np.float32([0, 0, 24 / 424, 74 / 424, 174 / 424, 1, 1, 1, 1]))
+    multi = apply_windows(HU, recipe_windows("multiwindow", (-1000.0, 200.0)))
+    assert multi.shape == (3, HU.size) and multi.dtype == np.float32
+    np.testing.assert_array_equal(multi[0], up)
+    np.testing.assert_array_equal(multi[1], lung)
+    np.testing.assert_array_equal(multi[2], np.float32([0, 0, 24 / 174, 74 / 174, 1, 1, 1, 1, 1]))
+    # -950 vs -850 HU: 8 % of the upstream range, 24 % of the lung window's
+    assert up[4] - up[3] == pytest.approx(100 / 1200) and lung[4] - lung[3] == pytest.approx(100 / 424)
+    assert recipe_windows("upstream", (-1000, 400)) == ((-1000.0, 400.0),)     # resnet152: the [qc] clip window
+    with pytest.raises(ValueError, match="input recipe must be one of upstream, lung, multiwindow"):
+        recipe_windows("soft", (-1000, 200))
+
+
+def _lungs(shape=(40, 48, 48)):
+    rng = np.random.default_rng(0)
+    hu = rng.uniform(-1000, 100, shape).astype(np.float32)
+    labels = np.zeros(shape, np.uint8)
+    labels[4:36, 8:40, 6:22] = 1
+    labels[4:36, 8:40, 26:42] = 2
+    return hu, labels
+
+
+def test_volume_input_stacks_one_channel_per_window():
+    hu, labels = _lungs()
+    direction = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    one = volume_input(hu, labels, direction, size=(32, 64, 64))
+    three = volume_input(hu, labels, direction, size=(32, 64, 64), windows=INPUT_RECIPES["multiwindow"])
+    assert one.array.shape == (32, 64, 64) and three.array.shape == (3, 32, 64, 64)
+    np.testing.assert_array_equal(three.array[0], one.array)      # the first window is upstream's
+    np.testing.assert_array_equal(three.zone_weights, one.zone_weights)
+    assert three.meta["windows_hu"] == [list(w) for w in INPUT_RECIPES["multiwindow"]]
+    lung = inputs_for(EmbedSettings(input_recipe="lung"), hu, labels, direction)
+    assert lung.meta["windows_hu"] == [[-1024.0, -600.0]] and lung.array.ndim == 3
+    with pytest.raises(ValueError, match="three channels are three slices"):
+        inputs_for(EmbedSettings(backbone="resnet152", input_recipe="multiwindow"), hu, labels, direction)
+
+
+def test_three_window_channels_through_the_inference_form_equal_the_plain_module():
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    plain = load_state("ct-i3resnet152", RANDOM)
+    x = np.random.default_rng(1).random((3, 32, 64, 64)).astype(np.float16)    # three different channels
+    with torch.inference_mode():
+        ref = plain(torch.from_numpy(x.astype(np.float32))[None]).numpy()
+    got = feature_maps(load_model("ct-i3resnet152", RANDOM, "cpu", "fp32"), [ModelInput(x, "volume", ("whole",))],
+                       "volume", "cpu", "fp32")
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_recipe_enters_config_hash_only_when_not_upstream_and_is_checked():
+    base = JobConfig()
+    assert "input_recipe" not in base.result_settings()["embed"]          # old runs keep their hash
+    lung = dataclasses.replace(base, embed=EmbedSettings(input_recipe="lung"))
+    assert lung.result_settings()["embed"]["input_recipe"] == "lung" and lung.config_hash != base.config_hash
+    assert config_from_dict({"embed": {"input_recipe": "multiwindow"}}).embed.input_recipe == "multiwindow"
+    with pytest.raises(ConfigError, match=r"\[embed\].input_recipe must be one of upstream, lung, multiwindow"):
+        config_from_dict({"embed": {"input_recipe": "bone"}}, "job.toml")
+    with pytest.raises(ConfigError, match="needs the 3D backbone"):
+        config_from_dict({"embed": {"input_recipe": "multiwindow", "backbone": "resnet152"}}, "job.toml")
+
+
+def test_predict_refuses_embeddings_of_another_recipe(tmp_path):
+    from emphy_dask.models.fabricate import fabricate_run
+    from emphy_dask.models.predict import RunMismatch, check_run
+
+    run = {"backbone": "ct-i3resnet152", "weights_sha256": "f" * 64, "hu_source": "raw", "input_recipe": "lung"}
+    lung = fabricate_run(tmp_path / "lung", 6, seed=1, input_recipe="lung")
+    check_run(lung, run)
+    old = fabricate_run(tmp_path / "old", 6, seed=1, input_recipe=None)            # rows from before the column
+    with pytest.raises(RunMismatch, match="embeddings of the 'upstream' input recipe; the model was fitted on 'lung'"):
+        check_run(old, run)
