@@ -389,9 +389,13 @@ def _artifacts(key: str, volume, labels, pheno, config, out_dir: Path) -> dict:
     return paths
 
 
-def selection_columns(n_candidates: int, not_picked, multi_kernel_kernels) -> dict:
-    """Scans-table columns describing how the series was picked."""
-    return {"n_candidate_series": int(n_candidates),
+def selection_columns(n_candidates: int, not_picked, multi_kernel_kernels, *,
+                      patient_ref: str | None = None, study_date_shifted: str | None = None) -> dict:
+    """Scans-table columns describing how the series was picked, whose it is (``patient_key``, a
+    one-way hash of PatientID) and when (``study_date_shifted``)."""
+    return {"patient_key": f"pt-{patient_ref}" if patient_ref else None,
+            "study_date_shifted": study_date_shifted,
+            "n_candidate_series": int(n_candidates),
             "not_picked": json.dumps([{"series_uid": uid, "reason": why} for uid, why in not_picked]),
             "multi_kernel": bool(multi_kernel_kernels),
             "kernels_in_study": ",".join(multi_kernel_kernels) if multi_kernel_kernels else None}

@@ -27,6 +27,9 @@ from ..tables import arrow_schema, to_arrow
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 MANIFEST_FILE = "manifest.parquet"
+#: ScanTask.selection keys kept in the manifest (so a manifest used as INPUT keeps them).
+SELECTION_KEYS = ("n_candidate_series", "not_picked", "multi_kernel", "kernels_in_study", "patient_key",
+                  "study_date_shifted")
 
 
 def _is_image(path: Path) -> bool:
@@ -56,7 +59,9 @@ def _tasks_from_choices(choices: dict) -> list[ScanTask]:
             tasks.append(ScanTask(key, "error", error=choice.reason, error_path=choice.path))
             continue
         tasks.append(ScanTask(key, "dicom", tuple(str(p) for p in choice.picked.files),
-                              selection_columns(choice.n_candidates, choice.not_picked, choice.multi_kernel_kernels)))
+                              selection_columns(choice.n_candidates, choice.not_picked, choice.multi_kernel_kernels,
+                                                patient_ref=choice.picked.patient_ref,
+                                                study_date_shifted=choice.picked.study_date_shifted)))
     return tasks
 
 
@@ -291,7 +296,7 @@ def iter_manifest_file(path: Path, batch_rows: int = 128):
     root = Path((pq.ParquetFile(path).schema_arrow.metadata or {}).get(b"emphy.input_root", b".").decode())
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
         for row in batch.to_pylist():
-            sel = {k: row[k] for k in ("n_candidate_series", "not_picked", "multi_kernel", "kernels_in_study")}
+            sel = {k: row.get(k) for k in SELECTION_KEYS}
             yield ScanTask(row["scan_key"], row["kind"], tuple(str(root / p) for p in row["paths"] or ()),
                            sel, row["error"], row["error_path"])
 
@@ -326,8 +331,7 @@ class ManifestWriter:
         sel = t.selection
         self.rows.append({"scan_key": t.scan_key, "kind": t.kind, "paths": None if self.drop_paths else rel, "error": t.error,
                           "error_path": t.error_path,
-                          **{k: sel.get(k) for k in ("n_candidate_series", "not_picked", "multi_kernel",
-                                                      "kernels_in_study")}})
+                          **{k: sel.get(k) for k in SELECTION_KEYS}})
         self.kinds[t.kind] += 1
         if len(self.rows) >= self.batch_rows:
             self._flush()

@@ -111,7 +111,10 @@ class Pseudonymizer:
         """``task`` under its pseudonym; its error text scrubbed. ``paths`` stay real (workers read them)."""
         alias = self.key(task.scan_key)
         pairs = self.replacements(task, alias)
-        return dataclasses.replace(task, scan_key=alias, selection=scrub(task.selection, pairs),
+        selection = scrub(task.selection, pairs)
+        if selection.get("patient_key"):      # keyed by the secret too: not linkable across secrets
+            selection = {**selection, "patient_key": self.key("patient/" + selection["patient_key"])}
+        return dataclasses.replace(task, scan_key=alias, selection=selection,
                                    error=scrub(task.error, pairs), error_path=scrub(task.error_path, pairs))
 
     def scrub_result(self, result: dict, task) -> dict:
