@@ -74,7 +74,7 @@ def regression_slope(pd15, volume_l, years, patient) -> tuple[float, int]:
         return float("nan"), n_patients
     sums = np.zeros((inv.max() + 1, 3))
     np.add.at(sums, inv, d)
-    means = sums / np.bincount(inv)[:, None]
+    means = sums / np.maximum(np.bincount(inv, minlength=sums.shape[0]), 1)[:, None]
     dev = d - means[inv]
     X = dev[:, 1:]
     if np.linalg.matrix_rank(X, tol=1e-9) < 2:

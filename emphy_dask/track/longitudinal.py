@@ -72,22 +72,28 @@ def longitudinal_table(scans: pd.DataFrame, pheno: pd.DataFrame, *, reference: s
     n_pairs, n_reg = len(pairs), len(regions)
     fi = np.repeat(pairs["from_index"].to_numpy(), n_reg)
     ti = np.repeat(pairs["to_index"].to_numpy(), n_reg)
-    reg = np.tile(regions, n_pairs)
     keys = placed["scan_key"].to_numpy(object)
-    t = pd.DataFrame({"patient_key": placed["patient_key"].to_numpy(object)[fi],
-                      "pair_kind": np.repeat(pairs["pair_kind"].to_numpy(object), n_reg),
-                      "scan_key_from": keys[fi], "scan_key_to": keys[ti], "region": reg})
+    # repeated strings as categoricals (codes into the scans/regions): millions of rows stay cheap
+    key_cat = pd.Categorical(keys)
+    pk_codes, pk_uniques = pd.factorize(placed["patient_key"])
     dates = placed["date"].to_numpy()
-    t["date_from"] = pd.to_datetime(dates[fi]).strftime("%Y-%m-%d")
-    t["date_to"] = pd.to_datetime(dates[ti]).strftime("%Y-%m-%d")
+    date_cat = pd.Categorical(pd.to_datetime(dates).strftime("%Y-%m-%d"))
+    ri = np.tile(np.arange(n_reg), n_pairs)
+    t = pd.DataFrame({"patient_key": pd.Categorical.from_codes(pk_codes[fi], pk_uniques.astype(str)),
+                      "pair_kind": pd.Categorical(np.repeat(pairs["pair_kind"].to_numpy(object), n_reg)),
+                      "scan_key_from": pd.Categorical.from_codes(key_cat.codes[fi], key_cat.categories),
+                      "scan_key_to": pd.Categorical.from_codes(key_cat.codes[ti], key_cat.categories),
+                      "region": pd.Categorical.from_codes(ri, regions.astype(str)) if n_reg else
+                      pd.Categorical([]),
+                      "date_from": pd.Categorical.from_codes(date_cat.codes[fi], date_cat.categories),
+                      "date_to": pd.Categorical.from_codes(date_cat.codes[ti], date_cat.categories)})
     t["interval_days"] = ((dates[ti] - dates[fi]) / np.timedelta64(1, "D")).astype(np.int32)
     years = t["interval_days"].to_numpy(float) / DAYS_PER_YEAR
     years = np.where(years > 0, years, np.nan)             # same day: a change, no rate
 
-    ri = np.tile(np.arange(n_reg), n_pairs)
     raw, har = _grids(pheno, keys, regions, "raw"), _grids(pheno, keys, regions, "harmonized")
     use_h = np.isfinite(har["perc15_hu"][fi, ri]) & np.isfinite(har["perc15_hu"][ti, ri])
-    t["hu_source"] = np.where(use_h, "harmonized", "raw")
+    t["hu_source"] = pd.Categorical.from_codes(use_h.astype(np.int8), ["raw", "harmonized"])
     vf = {c: np.where(use_h, har[c][fi, ri], raw[c][fi, ri]) for c in _PHENO}
     vt = {c: np.where(use_h, har[c][ti, ri], raw[c][ti, ri]) for c in _PHENO}
     vf["volume_l"], vt["volume_l"] = raw["volume_l"][fi, ri], raw["volume_l"][ti, ri]   # the mask is the same
@@ -100,15 +106,15 @@ def longitudinal_table(scans: pd.DataFrame, pheno: pd.DataFrame, *, reference: s
     t["volume_from_l"], t["volume_to_l"] = vol_f, vol_t
     t["volume_change_pct"] = 100.0 * (vol_t - vol_f) / vol_f
 
-    ref = _reference_volumes(placed, pheno, reference)           # (patient, region) -> litres
-    t["reference_volume_l"] = ref.reindex(pd.MultiIndex.from_arrays([t["patient_key"], reg])).to_numpy(float)
+    t["reference_volume_l"] = _reference_grid(placed, raw["volume_l"], regions, reference)[fi, ri]
     pf, pt = pd15_g_l(t["perc15_from_hu"]), pd15_g_l(t["perc15_to_hu"])
     t["pd15_from_g_l"], t["pd15_to_g_l"] = pf, pt
     sf, st = sponge_adjust(pf, vol_f, t["reference_volume_l"]), sponge_adjust(pt, vol_t, t["reference_volume_l"])
     t["pd15_sponge_from_g_l"], t["pd15_sponge_to_g_l"], t["pd15_sponge_change_g_l"] = sf, st, st - sf
     t["pd15_sponge_rate_g_l_per_year"] = (st - sf) / years
-    slopes = _regression_slopes(placed, pheno, regions)
-    c = np.array([slopes[r][0] for r in reg]) if n_reg else np.zeros(0)
+    slopes = {r: regression_slope(pd15_g_l(raw["perc15_hu"][:, j]), raw["volume_l"][:, j], placed["years"],
+                                  pk_codes) for j, r in enumerate(regions)}
+    c = np.array([slopes[r][0] for r in regions])[ri] if n_reg else np.zeros(0)
     rf = regression_adjust(pf, vol_f, t["reference_volume_l"], c)
     rt = regression_adjust(pt, vol_t, t["reference_volume_l"], c)
     t["pd15_regression_change_g_l"] = rt - rf
@@ -121,10 +127,11 @@ def longitudinal_table(scans: pd.DataFrame, pheno: pd.DataFrame, *, reference: s
     pf_keys, pt_keys = keys[pairs["from_index"].to_numpy()], keys[pairs["to_index"].to_numpy()]
     flags = pair_flags(sc.reindex(pf_keys).reset_index(drop=True), sc.reindex(pt_keys).reset_index(drop=True))
     for col in flags:
-        t[col] = np.repeat(flags[col].to_numpy(), n_reg)
+        values = np.repeat(flags[col].to_numpy(), n_reg)
+        t[col] = pd.Categorical(values) if col == "flags" else values
     t["embedding_distance"], t["embedding_cosine"] = _drift(embeddings, t)
-    t["note"] = np.where(t["interval_days"] == 0, "same day: a repeat scan (its change is measurement noise); no rate",
-                         None)
+    t["note"] = pd.Categorical.from_codes(np.where(t["interval_days"].to_numpy() == 0, 0, -1),
+                                          ["same day: a repeat scan (its change is measurement noise); no rate"])
     summary = {"patients": int(placed["patient_key"].nunique()), "scans_placed": int(len(placed)),
                "patients_with_pairs": int(pairs["patient_key"].nunique()), "pairs": int(n_pairs),
                "same_day_pairs": int((t.drop_duplicates(["scan_key_from", "scan_key_to"])["interval_days"] == 0).sum()),
@@ -139,26 +146,17 @@ def _region_order(name: str) -> tuple:
     return (order.index(name) if name in order else len(order), name)
 
 
-def _reference_volumes(placed: pd.DataFrame, pheno: pd.DataFrame, reference) -> pd.Series:
-    first = placed[placed["visit"] == 0][["patient_key", "scan_key"]]
-    raw = pheno[pheno["hu_source"] == "raw"][["scan_key", "region", "volume_l"]]
-    v = first.merge(raw, on="scan_key").set_index(["patient_key", "region"])["volume_l"]
+def _reference_grid(placed: pd.DataFrame, volume_grid: np.ndarray, regions: np.ndarray, reference) -> np.ndarray:
+    """(n scans, n regions) reference volume of each scan's patient: its first scan's region
+    volumes, or their shares of a stated whole-lung volume."""
+    first = placed.groupby("patient_key", sort=False)["visit"].transform("idxmin").to_numpy()
+    ref = volume_grid[first]
     if reference == "first":
-        return v
-    whole = v.xs("WholeLung", level="region") if "WholeLung" in v.index.get_level_values("region") else None
-    if whole is None:
+        return ref
+    if "WholeLung" not in list(regions):
         raise ValueError("a stated reference volume needs WholeLung phenotypes")
-    scale = float(reference) / whole
-    return v * scale.reindex(v.index.get_level_values("patient_key")).to_numpy()
-
-
-def _regression_slopes(placed: pd.DataFrame, pheno: pd.DataFrame, regions) -> dict:
-    raw = pheno[pheno["hu_source"] == "raw"][["scan_key", "region", "perc15_hu", "volume_l"]]
-    m = placed[["scan_key", "patient_key", "years"]].merge(raw, on="scan_key")
-    out = {}
-    for r, g in m.groupby("region"):
-        out[r] = regression_slope(pd15_g_l(g["perc15_hu"]), g["volume_l"], g["years"], g["patient_key"])
-    return {r: out.get(r, (float("nan"), 0)) for r in regions}
+    whole = ref[:, list(regions).index("WholeLung")]
+    return ref * (float(reference) / whole)[:, None]
 
 
 def _drift(embeddings: dict | None, t: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

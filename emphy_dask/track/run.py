@@ -86,13 +86,14 @@ def track_run(out_dir, track_dir=None, *, by: str = "patient", reference="first"
 
 def _fastest(frame: pd.DataFrame) -> pd.DataFrame:
     whole = frame[(frame["region"] == "WholeLung") & (frame["pair_kind"] == "interval")]
-    per = whole.groupby("patient_key").agg(pairs=("scan_key_from", "size"),
-                                           years=("interval_days", lambda d: d.sum() / 365.25),
-                                           pd15_change_g_l=("pd15_sponge_change_g_l", "sum"),
-                                           laa950_change_pct=("laa950_change_pct", "sum"))
+    per = whole.groupby("patient_key", observed=True).agg(pairs=("scan_key_from", "size"),
+                                                          days=("interval_days", "sum"),
+                                                          pd15_change_g_l=("pd15_sponge_change_g_l", "sum"),
+                                                          laa950_change_pct=("laa950_change_pct", "sum"))
+    per["years"] = per.pop("days") / 365.25
     per = per[per["years"] > 0]
     per["pd15_rate_g_l_per_year"] = per["pd15_change_g_l"] / per["years"]
-    return per.sort_values("pd15_rate_g_l_per_year").head(FASTEST_N).reset_index()
+    return per.sort_values("pd15_rate_g_l_per_year").head(FASTEST_N).reset_index().astype({"patient_key": str})
 
 
 def _page(frame: pd.DataFrame, scans: pd.DataFrame, pheno: pd.DataFrame, summary: dict, tdir: Path) -> None:
