@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_models import add_commands
 
     add_commands(sub)    # fit, predict, report
+    from .cli_track import add_track_command
+
+    add_track_command(sub)
 
     p = sub.add_parser("schemas", help="print the output tables' docs (Markdown), generated from schemas/")
     p.add_argument("--markdown", action="store_true", help="(default) Markdown tables")

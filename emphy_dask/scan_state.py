@@ -146,14 +146,17 @@ def fail_scan(state: ScanState, config, stage: str, exc: BaseException) -> None:
     state.volume = state.lungmask_input = state.model_input = None
 
 
-def selection_columns(n_candidates: int, not_picked, multi_kernel_kernels, patient_key: str | None = None) -> dict:
-    """Scans-table columns describing how the series was picked, and whose scan it is.
+def selection_columns(n_candidates: int, not_picked, multi_kernel_kernels, patient_key: str | None = None, *,
+                      study_date_shifted: str | None = None) -> dict:
+    """Scans-table columns describing how the series was picked, whose scan it is and when.
 
     ``patient_key``: the series' ``patient_ref`` (a salted one-way hash of PatientID, never the ID;
     ``--pseudonymize`` replaces it by the run's HMAC pseudonym of it), so models can group folds
-    by patient and scans of one person can be followed over time.
+    by patient and scans of one person can be followed over time. ``study_date_shifted``: the
+    study date moved by the patient's own offset (``io.dicom_index.shifted_date``).
     """
     return {"n_candidate_series": int(n_candidates), "patient_key": patient_key,
+            "study_date_shifted": study_date_shifted,
             "not_picked": json.dumps([{"series_uid": uid, "reason": why} for uid, why in not_picked]),
             "multi_kernel": bool(multi_kernel_kernels),
             "kernels_in_study": ",".join(multi_kernel_kernels) if multi_kernel_kernels else None}

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 SCHEMA_DIR = Path(os.environ.get("EMPHY_SCHEMA_DIR", Path(__file__).resolve().parents[1] / "schemas"))
 TABLES = ("scans", "phenotypes", "slices", "embeddings", "errors")   # the partitioned datasets of a run
-DOCUMENTED = TABLES + ("manifest", "predictions")
+DOCUMENTED = TABLES + ("manifest", "predictions", "longitudinal")
 _TYPES = {
     "string": pa.string(), "bool": pa.bool_(), "int8": pa.int8(), "int16": pa.int16(),
     "int32": pa.int32(), "int64": pa.int64(), "float32": pa.float32(), "float64": pa.float64(),
@@ -83,11 +83,23 @@ def to_arrow(table: str, rows: list[dict]) -> pa.Table:
 
 def write_part(table: str, rows: list[dict], out_dir: Path, part_id: str) -> Path:
     """Atomically write ``rows`` as ``OUT/<table>/part-<part_id>.parquet``; returns the path."""
+    return _write_arrow(table, to_arrow(table, rows), out_dir, part_id)
+
+
+def write_frame(table: str, frame, out_dir: Path, part_id: str) -> Path:
+    """``write_part`` for a pandas DataFrame (columns cast to the schema; far faster than dicts
+    for millions of rows)."""
+    schema = arrow_schema(table)
+    return _write_arrow(table, pa.Table.from_pandas(frame.reindex(columns=schema.names), schema=schema,
+                                                    preserve_index=False), out_dir, part_id)
+
+
+def _write_arrow(table: str, arrow: pa.Table, out_dir: Path, part_id: str) -> Path:
     folder = Path(out_dir) / table
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"part-{part_id}.parquet"
     tmp = folder / f".tmp-part-{part_id}.parquet"
-    pq.write_table(to_arrow(table, rows), tmp, compression="zstd")
+    pq.write_table(arrow, tmp, compression="zstd")
     os.replace(tmp, final)
     return final
 
@@ -121,7 +133,8 @@ def schema_markdown() -> str:
     out = []
     for table in DOCUMENTED:
         spec = schema_spec(table)
-        where = {"manifest": "manifest.parquet", "predictions": "predictions/ (emphy predict)"}.get(table, f"{table}/")
+        where = {"manifest": "manifest.parquet", "predictions": "predictions/ (emphy predict)",
+                 "longitudinal": "longitudinal/ (emphy track)"}.get(table, f"{table}/")
         out.append(f"#### `{where}` (schema v{spec['version']})\n\n{spec['doc']}\n")
         out.append("| column | type | unit | description |\n|---|---|---|---|")
         for f in spec["fields"]:

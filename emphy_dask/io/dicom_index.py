@@ -21,8 +21,12 @@ _HEADER_TAGS = [
     "SeriesDescription", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
     "SliceThickness", "Rows", "Columns", "ConvolutionKernel", "Manufacturer",
     "ManufacturerModelName", "KVP", "XRayTubeCurrent", "RescaleSlope", "RescaleIntercept",
-    "NumberOfFrames", "SpecificCharacterSet", "PatientID",
+    "NumberOfFrames", "SpecificCharacterSet", "PatientID", "StudyDate", "SeriesDate", "AcquisitionDate",
 ]
+#: A scan's date is shifted back by 0-365 days, the same for every scan of a patient (a hash of
+#: PatientID): intervals between a patient's scans stay exact (tracking needs them) while the
+#: calendar date, an identifier (``metadata.PHI_TAGS``), never leaves ``read_header``.
+DATE_SHIFT_MAX_DAYS = 365
 # PixelData tag as it appears on disk, little and big endian.
 _PIXEL_TAG_BYTES = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
 #: Media Storage Directory (DICOMDIR): a valid DICOM file that is an index of a CD/export, not
@@ -171,7 +175,8 @@ def read_header(path) -> dict | None:
     spacing], mm), slice_thickness_mm, rows, columns, n_frames, kernel (multi-values
     joined with "/"), manufacturer, model, kvp, tube_current_ma, transfer_syntax_uid,
     rescale_slope, rescale_intercept, has_pixels, read_error (None), patient_ref (a one-way
-    hash of PatientID, to tell patients apart; output only as scans.patient_key). Missing tags -> None.
+    hash of PatientID, to tell patients apart; output only as scans.patient_key), study_date_shifted
+    (``shifted_date``). Missing tags -> None.
     A DICOM file (DICM preamble) whose header cannot be parsed (truncated) gives a short
     record {path, read_error: str, has_pixels: False, series_uid: None} instead of None.
     Never any patient-identifying tag (see ``metadata.PHI_TAGS``).
@@ -219,6 +224,8 @@ def read_header(path) -> dict | None:
         "has_pixels": bool(has_pixels),
         "read_error": None,
         "patient_ref": patient_ref(ds.get("PatientID")),
+        "study_date_shifted": shifted_date(ds.get("StudyDate") or ds.get("SeriesDate") or ds.get("AcquisitionDate"),
+                                           ds.get("PatientID")),
     }
 
 
@@ -228,6 +235,24 @@ def patient_ref(patient_id) -> str | None:
     if patient_id in (None, ""):
         return None
     return hashlib.sha256(b"emphy-dask/patient/" + str(patient_id).encode()).hexdigest()[:16]
+
+
+def shifted_date(dicom_date, patient_id) -> str | None:
+    """A DICOM date (DA, ``YYYYMMDD``) moved back by the patient's own offset, as ISO ``YYYY-MM-DD``.
+
+    The offset (0-``DATE_SHIFT_MAX_DAYS`` days) is a salted hash of PatientID, so every scan of
+    one patient moves by the same number of days and the intervals between them are kept.
+    None when the date is missing or not a valid date.
+    """
+    import datetime as dt
+
+    text = str(dicom_date or "").strip().replace(".", "")[:8]   # ACR-NEMA wrote YYYY.MM.DD
+    try:
+        day = dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return None
+    salt = hashlib.sha256(b"emphy-dask/date-shift/" + str(patient_id or "").encode()).digest()
+    return (day - dt.timedelta(days=int.from_bytes(salt[:4], "big") % (DATE_SHIFT_MAX_DAYS + 1))).isoformat()
 
 
 def scan_key_of(path, root) -> str:

@@ -46,6 +46,7 @@ class SeriesInfo:
     z_max_mm: float | None = None
     n_files: int = 0
     patient_ref: str | None = None   # one-way hash of PatientID (scans.patient_key; never the ID)
+    study_date_shifted: str | None = None   # ISO date moved by the patient's offset (``shifted_date``)
 
 
 @dataclass
@@ -150,6 +151,7 @@ def group_series(records) -> list[SeriesInfo]:
             frame_of_reference_uid=first.get("frame_of_reference_uid"),
             acquisition_number=first.get("acquisition_number"),
             patient_ref=first.get("patient_ref"),
+            study_date_shifted=first.get("study_date_shifted"),
             model=first.get("model"),
             rows=first.get("rows"),
             columns=first.get("columns"),

@@ -58,7 +58,8 @@ def _tasks_from_choices(choices: dict) -> list[ScanTask]:
             continue
         tasks.append(ScanTask(key, "dicom", tuple(str(p) for p in choice.picked.files),
                               selection_columns(choice.n_candidates, choice.not_picked, choice.multi_kernel_kernels,
-                                                choice.picked.patient_ref)))
+                                                choice.picked.patient_ref,
+                                                study_date_shifted=choice.picked.study_date_shifted)))
     return tasks
 
 

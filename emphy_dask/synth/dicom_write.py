@@ -45,9 +45,9 @@ def _ds_str(v: float) -> str:
 
 
 def ct_dataset(study_uid, series_uid, for_uid, sop_uid, series_number, series_description,
-               patient_name, patient_id, image_type) -> Dataset:
+               patient_name, patient_id, image_type, study_date: str = _DATE) -> Dataset:
     """The header every synthetic CT slice shares (file meta, patient, study, series, pixel
-    format, rescale); the caller adds geometry, kernel and pixels."""
+    format, rescale); the caller adds geometry, kernel and pixels. ``study_date``: DICOM DA."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -59,7 +59,7 @@ def ct_dataset(study_uid, series_uid, for_uid, sop_uid, series_number, series_de
     ds.ImageType = image_type
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = sop_uid
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = _DATE
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = study_date
     ds.StudyTime = ds.SeriesTime = ds.ContentTime = _TIME
     ds.AccessionNumber = ""
     ds.Modality = "CT"
@@ -112,7 +112,7 @@ def write_dicom_series(hu, spacing_zyx_mm, out_dir, *, origin_xyz_mm=(0.0, 0.0, 
                        series_uid=None, frame_of_reference_uid=None, kernel="STANDARD", series_number=2,
                        series_description="CHEST 1.25 STANDARD", slice_thickness_mm=None, seed=0,
                        padding_value=-2000, patient_name="SYNTH^0001", patient_id="SYNTH-0001",
-                       kvp=120.0, tube_current_ma=200, window=(-600, 1500)) -> list[Path]:
+                       kvp=120.0, tube_current_ma=200, window=(-600, 1500), study_date=_DATE) -> list[Path]:
     """Write an axial CT series, one file per slice.
 
     Parameters
@@ -146,7 +146,7 @@ def write_dicom_series(hu, spacing_zyx_mm, out_dir, *, origin_xyz_mm=(0.0, 0.0, 
     for k in range(nz):
         sop = synth_uid("sop", series_uid, k)
         ds = ct_dataset(study_uid, series_uid, for_uid, sop, series_number, series_description,
-                   patient_name, patient_id, ["ORIGINAL", "PRIMARY", "AXIAL"])
+                        patient_name, patient_id, ["ORIGINAL", "PRIMARY", "AXIAL"], study_date)
         ds.ConvolutionKernel = kernel
         ds.KVP = _ds_str(kvp)
         ds.XRayTubeCurrent = int(tube_current_ma)
