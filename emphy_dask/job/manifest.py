@@ -238,9 +238,9 @@ def unique_keys(tasks: list[ScanTask]) -> list[ScanTask]:
 
 
 PSEUDONYMIZED = b"emphy.pseudonymized"
-#: the series-selection facts (``pipeline.selection_columns``) a manifest row carries to the scans table
+#: the series-selection facts (``scan_state.selection_columns``) a manifest row carries to the scans table
 SELECTION_KEYS = ("n_candidate_series", "not_picked", "multi_kernel", "kernels_in_study", "input_fingerprint",
-                  "patient_key")
+                  "patient_key", "study_date_shifted")
 
 
 def read_manifest_file(path: Path, client=None, in_flight: int = 32):
