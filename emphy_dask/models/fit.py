@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import figures
-from .cohort import Cohort, balanced_subset, check_classes, embedding_hu_source, load_cohort
+from .cohort import Cohort, RunTables, balanced_subset, check_classes, embedding_hu_source, load_cohort
 from .metrics import pr_band, roc_band
 from .pipelines import (inner_folds_for, l1_pipeline, paper_pipeline, phenotype_pipeline, ridge_pipeline,
                         student_t)
@@ -82,7 +82,8 @@ def fit_run(out_dir, s: FitSettings, *, figures_on: bool = True) -> dict:
     out_dir = Path(out_dir)
     timing: dict = {}
     t0 = time.perf_counter()
-    c = load_cohort(out_dir, s.zones, s.backbone)
+    tables = RunTables(out_dir)           # each table read once, however often asked
+    c = load_cohort(tables, s.zones, s.backbone)
     check_classes(c.y, s.min_per_class, str(out_dir))
     bal = balanced_subset(c.y, s.seed)
     laa = c.scans["laa950_pct"].to_numpy(float)
@@ -111,7 +112,7 @@ def fit_run(out_dir, s: FitSettings, *, figures_on: bool = True) -> dict:
     model_dir = out_dir / MODEL_DIR
     (model_dir / "figures").mkdir(parents=True, exist_ok=True)
     run = {"backbone": c.backbone, "weights_sha256": c.weights_sha256, "zones": list(c.zones),
-           "hu_source": embedding_hu_source(out_dir, c.backbone, c.weights_sha256),
+           "hu_source": embedding_hu_source(tables, c.backbone, c.weights_sha256),
            "embedding_dim": int(c.X.shape[1] // len(c.zones)), "source_run": str(out_dir.resolve()),
            "settings": dataclasses.asdict(s), "versions": versions()}
     save_models(model_dir / "model.json", models, run)
@@ -137,7 +138,7 @@ def fit_run(out_dir, s: FitSettings, *, figures_on: bool = True) -> dict:
         "pca": {"explained_variance_ratio": explore["ratio"].tolist()},
         "tsne": {"perplexity": explore["perplexity"], "seed": s.seed},
         "feature_correlation": corr["summary"],
-        "cohort": _cohort_counts(out_dir, c, bal),
+        "cohort": _cohort_counts(tables, c, bal),
         "features": {"backbone": c.backbone, "weights_sha256": c.weights_sha256, "zones": list(c.zones),
                      "n_columns": int(c.X.shape[1]), "n_selected": int(min(s.n_features, c.X.shape[1]))},
         "settings": dataclasses.asdict(s),
@@ -163,10 +164,8 @@ def _clean(obj):
     return obj
 
 
-def _cohort_counts(out_dir: Path, c: Cohort, bal: np.ndarray) -> dict:
-    from ..tables import read_table
-
-    status = read_table(out_dir, "scans", columns=["status"]).to_pandas()["status"].value_counts()
+def _cohort_counts(tables: RunTables, c: Cohort, bal: np.ndarray) -> dict:
+    status = tables.scans["status"].value_counts()
     return {"scans_in_run": int(status.sum()), "by_status": {k: int(v) for k, v in status.items()},
             "with_embeddings": int(len(c)), "positive": int(c.y.sum()), "negative": int((c.y == 0).sum()),
             "balanced_subset": {"n": int(len(bal)), "positive": int(c.y[bal].sum())}}
