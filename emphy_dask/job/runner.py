@@ -32,6 +32,7 @@ from ..io.atomic import atomic_write
 from ..scan_state import STAGES, ScanTask
 from .cluster import connect, worker_count
 from .flow import FlowLimits, ScanFlow, SchedulerLost
+from .logs import LOG_DIR, RunLogs, WorkerLogs
 from .manifest import MANIFEST_FILE, ManifestWriter, iter_manifest, iter_manifest_file
 from .metrics import MetricsReporter
 from .pseudonym import Pseudonymizer
@@ -180,15 +181,23 @@ def _memory_limit(client) -> str | None:
     return ", ".join(f"{b / 2**30:.1f} GiB" for b in sorted(limits) if b) or None
 
 
-def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, workers: int | None = None,
-                limit: int | None = None, overwrite: bool = False, progress: bool = True,
-                log=print, security=None, pseudonymize: bool = False) -> ExtractSummary:
+def run_extract(input_path, out_dir, config, **kwargs) -> ExtractSummary:
     """Run the extract job; see the module docstring. Returns counts and the exit code to use.
 
-    ``security``: a ``distributed.security.Security`` (TLS) for the LocalCluster or the client.
-    ``pseudonymize``: keys -> HMAC pseudonyms (secret in ``EMPHY_PSEUDONYM_KEY``), paths scrubbed.
+    Keyword arguments: ``scheduler``, ``workers``, ``limit``, ``overwrite``, ``progress``, ``log``
+    (one call per terminal line), ``security`` (a ``distributed.security.Security``: TLS for the
+    LocalCluster or the client) and ``pseudonymize`` (keys -> HMAC pseudonyms, secret in
+    ``EMPHY_PSEUDONYM_KEY``, paths scrubbed). Dask's, pydicom's and lungmask's log records and
+    warnings go to ``OUT/logs/`` meanwhile, not the terminal (``job.logs``).
     Raises ``SchedulerLost`` when the scheduler goes away mid-run (finished scans are written).
     """
+    with RunLogs(Path(out_dir).resolve() / LOG_DIR) as logs:
+        return _extract(input_path, out_dir, config, logs=logs, **kwargs)
+
+
+def _extract(input_path, out_dir, config, *, scheduler: str | None = None, workers: int | None = None,
+             limit: int | None = None, overwrite: bool = False, progress: bool = True,
+             log=print, security=None, pseudonymize: bool = False, logs: RunLogs) -> ExtractSummary:
     t0 = time.perf_counter()
     if not Path(input_path).exists():
         raise ScanError(input_path, "input not found: neither a folder nor a manifest file", stage="index")
@@ -203,7 +212,9 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
     store.check_pseudonym(pseudo.fingerprint if pseudo else None)
     repaired = store.repair()
 
-    conn = connect(config.cluster, scheduler=scheduler, workers=workers, security=security)
+    conn = connect(config.cluster, scheduler=scheduler, workers=workers, security=security, log=log)
+    if conn.cluster is not None:                 # our own workers: their logs go to OUT/logs/ too
+        conn.client.register_plugin(WorkerLogs(str(logs.folder)))
     metrics = MetricsReporter(conn.client, out_dir.name, {"job": config.name, "config_hash": config.config_hash,
                                                           "version": __version__}, log=log)
     bar = _Progress(0, False)

@@ -149,7 +149,7 @@ def clean_out_dir(out_dir: str | Path) -> None:
     out = Path(out_dir)
     if not out.exists():
         return
-    markers = {"run.json", "manifest.parquet", "scans", STAGING}
+    markers = {"run.json", "manifest.parquet", "scans", STAGING, "logs"}     # logs/: a run that stopped early
     entries = {p.name for p in out.iterdir()}
     if entries and not entries & markers:
         raise ConfigMismatch(f"{out}: --overwrite refuses to delete a folder that is not an emphy run")
