@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -104,7 +107,8 @@ class StageClock:
     def __call__(self, name, fn, *args, **kwargs):
         self.stage = name
         t0 = time.perf_counter()
-        value = fn(*args, **kwargs)
+        with scan_warnings(self.state.row, name):
+            value = fn(*args, **kwargs)
         key = f"t_{name}_s"
         self.state.row[key] = round((self.state.row.get(key) or 0.0) + time.perf_counter() - t0, 4)
         return value
@@ -113,6 +117,60 @@ class StageClock:
         """The scan's rows become a failed row (no partial tables) with a one-line reason."""
         fail_scan(self.state, self.config, self.stage, exc)
         return self.state
+
+
+#: Loggers whose warnings about a scan go into its row (beside Python warnings raised by its stages).
+SCAN_LOGGERS = ("pydicom", "lungmask", "emphy_dask")
+MAX_WARNINGS_CHARS = 2000
+_log = logging.getLogger("emphy_dask.scan")
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def scan_warnings(row: dict, stage: str):
+    """Warnings raised while one stage of a scan runs go into ``row["warnings"]`` (and the log file).
+
+    Python warnings (``warnings.warn``, e.g. pydicom's "Invalid value for VR IS") and WARNING
+    records of ``SCAN_LOGGERS`` are caught, never printed; each distinct one is appended as
+    ``<stage>: <message>``, ``"; "``-separated, at most ``MAX_WARNINGS_CHARS``; each is
+    also logged once (``emphy_dask.scan``), so it lands in the worker's log with the scan's key.
+    Not thread-safe (``warnings.catch_warnings``): workers run one thread, as the job's do.
+    """
+    collect = _Collect()
+    loggers = [logging.getLogger(n) for n in SCAN_LOGGERS]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for lg in loggers:
+            lg.addHandler(collect)
+        try:
+            yield
+        finally:
+            for lg in loggers:
+                lg.removeHandler(collect)
+            # pydicom both warns and logs the same text: kept once
+            found = [str(w.message) for w in caught] + collect.messages
+            if found:
+                _add_warnings(row, stage, found)
+
+
+def _add_warnings(row: dict, stage: str, found: list[str]) -> None:
+    have = row.get("warnings") or ""
+    parts = have.split("; ") if have else []
+    for msg in dict.fromkeys(" ".join(str(m).split()) for m in found):
+        entry = f"{stage}: {msg}"
+        if entry not in parts:
+            parts.append(entry)
+            _log.warning("scan %s: %s", row.get("scan_key"), entry)
+    text = "; ".join(parts)
+    row["warnings"] = text if len(text) <= MAX_WARNINGS_CHARS else text[:MAX_WARNINGS_CHARS - 3] + "..."
 
 
 def fail_scan(state: ScanState, config, stage: str, exc: BaseException) -> None:

@@ -11,6 +11,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from emphy_dask.cli import main
 from emphy_dask.errors import ConfigError
+from emphy_dask.jobfile import load_fit_settings, load_jobfile
 from emphy_dask.models.cohort import CohortError, balanced_subset, load_cohort
 from emphy_dask.models.fabricate import fabricate_run
 from emphy_dask.models.fit import fit_run
@@ -18,7 +19,6 @@ from emphy_dask.models.metrics import ap_score, auc_score, with_intervals
 from emphy_dask.models.pipelines import TTestSelector, l1_pipeline, paper_pipeline, phenotype_pipeline, ridge_pipeline
 from emphy_dask.models.predict import RunMismatch, predict_run
 from emphy_dask.models.saved import load_models
-from emphy_dask.jobfile import load_fit_settings, load_jobfile
 from emphy_dask.models.settings import FitSettings
 from emphy_dask.tables import read_frame
 
@@ -223,3 +223,21 @@ def test_fit_settings_from_a_job_file(tmp_path):
         load_fit_settings(job)
     with pytest.raises(ConfigError, match=r"\[fit\] must be a table"):
         load_jobfile(job)
+
+
+def test_fit_reads_each_table_of_the_run_once(tmp_path, monkeypatch):
+    """``emphy fit`` asks the run many questions (backbones, HU source, matrix, counts) but reads each
+    Parquet table once; the counts match the tables read afresh."""
+    import emphy_dask.models.cohort as cohort
+
+    out = fabricate_run(tmp_path / "run", 24, seed=5, signal=1.0, n_excluded=2)
+    s = FitSettings(n_bootstrap=20, repeats=1)
+    reads = []
+    for name in ("read_table", "read_frame"):
+        real = getattr(cohort, name)
+        monkeypatch.setattr(cohort, name, lambda d, table, *a, _real=real, **kw: reads.append(table) or _real(d, table, *a, **kw))
+    m = fit_run(out, s, figures_on=False)
+    assert sorted(reads) == ["embeddings", "phenotypes", "scans"]
+    assert m["cohort"]["scans_in_run"] == 26 and m["cohort"]["by_status"] == {"ok": 24, "excluded": 2}
+    c = load_cohort(out)
+    assert m["cohort"]["with_embeddings"] == len(c) and m["cohort"]["positive"] == int(c.y.sum())

@@ -34,35 +34,79 @@ _PIXEL_TAG_BYTES = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
 _DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 
 
-def find_files(root) -> list[Path]:
+def find_files(root, skipped: list | None = None, inside: str | None = None) -> list[Path]:
     """Every regular file under ``root`` (recursive), sorted; hidden files/folders skipped.
 
     Uses ``os.scandir`` (one syscall per directory entry) because archives hold 10^5-10^6
-    files. Symlinked directories are not followed (avoids cycles).
+    files. Symlinked directories are followed (a cohort curated as links into a read-only
+    archive is an ordinary input); a folder reached again by its real path is walked once.
+
+    Parameters
+    ----------
+    root : path
+        A folder (or one file, returned alone).
+    skipped : list, optional
+        Receives ``(path, reason)`` for everything passed over: a symbolic-link loop, a second
+        way into a folder already walked, an unreadable folder, a dangling link.
+    inside : str, optional
+        A real path above ``root`` (the INPUT tree): a link from ``root`` into another part of it
+        is passed over, since that part is indexed in its own right.
     """
     root = Path(root)
     if root.is_file():
         return [root]
-    return [Path(p) for p in sorted(_walk_files(root))]
+    return [Path(p) for p in sorted(_walk_files(root, skipped, inside))]
 
 
-def _walk_files(folder):
+def _walk_files(folder, skipped: list | None = None, inside: str | None = None):
     """Paths (str) of the files below ``folder``, lazily: hidden entries skipped, symlinked
-    directories not followed, unreadable directories passed over."""
-    stack = [str(folder)]
+    directories followed once each (by real path), what is passed over noted in ``skipped``."""
+    def note(path, reason):
+        if skipped is not None:
+            skipped.append((path, reason))
+
+    start_real = os.path.realpath(folder)
+    walked: dict[str, str] = {}             # real path -> the path it was first walked by
+    stack = [(str(folder), start_real)]
     while stack:
+        path, real = stack.pop()
+        if real in walked:
+            note(path, f"same folder as {walked[real]}: walked once")
+            continue
+        walked[real] = path
         try:
-            with os.scandir(stack.pop()) as it:
-                entries = list(it)
-        except OSError:
+            with os.scandir(path) as it:
+                # popped in name order, real folders before links to them (the first way in is kept)
+                entries = sorted(it, key=lambda e: (e.is_symlink(), e.name), reverse=True)
+        except OSError as exc:
+            note(path, f"unreadable folder: {exc.strerror or exc}")
             continue
         for e in entries:
             if e.name.startswith("."):
                 continue
-            if e.is_dir(follow_symlinks=False):
-                stack.append(e.path)
-            elif e.is_file():
-                yield e.path
+            try:
+                if not e.is_symlink():
+                    if e.is_dir():
+                        stack.append((e.path, f"{real}/{e.name}"))
+                    elif e.is_file():
+                        yield e.path
+                    continue
+                target = os.path.realpath(e.path)
+                if not os.path.exists(target):
+                    note(e.path, f"dangling symbolic link to {os.readlink(e.path)}")
+                elif e.is_file():
+                    yield e.path
+                elif not e.is_dir():
+                    continue
+                elif real == target or real.startswith(target + os.sep):
+                    note(e.path, f"symbolic link loop: points to {target}, a folder above it")
+                elif inside and (target == inside or target.startswith(inside + os.sep)) \
+                        and not target.startswith(start_real + os.sep):
+                    note(e.path, f"links to {target}, inside the input tree: indexed there, not twice")
+                else:
+                    stack.append((e.path, target))
+            except OSError as exc:
+                note(e.path, f"unreadable: {exc.strerror or exc}")
 
 
 def _has_files(folder: Path) -> bool:
@@ -84,8 +128,7 @@ def empty_scan_folders(root, keys, include_root: bool = True) -> list[str]:
     found = []
     for parent in sorted(parents):
         try:
-            subdirs = [e for e in os.scandir(root / parent) if e.is_dir(follow_symlinks=False)
-                       and not e.name.startswith(".")]
+            subdirs = [e for e in os.scandir(root / parent) if e.is_dir() and not e.name.startswith(".")]
         except OSError:
             continue
         for e in subdirs:

@@ -21,6 +21,8 @@ certificate (``--tls-ca-file``, ``--tls-cert``, ``--tls-key``).
 """
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import os
 import warnings
@@ -43,9 +45,14 @@ class Connection:
         return getattr(self.client, "dashboard_link", None)
 
     def close(self) -> None:
+        """Close the client and our LocalCluster. A worker slow to stop (a loaded machine) is killed
+        by its nanny; the close timing out then is logged, not raised: every result is written."""
         self.client.close()
         if self.cluster is not None:
-            self.cluster.close()
+            try:
+                self.cluster.close()
+            except (TimeoutError, asyncio.TimeoutError) as exc:
+                log.warning("closing the LocalCluster timed out (%r); its workers were killed", exc)
 
 
 #: The nanny's environment for LocalCluster workers (see the module doc; one thread per worker).
@@ -53,8 +60,38 @@ NANNY_ENV = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
              "distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX": 1}
 
 
+#: Peak RSS of a worker on a full-size scan with the 3D backbone on CPU (benchmarks/README.md:
+#: 2.46-2.98 GiB; torch and the model are ~1.35 GB of it): a scan's estimated need.
+SCAN_PEAK_BYTES = 3 * 2**30
+#: Dask pauses a worker at this fraction of its limit (``distributed.worker.memory.pause``).
+PAUSE_FRACTION = 0.8
+#: ``memory_limit = "auto"`` leaves this share of the machine to the driver and the system.
+AUTO_RESERVE = 0.1
+
+
+def worker_memory_limit(setting: str, n_workers: int, total_bytes: int | None = None) -> tuple[int, str | None]:
+    """Bytes per LocalCluster worker for ``[cluster].memory_limit``, and a one-line warning or None.
+
+    ``"auto"``: the machine's memory (``psutil``) less ``AUTO_RESERVE``, shared by ``n_workers``.
+    Any other value (``"3GiB"``) is used as given. The warning says, once, when Dask would pause
+    a worker (or the OS kill it) below a full-size scan's estimated need, and what to change.
+    """
+    import psutil
+    from dask.utils import format_bytes, parse_bytes
+
+    total = total_bytes or psutil.virtual_memory().total
+    limit = int(total * (1 - AUTO_RESERVE) / n_workers) if setting == "auto" else int(parse_bytes(setting))
+    need = SCAN_PEAK_BYTES / PAUSE_FRACTION
+    if limit >= need:
+        return limit, None
+    return limit, (f"warning: {n_workers} worker(s) with {format_bytes(limit)} each (this machine has "
+                   f"{format_bytes(total)}): a full-size scan needs ~{format_bytes(SCAN_PEAK_BYTES)} and Dask pauses "
+                   f"a worker at {PAUSE_FRACTION:.0%} of its limit; use fewer workers (--workers) or raise "
+                   "[cluster].memory_limit")
+
+
 def connect(settings, scheduler: str | None = None, workers: int | None = None,
-            security=None) -> Connection:
+            security=None, log=None) -> Connection:
     """Start or join a cluster.
 
     Parameters
@@ -67,6 +104,8 @@ def connect(settings, scheduler: str | None = None, workers: int | None = None,
         Overrides ``settings.workers`` for the LocalCluster.
     security : distributed.security.Security, optional
         TLS for the scheduler, workers and client (LocalCluster), or the client's side of it.
+    log : callable, optional
+        Receives the one-line memory warning of ``worker_memory_limit`` (LocalCluster only).
     """
     import dask
     from distributed import Client, LocalCluster
@@ -85,6 +124,10 @@ def connect(settings, scheduler: str | None = None, workers: int | None = None,
             kw["protocol"] = "tls://"
         # the nannies read their environment when created (here) and reuse it on restarts
         _drop_inherited_malloc_trim()
+        memory, warning = worker_memory_limit(settings.memory_limit, n_cpu)
+        if warning and log is not None:
+            log(warning)
+        settings = dataclasses.replace(settings, memory_limit=memory)
         with dask.config.set(NANNY_ENV):
             cluster = local_cuda_cluster(settings, n_cpu, n_gpu, security) if n_gpu else LocalCluster(
                 n_workers=n_cpu, threads_per_worker=settings.threads_per_worker, processes=True,

@@ -60,7 +60,7 @@ class EmbedSettings:
 class ClusterSettings:
     workers: int = 2
     threads_per_worker: int = 1
-    memory_limit: str = "6GiB"
+    memory_limit: str = "auto"      # per worker: "auto" = the machine's memory / workers, or e.g. "6GiB"
     dashboard_address: str = "127.0.0.1:8787"
     max_in_flight: int = 0          # 0 = 2 x workers (backpressure bound)
     retries: int = 2                # task retries after a worker is lost
@@ -157,6 +157,14 @@ def config_from_dict(data: dict, source: str = "<dict>") -> JobConfig:
 
     if cfg.harmonize.method not in METHODS:
         raise ConfigError(f"{source}: [harmonize].method {cfg.harmonize.method!r} is not known (known: {', '.join(METHODS)})")
+    if cfg.cluster.memory_limit != "auto":
+        from dask.utils import parse_bytes
+
+        try:
+            parse_bytes(cfg.cluster.memory_limit)
+        except ValueError:
+            raise ConfigError(f"{source}: [cluster].memory_limit must be \"auto\" or a size like \"6GiB\", "
+                              f"got {cfg.cluster.memory_limit!r}") from None
     if not (cfg.cluster.gpu_workers == "auto" or cfg.cluster.gpu_workers.isdigit()):
         raise ConfigError(f"{source}: [cluster].gpu_workers must be \"auto\" or a count like \"1\", "
                           f"got {cfg.cluster.gpu_workers!r}")

@@ -79,11 +79,13 @@ def index_unit(unit: str, root: str) -> tuple[list[ScanTask], int]:
     from ..io.series import choose_by_scan
 
     root_p, unit_p = Path(root), Path(unit)
-    files = find_files(unit_p)
+    passed_over: list = []
+    files = find_files(unit_p, passed_over, inside=os.path.realpath(root_p))
+    skipped = [_passed_over_task(path, reason, root_p) for path, reason in passed_over]
     if not files:
         rel = unit_p.relative_to(root_p).as_posix()
-        return with_fingerprints([ScanTask(rel, "error", error="empty folder: no files at all",
-                                           error_path=str(unit_p))], root_p), 0
+        return [*with_fingerprints([ScanTask(rel, "error", error="empty folder: no files at all",
+                                             error_path=str(unit_p))], root_p), *skipped], 0
     dicom = _dicom_candidates(files)
     out = choose_by_scan(index_files(dicom, root_p), root_p)
     counts: dict[str, int] = defaultdict(int)
@@ -101,7 +103,19 @@ def index_unit(unit: str, root: str) -> tuple[list[ScanTask], int]:
     tasks = _tasks_from_choices(dict(sorted(out.items())))
     images = [f for f in files if _is_image(f)]
     tasks += [_image_task(_image_key(f, root_p), f, label_image_reason(f)) for f in images]
-    return with_fingerprints(unique_keys(tasks), root_p), len(dicom)
+    return _fingerprinted(unique_keys(tasks + skipped), root_p), len(dicom)
+
+
+def _fingerprinted(tasks: list[ScanTask], root: Path) -> list[ScanTask]:
+    """``with_fingerprints`` for the scans; what the walk passed over is listed, not fingerprinted."""
+    return [t if t.kind == "skipped" else with_fingerprints([t], root)[0] for t in tasks]
+
+
+def _passed_over_task(path, reason: str, root: Path) -> ScanTask:
+    """A ``skipped`` manifest row for what the folder walk passed over (link loop, unreadable folder,
+    dangling link), keyed by its path under INPUT: listed with the reason, never processed."""
+    key = Path(path).relative_to(root).as_posix()
+    return ScanTask(key, "skipped", error=f"{PASSED_OVER} {reason}", error_path=str(path))
 
 
 def _root_files(files: list[Path], root: Path, beside_scans: bool) -> list[ScanTask]:
@@ -158,10 +172,7 @@ def ordered_map(client, fn, items, *, in_flight: int = 32, name: str = "index", 
 
 def iter_tree(root: Path, client=None, in_flight: int = 32):
     """The tasks of a DICOM/image tree, unit by unit (see the module doc)."""
-    with os.scandir(root) as it:
-        entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it if not e.name.startswith("."))
-    dirs = [str(root / name) for name, is_dir in entries if is_dir]
-    files = [root / name for name, is_dir in entries if not is_dir and (root / name).is_file()]
+    dirs, files, passed_over = _top_level(root)
     # keys a root-level file may take (a series in the root, image stems): a unit's task with the
     # same key came first and keeps it (as unique_keys on the whole tree)
     watch = {root.name} | {_image_key(f, root) for f in files if _is_image(f)}
@@ -178,10 +189,39 @@ def iter_tree(root: Path, client=None, in_flight: int = 32):
             if t.scan_key in watch:
                 seen[t.scan_key] += 1
             yield t
-    for t in _root_files(files, root, beside_scans=any_dicom):
+    for t in [*_root_files(files, root, beside_scans=any_dicom), *passed_over]:
         n = seen[t.scan_key]
         seen[t.scan_key] += 1
         yield t if n == 0 else dataclasses.replace(t, scan_key=f"{t.scan_key}~{n + 1}")
+
+
+def _top_level(root: Path) -> tuple[list[str], list[Path], list[ScanTask]]:
+    """(folders, files, ``skipped`` tasks) directly under INPUT. Symlinked folders count as
+    folders (a cohort made of links to patient folders); two links to one real folder give one
+    unit, a link to INPUT itself (or above) none, a dangling link none: each is listed with why."""
+    real_root = os.path.realpath(root)
+    dirs, files, passed_over, first = [], [], [], {}
+    with os.scandir(root) as it:
+        entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    for e in sorted(entries, key=lambda e: (e.is_symlink(), e.name)):     # real folders claim first
+        path = root / e.name
+        if e.is_symlink() and not path.exists():
+            passed_over.append(_passed_over_task(path, f"dangling symbolic link to {os.readlink(path)}", root))
+        elif e.is_dir():
+            real = os.path.realpath(path)
+            if real == real_root or real_root.startswith(real + os.sep):
+                passed_over.append(_passed_over_task(path, f"symbolic link loop: points to {real}, a folder above it", root))
+            elif e.is_symlink() and real.startswith(real_root + os.sep) and real not in first:
+                passed_over.append(_passed_over_task(path, f"links to {real}, inside the input tree: indexed there, "
+                                                           "not twice", root))
+            elif real in first:
+                passed_over.append(_passed_over_task(path, f"same folder as {first[real]}: walked once", root))
+            else:
+                first[real] = str(path)
+                dirs.append(str(path))
+        elif e.is_file():
+            files.append(path)
+    return sorted(dirs), sorted(files), sorted(passed_over, key=lambda t: t.scan_key)
 
 
 def build_manifest(input_path: str | Path, client=None) -> tuple[Path, list[ScanTask]]:
@@ -241,6 +281,8 @@ PSEUDONYMIZED = b"emphy.pseudonymized"
 #: the series-selection facts (``scan_state.selection_columns``) a manifest row carries to the scans table
 SELECTION_KEYS = ("n_candidate_series", "not_picked", "multi_kernel", "kernels_in_study", "input_fingerprint",
                   "patient_key", "study_date_shifted")
+#: Reason prefix of a ``skipped`` row the folder walk passed over (vs. a file that is not a scan).
+PASSED_OVER = "folder walk:"
 
 
 def read_manifest_file(path: Path, client=None, in_flight: int = 32):

@@ -32,6 +32,7 @@ from ..io.atomic import atomic_write
 from ..scan_state import STAGES, ScanTask
 from .cluster import connect, worker_count
 from .flow import FlowLimits, ScanFlow, SchedulerLost
+from .logs import LOG_DIR, RunLogs, WorkerLogs
 from .manifest import MANIFEST_FILE, ManifestWriter, iter_manifest, iter_manifest_file
 from .metrics import MetricsReporter
 from .pseudonym import Pseudonymizer
@@ -194,26 +195,34 @@ def _memory_limit(client) -> str | None:
     return ", ".join(f"{b / 2**30:.1f} GiB" for b in sorted(limits) if b) or None
 
 
-def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, workers: int | None = None,
-                limit: int | None = None, overwrite: bool = False, progress: bool = True,
-                log=print, security=None, pseudonymize: bool = False, force: bool = False,
-                retry_failed: bool = False) -> ExtractSummary:
+def run_extract(input_path, out_dir, config, *, pseudonymize: bool = False, **kwargs) -> ExtractSummary:
     """Run the extract job; see the module docstring. Returns counts and the exit code to use.
 
-    ``security``: a ``distributed.security.Security`` (TLS) for the LocalCluster or the client.
-    ``pseudonymize``: keys -> HMAC pseudonyms (secret in ``EMPHY_PSEUDONYM_KEY``), paths scrubbed.
-    ``overwrite``: remove what emphy wrote in OUT first (``force``: even when OUT holds other files,
-    which are kept). ``retry_failed``: redo every failed scan (those whose input changed always are).
+    Keyword arguments: ``scheduler``, ``workers``, ``limit``, ``progress``, ``log`` (one call per
+    terminal line), ``security`` (a ``distributed.security.Security``: TLS for the LocalCluster or
+    the client), ``pseudonymize`` (keys -> HMAC pseudonyms, secret in ``EMPHY_PSEUDONYM_KEY``, paths
+    scrubbed), ``overwrite`` (remove what emphy wrote in OUT first; ``force``: even when OUT holds
+    other files, which are kept) and ``retry_failed`` (redo every failed scan; those whose input
+    changed always are). Dask's, pydicom's and lungmask's log records and warnings go to
+    ``OUT/logs/`` meanwhile, not the terminal (``job.logs``).
     Raises ``SchedulerLost`` when the scheduler goes away mid-run (finished scans are written),
     ``Interrupted`` on Ctrl-C/SIGTERM (finished scans are written, ``run.json`` says so).
     """
-    t0 = time.perf_counter()
     check_input(input_path, out_dir)         # bad INPUT/OUT: refused before anything is written
     pseudo = Pseudonymizer.from_env() if pseudonymize else None   # no secret: stops here
     config = resolve_weights(config)         # a missing weight file stops here, before any work
+    if kwargs.get("overwrite"):
+        clean_out_dir(Path(out_dir).resolve(), force=kwargs.get("force", False))   # before logs/ opens
+    with RunLogs(Path(out_dir).resolve() / LOG_DIR) as logs:
+        return _extract(input_path, out_dir, config, logs=logs, pseudo=pseudo, **kwargs)
+
+
+def _extract(input_path, out_dir, config, *, scheduler: str | None = None, workers: int | None = None,
+             limit: int | None = None, overwrite: bool = False, progress: bool = True,
+             log=print, security=None, pseudo=None, force: bool = False, retry_failed: bool = False,
+             logs: RunLogs) -> ExtractSummary:
+    t0 = time.perf_counter()
     out_dir = Path(out_dir).resolve()
-    if overwrite:
-        clean_out_dir(out_dir, force=force)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = RunStore(out_dir, config.output.part_size)
     try:
@@ -227,7 +236,9 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
         _write_run_json(out_dir, config, input_path, ExtractSummary(out_dir, 0, 0), 0.0, repaired, Counter(),
                         pseudo, state="running")
 
-    conn = connect(config.cluster, scheduler=scheduler, workers=workers, security=security)
+    conn = connect(config.cluster, scheduler=scheduler, workers=workers, security=security, log=log)
+    if conn.cluster is not None:                 # our own workers: their logs go to OUT/logs/ too
+        conn.client.register_plugin(WorkerLogs(str(logs.folder)))
     metrics = MetricsReporter(conn.client, out_dir.name, {"job": config.name, "config_hash": config.config_hash,
                                                           "version": __version__}, log=log)
     bar = _Progress(0, False)

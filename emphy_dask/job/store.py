@@ -207,7 +207,7 @@ class RunStore:
 #: Everything emphy writes directly in OUT (``extract``, ``fit``, ``predict``, ``report``, logs);
 #: ``--overwrite`` removes these and nothing else.
 RUN_LAYOUT = frozenset({"run.json", "manifest.parquet", PSEUDONYM_FILE, STAGING, *TABLES, "masks", "qc",
-                        "featuremaps", "model", "report", "predictions", "logs"})
+                        "featuremaps", "model", "report", "predictions", "logs", "longitudinal", "track"})
 
 
 def foreign_entries(out_dir: str | Path) -> list[str]:

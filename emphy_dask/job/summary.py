@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from ..tables import read_table
+from .manifest import MANIFEST_FILE, PASSED_OVER
 
 #: QC rule name (prefix of ``scans.qc_rule``, e.g. "max_hu>1600") -> (job key, scans column, what).
 QC_RULES = {
@@ -77,17 +78,20 @@ def _set_hint(rule: str, value_max) -> str | None:
 
 
 def _skipped_files(out_dir: Path, at_most: int = 20) -> dict:
-    """Files of the manifest that are not scans (label maps): count and the first few with the reason."""
+    """Manifest rows of kind ``skipped``: files that are not scans (label maps) and what the folder walk
+    passed over (link loops, unreadable folders, dangling links): counts and the first few of each with the reason."""
     import pyarrow.parquet as pq
-
-    from .manifest import MANIFEST_FILE
 
     path = out_dir / MANIFEST_FILE
     if not path.exists():
         return {"n": 0, "examples": []}
     rows = [r for r in pq.read_table(path, columns=["scan_key", "kind", "error"]).to_pylist()
             if r["kind"] == "skipped"]
-    return {"n": len(rows), "examples": [{"scan_key": r["scan_key"], "reason": r["error"]} for r in rows[:at_most]]}
+    walk, files = [], []
+    for r in rows:
+        (walk if (r["error"] or "").startswith(PASSED_OVER) else files).append(r)
+    return {"n": len(rows), "n_passed_over": len(walk),
+            "examples": [{"scan_key": r["scan_key"], "reason": r["error"]} for r in files[:at_most] + walk[:at_most]]}
 
 
 def _fmt(x) -> str:
@@ -105,10 +109,17 @@ def exclusion_lines(report: dict) -> tuple[list[str], list[str]]:
         change = (f"; change with {r['job_key']}" + (f" (e.g. {hint})" if hint else "")) if r["job_key"] else ""
         lines.append(f"  excluded by {r['rule']}: {r['n_excluded']} of {report['n_scans']} scans{values}{change}")
     skipped = report.get("skipped_files") or {"n": 0}
-    if skipped["n"]:
-        first = skipped["examples"][0]
-        lines.append(f"  not scans, skipped: {skipped['n']} file(s), e.g. {first['scan_key']}: {first['reason']} "
+    walk = [e for e in skipped.get("examples", []) if (e["reason"] or "").startswith(PASSED_OVER)]
+    files = [e for e in skipped.get("examples", []) if e not in walk]
+    n_walk = skipped.get("n_passed_over", 0)
+    if skipped["n"] - n_walk:
+        first = files[0] if files else {"scan_key": "?", "reason": "?"}
+        lines.append(f"  not scans, skipped: {skipped['n'] - n_walk} file(s), e.g. {first['scan_key']}: {first['reason']} "
                      "(all in manifest.parquet, kind = skipped)")
+    if n_walk:
+        lines.append(f"  passed over by the folder walk: {n_walk}, "
+                     + "; ".join(f"{e['scan_key']}: {e['reason'][len(PASSED_OVER):].strip()}" for e in walk[:3])
+                     + (" ..." if n_walk > 3 else "") + " (all in manifest.parquet, kind = skipped)")
     return lines, [f"warning: {w}" for w in report["warnings"]]
 
 

@@ -2,14 +2,18 @@
 
 ``load_cohort`` joins ``scans/`` (status, weak label, scanner), ``embeddings/`` (one 2048-d
 vector per scan x zone) and ``phenotypes/`` (WholeLung, raw HU) into arrays keyed by scan.
+``RunTables`` reads each of those tables once however many questions are asked of it: every
+function here takes it or a run folder.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from ..tables import read_frame, read_table
 
@@ -43,40 +47,80 @@ class Cohort:
         return len(self.keys)
 
 
+class RunTables:
+    """The tables of an extract run that the models read, each from Parquet at most once.
+
+    Parameters
+    ----------
+    out_dir : path
+        The run folder (``scans/``, ``embeddings/``, ``phenotypes/``).
+    """
+
+    EMBEDDING_COLUMNS = ["scan_key", "backbone", "weights_sha256", "zone", "hu_source", "input_recipe", "embedding"]
+
+    def __init__(self, out_dir):
+        self.out_dir = Path(out_dir)
+
+    @cached_property
+    def scans(self) -> pd.DataFrame:
+        """Every scans row, sorted by key."""
+        return read_frame(self.out_dir, "scans")
+
+    @cached_property
+    def embeddings(self) -> pa.Table:
+        """The embeddings rows (vectors kept in Arrow: a pandas column of lists would copy them)."""
+        return read_table(self.out_dir, "embeddings", columns=self.EMBEDDING_COLUMNS)
+
+    @cached_property
+    def embedding_keys(self) -> pd.DataFrame:
+        """The embeddings rows without their vectors, in the same order."""
+        return self.embeddings.drop_columns(["embedding"]).to_pandas()
+
+    @cached_property
+    def phenotypes(self) -> pd.DataFrame:
+        """Every phenotypes row, sorted by key."""
+        return read_frame(self.out_dir, "phenotypes")
+
+
+def run_tables(run) -> RunTables:
+    """``run`` itself when it is a ``RunTables``, else the tables of the run folder ``run``."""
+    return run if isinstance(run, RunTables) else RunTables(run)
+
+
 def feature_names(zones, dim: int) -> list[str]:
     """``<zone>:<channel>`` (channel = the layer4 channel, 0-based) for every column of X."""
     return [f"{z}:{c:04d}" for z in zones for c in range(dim)]
 
 
-def run_backbones(out_dir) -> pd.DataFrame:
+def run_backbones(run) -> pd.DataFrame:
     """Distinct (backbone, weights_sha256) of a run's embeddings with their scan counts."""
-    t = read_table(out_dir, "embeddings", columns=["scan_key", "backbone", "weights_sha256"]).to_pandas()
+    t = run_tables(run).embedding_keys
     return t.groupby(["backbone", "weights_sha256"], as_index=False)["scan_key"].nunique()
 
 
-def embedding_setting(out_dir, backbone: str, weights_sha256: str, column: str, before: str) -> str:
+def embedding_setting(run, backbone: str, weights_sha256: str, column: str, before: str) -> str:
     """The value of an ``embeddings`` column that fixes the feature space (hu_source, input_recipe)
     for this backbone; ``before`` for runs from before the column; "mixed" when a run holds several."""
-    # read with the schema: parts written before the column hold nulls there
-    t = read_table(out_dir, "embeddings", columns=["backbone", "weights_sha256", column]).to_pandas()
+    t = run_tables(run).embedding_keys      # read with the schema: parts written before the column hold nulls
     found = set(t.loc[(t["backbone"] == backbone) & (t["weights_sha256"] == weights_sha256), column].fillna(before))
     return found.pop() if len(found) == 1 else ("mixed" if found else before)
 
 
-def embedding_hu_source(out_dir, backbone: str, weights_sha256: str) -> str:
+def embedding_hu_source(run, backbone: str, weights_sha256: str) -> str:
     """raw or harmonized: the HU the run's embeddings of this backbone were cut from ([embed].hu_source;
     runs from before the column are raw); "mixed" when a run holds both."""
-    return embedding_setting(out_dir, backbone, weights_sha256, "hu_source", "raw")
+    return embedding_setting(run, backbone, weights_sha256, "hu_source", "raw")
 
 
-def embedding_input_recipe(out_dir, backbone: str, weights_sha256: str) -> str:
+def embedding_input_recipe(run, backbone: str, weights_sha256: str) -> str:
     """upstream, lung or multiwindow ([embed].input_recipe; runs from before the column: upstream)."""
-    return embedding_setting(out_dir, backbone, weights_sha256, "input_recipe", "upstream")
+    return embedding_setting(run, backbone, weights_sha256, "input_recipe", "upstream")
 
 
-def pick_backbone(out_dir, backbone: str = "") -> tuple[str, str]:
+def pick_backbone(run, backbone: str = "") -> tuple[str, str]:
     """(backbone, weights_sha256) to use: the run's only one, or the one asked for."""
-    found = run_backbones(out_dir)
+    out_dir = run_tables(run).out_dir
+    found = run_backbones(run)
     if found.empty:
         raise CohortError(f"{out_dir}: no embeddings/ table (run extract with an [embed].backbone)")
     if backbone:
@@ -90,19 +134,19 @@ def pick_backbone(out_dir, backbone: str = "") -> tuple[str, str]:
     return str(row["backbone"]), str(row["weights_sha256"])
 
 
-def wholelung_phenotypes(out_dir) -> pd.DataFrame:
+def wholelung_phenotypes(run) -> pd.DataFrame:
     """scan_key + laa950_pct, hu_mean, perc15_hu of the WholeLung region on raw HU."""
-    ph = read_frame(out_dir, "phenotypes")
+    ph = run_tables(run).phenotypes
     if "hu_source" in ph.columns:
         ph = ph[ph["hu_source"].fillna("raw") == "raw"]
     ph = ph[ph["region"] == "WholeLung"]
     return ph[["scan_key", *PHENOTYPE_FEATURES]].drop_duplicates("scan_key")
 
 
-def embedding_matrix(out_dir, backbone: str, weights_sha256: str, zones) -> tuple[np.ndarray, np.ndarray]:
+def embedding_matrix(run, backbone: str, weights_sha256: str, zones) -> tuple[np.ndarray, np.ndarray]:
     """(keys, X): scans holding every zone in ``zones``, X (n, 2048 x len(zones)) float64."""
-    t = read_table(out_dir, "embeddings", columns=["scan_key", "backbone", "weights_sha256", "zone", "embedding"])
-    df = t.select(["scan_key", "backbone", "weights_sha256", "zone"]).to_pandas()
+    tables = run_tables(run)
+    t, df = tables.embeddings, tables.embedding_keys
     keep = (df["backbone"] == backbone) & (df["weights_sha256"] == weights_sha256) & df["zone"].isin(zones)
     idx = np.flatnonzero(keep.to_numpy())
     if idx.size == 0:
@@ -119,21 +163,22 @@ def embedding_matrix(out_dir, backbone: str, weights_sha256: str, zones) -> tupl
     return keys, vectors[rows].reshape(len(keys), -1)
 
 
-def load_cohort(out_dir, zones=("middle",), backbone: str = "") -> Cohort:
-    """The ok scans of a run with their embeddings of ``zones``, label and phenotypes."""
-    out_dir = Path(out_dir)
+def load_cohort(run, zones=("middle",), backbone: str = "") -> Cohort:
+    """The ok scans of a run (a folder or its ``RunTables``) with their embeddings of ``zones``, label and phenotypes."""
+    tables = run_tables(run)
+    out_dir = tables.out_dir
     if not (out_dir / "scans").is_dir():
         raise CohortError(f"{out_dir}: not an extract run (no scans/ table)")
-    bb, sha = pick_backbone(out_dir, backbone)
-    keys, X = embedding_matrix(out_dir, bb, sha, zones)
-    scans = read_frame(out_dir, "scans")
+    bb, sha = pick_backbone(tables, backbone)
+    keys, X = embedding_matrix(tables, bb, sha, zones)
+    scans = tables.scans
     scans = scans[(scans["status"] == "ok") & scans["label"].notna()].set_index("scan_key")
     keep = np.isin(keys, scans.index.to_numpy())
     keys, X = keys[keep], X[keep]
     if not len(keys):
         raise CohortError(f"{out_dir}: no ok scan has {bb} embeddings of every zone in {', '.join(zones)}")
     rows = scans.loc[keys].reset_index()
-    ph = wholelung_phenotypes(out_dir).set_index("scan_key").reindex(keys)
+    ph = wholelung_phenotypes(tables).set_index("scan_key").reindex(keys)
     pheno = ph[list(PHENOTYPE_FEATURES)].to_numpy(dtype=np.float64)
     y = rows["label"].to_numpy().astype(np.int64)
     names = feature_names(zones, X.shape[1] // len(zones))

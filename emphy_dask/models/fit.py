@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import figures
-from .cohort import Cohort, balanced_subset, check_classes, embedding_hu_source, embedding_input_recipe, load_cohort
+from .cohort import (Cohort, RunTables, balanced_subset, check_classes, embedding_hu_source,
+                     embedding_input_recipe, load_cohort)
 from .metrics import pr_band, roc_band
 from .covariates import join_covariates, read_covariates, resolve_groups
 from .grouping import CONTROL_NOTE, inner_splits
@@ -93,7 +94,8 @@ def fit_run(out_dir, s: FitSettings, *, figures_on: bool = True, log=None) -> di
     out_dir = Path(out_dir)
     timing: dict = {}
     t0 = time.perf_counter()
-    c = load_cohort(out_dir, s.zones, s.backbone)
+    tables = RunTables(out_dir)           # each table read once, however often asked
+    c = load_cohort(tables, s.zones, s.backbone)
     cov_info = None
     if s.covariates:
         cov_info = join_covariates(c, read_covariates(s.covariates), str(s.covariates))
@@ -142,8 +144,8 @@ def fit_run(out_dir, s: FitSettings, *, figures_on: bool = True, log=None) -> di
     model_dir = out_dir / MODEL_DIR
     (model_dir / "figures").mkdir(parents=True, exist_ok=True)
     run = {"backbone": c.backbone, "weights_sha256": c.weights_sha256, "zones": list(c.zones),
-           "hu_source": embedding_hu_source(out_dir, c.backbone, c.weights_sha256),
-           "input_recipe": embedding_input_recipe(out_dir, c.backbone, c.weights_sha256),
+           "hu_source": embedding_hu_source(tables, c.backbone, c.weights_sha256),
+           "input_recipe": embedding_input_recipe(tables, c.backbone, c.weights_sha256),
            "embedding_dim": int(c.X.shape[1] // len(c.zones)), "source_run": str(out_dir.resolve()),
            "grouping": grouping.get("by"),
            "settings": dataclasses.asdict(s), "versions": versions()}
@@ -173,7 +175,7 @@ def fit_run(out_dir, s: FitSettings, *, figures_on: bool = True, log=None) -> di
         "pca": {"explained_variance_ratio": explore["ratio"].tolist()},
         "tsne": {"perplexity": explore["perplexity"], "seed": s.seed},
         "feature_correlation": corr["summary"],
-        "cohort": _cohort_counts(out_dir, c, bal),
+        "cohort": _cohort_counts(tables, c, bal),
         "grouping": grouping, "covariates": cov_info, "shuffled_control_note": CONTROL_NOTE,
         "target": None if target is None else target["metrics"],
         "features": {"backbone": c.backbone, "weights_sha256": c.weights_sha256, "zones": list(c.zones),
@@ -202,10 +204,8 @@ def _clean(obj):
     return obj
 
 
-def _cohort_counts(out_dir: Path, c: Cohort, bal: np.ndarray) -> dict:
-    from ..tables import read_table
-
-    status = read_table(out_dir, "scans", columns=["status"]).to_pandas()["status"].value_counts()
+def _cohort_counts(tables: RunTables, c: Cohort, bal: np.ndarray) -> dict:
+    status = tables.scans["status"].value_counts()
     return {"scans_in_run": int(status.sum()), "by_status": {k: int(v) for k, v in status.items()},
             "with_embeddings": int(len(c)), "positive": int(c.y.sum()), "negative": int((c.y == 0).sum()),
             "balanced_subset": {"n": int(len(bal)), "positive": int(c.y[bal].sum())}}

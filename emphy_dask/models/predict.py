@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..tables import read_frame, write_part
-from .cohort import (CohortError, embedding_hu_source, embedding_input_recipe, embedding_matrix, feature_names, run_backbones,
-                     wholelung_phenotypes)
+from ..tables import write_part
+from .cohort import (CohortError, RunTables, embedding_hu_source, embedding_input_recipe, embedding_matrix,
+                     feature_names, run_backbones, run_tables, wholelung_phenotypes)
 from .saved import load_models
 
 
@@ -24,8 +24,10 @@ class RunMismatch(ValueError):
 
 
 def check_run(out_dir, run: dict) -> None:
-    """Refuse a run whose embeddings do not include the model's backbone + weights hash."""
-    found = run_backbones(out_dir)
+    """Refuse a run (a folder or its ``RunTables``) whose embeddings lack the model's backbone + weights hash."""
+    tables = run_tables(out_dir)
+    out_dir = tables.out_dir
+    found = run_backbones(tables)
     if found.empty:
         raise RunMismatch(f"{out_dir}: no embeddings/ table: nothing the model ({run['backbone']}) can score")
     same = found[(found["backbone"] == run["backbone"]) & (found["weights_sha256"] == run["weights_sha256"])]
@@ -33,11 +35,11 @@ def check_run(out_dir, run: dict) -> None:
         have = ", ".join(f"{r.backbone} (weights {r.weights_sha256[:12]})" for r in found.itertuples())
         raise RunMismatch(f"{out_dir}: embeddings made with {have}; the model needs {run['backbone']} "
                           f"(weights {run['weights_sha256'][:12]}): refusing to score another feature space")
-    have_hu, need_hu = embedding_hu_source(out_dir, run["backbone"], run["weights_sha256"]), run.get("hu_source", "raw")
+    have_hu, need_hu = embedding_hu_source(tables, run["backbone"], run["weights_sha256"]), run.get("hu_source", "raw")
     if have_hu != need_hu:
         raise RunMismatch(f"{out_dir}: embeddings cut from {have_hu} HU; the model was fitted on {need_hu} HU "
                           f"([embed].hu_source): refusing to score another feature space")
-    have, need = (embedding_input_recipe(out_dir, run["backbone"], run["weights_sha256"]),
+    have, need = (embedding_input_recipe(tables, run["backbone"], run["weights_sha256"]),
                   run.get("input_recipe", "upstream"))
     if have != need:
         raise RunMismatch(f"{out_dir}: embeddings of the {have!r} input recipe; the model was fitted on {need!r} "
@@ -56,15 +58,16 @@ def predict_run(model_dir, out_dir, model_name: str = "paper") -> tuple[Path, di
         raise KeyError(f"{model_file}: no model {model_name!r} (has {', '.join(models)})")
     model = models[model_name]
     sha = hashlib.sha256(model_file.read_bytes()).hexdigest()
-    scans = read_frame(out_dir, "scans")
+    tables = RunTables(out_dir)
+    scans = tables.scans
     ok = scans[scans["status"] == "ok"].set_index("scan_key")
     if model.inputs == "embedding":
-        check_run(out_dir, run)
-        keys, X = embedding_matrix(out_dir, run["backbone"], run["weights_sha256"], run["zones"])
+        check_run(tables, run)
+        keys, X = embedding_matrix(tables, run["backbone"], run["weights_sha256"], run["zones"])
         names = feature_names(run["zones"], run["embedding_dim"])
         backbone, weights = run["backbone"], run["weights_sha256"]
     else:
-        ph = wholelung_phenotypes(out_dir).dropna()
+        ph = wholelung_phenotypes(tables).dropna()
         keys, X = ph["scan_key"].to_numpy(object), ph[["laa950_pct", "hu_mean", "perc15_hu"]].to_numpy(float)
         names, backbone, weights = ["laa950_pct", "hu_mean", "perc15_hu"], None, None
     keep = np.isin(keys, ok.index.to_numpy())
