@@ -51,6 +51,23 @@ def signal_of(exc: BaseException) -> int:
 
 
 @contextlib.contextmanager
+def children_ignore_sigint():
+    """Start processes (LocalCluster workers) with SIGINT ignored: a Ctrl-C in the terminal
+    reaches the whole process group, and a worker that took it would stop under its task and
+    print distributed's warnings; the driver alone handles it and tears the workers down.
+    (An ignored signal stays ignored across exec, and Python then installs no handler for it.)"""
+    try:
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:              # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+@contextlib.contextmanager
 def shielded():
     """No second Ctrl-C while cleaning up (it would leave a half-closed cluster and a traceback),
     and no distributed warnings about the workers being torn down under their tasks."""

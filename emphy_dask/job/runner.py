@@ -35,7 +35,7 @@ from .manifest import MANIFEST_FILE, ManifestWriter, iter_manifest, iter_manifes
 from .metrics import MetricsReporter
 from .pseudonym import Pseudonymizer
 from .inputs import check_input
-from .interrupt import Interrupted, drop_artifacts, quiet_workers, shielded, signal_of
+from .interrupt import Interrupted, children_ignore_sigint, drop_artifacts, quiet_workers, shielded, signal_of
 from .store import ConfigMismatch, RunStore, clean_out_dir
 from .summary import exclusion_report
 
@@ -226,7 +226,8 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
         _write_run_json(out_dir, config, input_path, ExtractSummary(out_dir, 0, 0), 0.0, repaired, Counter(),
                         pseudo, state="running")
 
-    conn = connect(config.cluster, scheduler=scheduler, workers=workers, security=security)
+    with children_ignore_sigint():
+        conn = connect(config.cluster, scheduler=scheduler, workers=workers, security=security)
     metrics = MetricsReporter(conn.client, out_dir.name, {"job": config.name, "config_hash": config.config_hash,
                                                           "version": __version__}, log=log)
     bar = _Progress(0, False)
@@ -325,7 +326,8 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
         tmp.cleanup()
     store.close()
     metrics.finish()
-    conn.close()
+    with shielded():     # every result is written: a slow teardown (a worker killed late) is no error
+        _close_quietly(conn)
 
     wall = time.perf_counter() - t0
     counts = Counter(store.counts())
@@ -341,7 +343,10 @@ def _close_quietly(conn) -> None:
     except Exception:  # noqa: BLE001 - nothing left to close cleanly
         pass
     if conn.cluster is not None:
-        conn.cluster.close()
+        try:
+            conn.cluster.close()
+        except (TimeoutError, OSError):    # a worker process that outlived the nanny's kill timeout
+            pass
 
 
 def _tracked(tasks, admitted: dict):
