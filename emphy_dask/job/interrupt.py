@@ -13,6 +13,8 @@ import logging
 import signal
 from pathlib import Path
 
+from distributed.diagnostics.plugin import WorkerPlugin
+
 from ..pipeline import artifact_stem
 
 #: Folders of OUT holding per-scan files named by ``pipeline.artifact_stem``.
@@ -50,21 +52,29 @@ def signal_of(exc: BaseException) -> int:
     return int(args[0]) if args and isinstance(args[0], int) else int(signal.SIGINT)
 
 
-@contextlib.contextmanager
-def children_ignore_sigint():
-    """Start processes (LocalCluster workers) with SIGINT ignored: a Ctrl-C in the terminal
-    reaches the whole process group, and a worker that took it would stop under its task and
-    print distributed's warnings; the driver alone handles it and tears the workers down.
-    (An ignored signal stays ignored across exec, and Python then installs no handler for it.)"""
-    try:
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:              # not the main thread
-        yield
+class IgnoreSigint(WorkerPlugin):
+    """Worker plugin: the LocalCluster's workers ignore SIGINT. A Ctrl-C in the terminal reaches
+    the whole process group, and a worker that took it would stop under its task and print
+    distributed's warnings; the driver alone handles it and tears the workers down. ``setup``
+    runs on every worker, those the nanny restarts later too, in the worker process's main
+    thread (where Python lets a handler be set)."""
+
+    name = "emphy-ignore-sigint"
+    idempotent = True
+
+    def setup(self, worker) -> None:
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:          # not the main thread: leave it
+            pass
+
+
+def local_workers_ignore_sigint(conn) -> None:
+    """Register :class:`IgnoreSigint` when the job started its own LocalCluster (the workers of
+    a cluster joined with ``--scheduler`` live in other terminals: theirs to stop)."""
+    if conn.cluster is None:
         return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
+    conn.client.register_plugin(IgnoreSigint())
 
 
 @contextlib.contextmanager

@@ -35,7 +35,8 @@ from .manifest import MANIFEST_FILE, ManifestWriter, iter_manifest, iter_manifes
 from .metrics import MetricsReporter
 from .pseudonym import Pseudonymizer
 from .inputs import check_input
-from .interrupt import Interrupted, children_ignore_sigint, drop_artifacts, quiet_workers, shielded, signal_of
+from .interrupt import (Interrupted, drop_artifacts, local_workers_ignore_sigint, quiet_workers, shielded,
+                        signal_of)
 from .store import ConfigMismatch, RunStore, clean_out_dir
 from .summary import exclusion_report
 
@@ -50,7 +51,6 @@ class ExtractSummary:
     counts: Counter = field(default_factory=Counter)
     wall_s: float = 0.0
     dashboard_link: str | None = None
-
     n_redone: int = 0               # failed scans redone (input changed, --retry failed)
 
     @property
@@ -226,15 +226,14 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
         _write_run_json(out_dir, config, input_path, ExtractSummary(out_dir, 0, 0), 0.0, repaired, Counter(),
                         pseudo, state="running")
 
-    with children_ignore_sigint():
-        conn = connect(config.cluster, scheduler=scheduler, workers=workers, security=security)
+    conn = connect(config.cluster, scheduler=scheduler, workers=workers, security=security)
+    local_workers_ignore_sigint(conn)
     metrics = MetricsReporter(conn.client, out_dir.name, {"job": config.name, "config_hash": config.config_hash,
                                                           "version": __version__}, log=log)
     bar = _Progress(0, False)
     tmp = tempfile.TemporaryDirectory(prefix="emphy-manifest-")
     link = conn.dashboard_link
     admitted: dict = {}                      # scans handed to the flow and not yet recorded
-    flow = None
     idx = _Indexed(Path(input_path), Path(tmp.name))
     t_index = 0.0
     try:
