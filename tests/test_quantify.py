@@ -154,6 +154,29 @@ def test_cli_csv_and_json(tmp_path, capsys):
     assert "WholeLung" in out and "LowerThird" in out and "laa950_pct" in out
 
 
+def test_cli_output_rows_name_their_scan_and_a_summary_line_is_printed(tmp_path, capsys):
+    """Scripted use: each CSV row carries the scan-level columns (so many scans' CSVs concatenate),
+    and -o still prints one line with the headline values."""
+    vol, lab = phantom()
+    ct, mask = write_case(tmp_path, vol, lab)
+    ref = quantify_volume(vol, lab)
+    assert run_quantify_cli(["--ct", str(ct), "--mask", str(mask), "-o", str(tmp_path / "r.csv")]) == 0
+    csv = pd.read_csv(tmp_path / "r.csv")
+    assert list(csv.columns[:8]) == ["scan_key", "input", "series_uid", "label", "kernel", "kernel_class",
+                                     "warnings", "region"]
+    assert (csv["scan_key"] == "ct").all() and (csv["input"] == str(ct)).all() and csv["series_uid"].isna().all()
+    whole = ref[ref["region"] == "WholeLung"].iloc[0]
+    label = int(whole["laa950_pct"] >= 6.0 and whole["hu_mean"] < -850.0)
+    assert (csv["label"] == label).all() and (csv["kernel"] == "B30f").all()
+    line = capsys.readouterr().out.strip()
+    assert line == (f"{tmp_path / 'r.csv'}: 12 rows; WholeLung LAA%-950 {whole['laa950_pct']:.2f} %, "
+                    f"MLD {whole['hu_mean']:.1f} HU, label {label} (raw HU), kernel B30f [{csv['kernel_class'][0]}]")
+    assert run_quantify_cli(["--ct", str(ct), "--mask", str(mask), "-o", str(tmp_path / "r.json")]) == 0
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["scan_key"] == "ct" and doc["input"] == str(ct) and doc["label"] == label
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'r.json'}: 12 rows; WholeLung LAA%-950 ")
+
+
 @pytest.mark.parametrize("make", ["missing", "text", "bad_mask"])
 def test_cli_unreadable_input_exit_2(tmp_path, capsys, make):
     vol, lab = phantom()

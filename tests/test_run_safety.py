@@ -212,3 +212,34 @@ def test_end_of_run_lines_flag_kernels_fov_and_give_headlines_and_next_steps(tmp
     assert warnings == []
     harmonized = load_job(None, ["harmonize.enabled=true"])
     assert "sharp-kernel" not in "\n".join(end_of_run_lines(tmp_path, harmonized)[0])
+
+
+def test_report_zones_in_anatomical_order():
+    from emphy_dask.phenotypes.labelmaps import LOBES
+    from emphy_dask.phenotypes.regions import REGIONS
+    from emphy_dask.report.cohort import anatomical_order
+
+    names = [*REGIONS, *LOBES]
+    shuffled = list(np.random.default_rng(0).permutation(names))
+    df = pd.DataFrame({"scan_key": ["b"] * len(names) + ["a"] * len(names), "region": shuffled + sorted(names)})
+    ordered = anatomical_order(df)
+    assert ordered["scan_key"].tolist() == ["a"] * len(names) + ["b"] * len(names)
+    assert ordered["region"].tolist()[:len(names)] == names
+    assert names[:6] == ["WholeLung", "RightLung", "LeftLung", "UpperThird", "MiddleThird", "LowerThird"]
+
+
+@pytest.mark.parametrize("superior_up", [True, False])
+def test_montage_titles_count_from_the_apex_like_the_curve(superior_up):
+    from emphy_dask.phenotypes import laa_per_slice
+    from emphy_dask.qc_images import _montage_levels
+
+    labels = np.zeros((20, 8, 8), np.uint8)
+    labels[4:15, 2:6, 2:6] = 1                   # lung on slices 4..14
+    direction = (1, 0, 0, 0, 1, 0, 0, 0, 1 if superior_up else -1)
+    axis, picks, from_apex = _montage_levels(labels, direction, n=5)
+    curve = laa_per_slice(np.full(labels.shape, -900), labels, direction)
+    lung = curve["n_lung_voxels"] > 0
+    apex_rank = curve["rank_from_superior"][lung].min()
+    rank_of = dict(zip(curve["slice_index"].tolist(), (curve["rank_from_superior"] - apex_rank).tolist()))
+    assert axis == 0 and from_apex == [rank_of[k] for k in picks]
+    assert from_apex[0] == 0 and from_apex[-1] == 10 and from_apex == sorted(from_apex)

@@ -13,6 +13,8 @@ import logging
 import signal
 from pathlib import Path
 
+from distributed.diagnostics.plugin import WorkerPlugin
+
 from ..scan_state import artifact_stem
 
 #: Folders of OUT holding per-scan files named by ``pipeline.artifact_stem``.
@@ -48,6 +50,31 @@ def signal_of(exc: BaseException) -> int:
     """The signal behind a ``KeyboardInterrupt`` (SIGINT unless :func:`install_sigterm` raised it)."""
     args = getattr(exc, "args", ())
     return int(args[0]) if args and isinstance(args[0], int) else int(signal.SIGINT)
+
+
+class IgnoreSigint(WorkerPlugin):
+    """Worker plugin: the LocalCluster's workers ignore SIGINT. A Ctrl-C in the terminal reaches
+    the whole process group, and a worker that took it would stop under its task and print
+    distributed's warnings; the driver alone handles it and tears the workers down. ``setup``
+    runs on every worker, those the nanny restarts later too, in the worker process's main
+    thread (where Python lets a handler be set)."""
+
+    name = "emphy-ignore-sigint"
+    idempotent = True
+
+    def setup(self, worker) -> None:
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:          # not the main thread: leave it
+            pass
+
+
+def local_workers_ignore_sigint(conn) -> None:
+    """Register :class:`IgnoreSigint` when the job started its own LocalCluster (the workers of
+    a cluster joined with ``--scheduler`` live in other terminals: theirs to stop)."""
+    if conn.cluster is None:
+        return
+    conn.client.register_plugin(IgnoreSigint())
 
 
 @contextlib.contextmanager

@@ -37,7 +37,8 @@ from .manifest import MANIFEST_FILE, ManifestWriter, iter_manifest, iter_manifes
 from .metrics import MetricsReporter
 from .pseudonym import Pseudonymizer
 from .inputs import check_input
-from .interrupt import Interrupted, drop_artifacts, quiet_workers, shielded, signal_of
+from .interrupt import (Interrupted, drop_artifacts, local_workers_ignore_sigint, quiet_workers, shielded,
+                        signal_of)
 from .store import ConfigMismatch, RunStore, clean_out_dir
 from .summary import exclusion_report
 
@@ -52,7 +53,6 @@ class ExtractSummary:
     counts: Counter = field(default_factory=Counter)
     wall_s: float = 0.0
     dashboard_link: str | None = None
-
     n_redone: int = 0               # failed scans redone (input changed, --retry failed)
 
     @property
@@ -239,13 +239,13 @@ def _extract(input_path, out_dir, config, *, scheduler: str | None = None, worke
     conn = connect(config.cluster, scheduler=scheduler, workers=workers, security=security, log=log)
     if conn.cluster is not None:                 # our own workers: their logs go to OUT/logs/ too
         conn.client.register_plugin(WorkerLogs(str(logs.folder)))
+    local_workers_ignore_sigint(conn)
     metrics = MetricsReporter(conn.client, out_dir.name, {"job": config.name, "config_hash": config.config_hash,
                                                           "version": __version__}, log=log)
     bar = _Progress(0, False)
     tmp = tempfile.TemporaryDirectory(prefix="emphy-manifest-")
     link = conn.dashboard_link
     admitted: dict = {}                      # scans handed to the flow and not yet recorded
-    flow = None
     idx = _Indexed(Path(input_path), Path(tmp.name))
     t_index = 0.0
     try:
@@ -337,7 +337,8 @@ def _extract(input_path, out_dir, config, *, scheduler: str | None = None, worke
         tmp.cleanup()
     store.close()
     metrics.finish()
-    conn.close()
+    with shielded():     # every result is written: a slow teardown (a worker killed late) is no error
+        _close_quietly(conn)
 
     wall = time.perf_counter() - t0
     counts = Counter(store.counts())
@@ -353,7 +354,10 @@ def _close_quietly(conn) -> None:
     except Exception:  # noqa: BLE001 - nothing left to close cleanly
         pass
     if conn.cluster is not None:
-        conn.cluster.close()
+        try:
+            conn.cluster.close()
+        except (TimeoutError, OSError):    # a worker process that outlived the nanny's kill timeout
+            pass
 
 
 def _tracked(tasks, admitted: dict):
