@@ -9,7 +9,7 @@ cannot (the patient-specific edge MTF of Sanders, Hurwitz and Samei, Med Phys 20
 real Philips pair the edge ratio L/B is 1.14 / 1.60 / 2.28 / 3.24 at 0.06 / 0.12 / 0.19 /
 0.25 lp/mm; the paired cross-spectrum gives 1.18 / 1.60 / 2.21 / 3.09.
 
-How: on up to 12 planes of the middle 60 %, the body (smoothed > -500 HU, largest component,
+How: on up to 8 planes of the middle 60 %, the body (smoothed > -500 HU, largest component,
 holes filled) gives edge pixels; each is sampled along the local gradient, +-12 mm at 0.1 mm
 (linear interpolation). Profiles whose outside is not air (table, arms, clothes, the scan
 circle) or whose inside is not soft tissue are dropped; the rest are aligned at their own
@@ -53,7 +53,7 @@ def _plane_profiles(img: np.ndarray, infov: np.ndarray, dy: float, dx: float, t:
     return prof[good]
 
 
-def edge_mtf(planes: np.ndarray, spacing_yx_mm, fov=None, max_planes: int = 12):
+def edge_mtf(planes: np.ndarray, spacing_yx_mm, fov=None, max_planes: int = 8):
     """Modulation transfer of the air-skin edge (see module docstring).
 
     Parameters
