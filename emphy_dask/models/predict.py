@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ..tables import read_frame, write_part
-from .cohort import (CohortError, embedding_hu_source, embedding_input_recipe, embedding_matrix, feature_names, run_backbones,
-                     wholelung_phenotypes)
+from .cohort import (CohortError, embedding_hu_source, embedding_input_recipe, embedding_matrix, feature_names,
+                     run_backbones, wholelung_phenotypes)
 from .saved import load_models
 
 
