@@ -199,3 +199,17 @@ def test_patient_key_is_a_pseudonym_of_patient_id_shared_by_its_scans(tmp_path, 
     anon = [pseudo.task(tasks[k]).selection["patient_key"] for k in ("A1", "A2", "B1")]
     assert anon[0] == anon[1] != anon[2] and anon[0].startswith("anon-") and keys["A1"] not in anon[0]
     assert Pseudonymizer(b"y" * 32, root).task(tasks["A1"]).selection["patient_key"] != anon[0]
+
+
+def test_tuning_skips_an_inner_split_whose_training_rows_hold_one_class():
+    from emphy_dask.models.grouping import tune
+    from emphy_dask.models.metrics import auc_score
+    from emphy_dask.models.pipelines import L1_CS, l1_pipeline
+
+    rng = np.random.default_rng(3)
+    y = np.r_[np.zeros(6, int), np.ones(6, int)]
+    X = rng.normal(size=(12, 5)) + y[:, None]
+    one_class = (np.arange(6), np.arange(6, 12))              # trains on negatives only: skipped
+    halves = (np.r_[0:3, 6:9], np.r_[3:6, 9:12])
+    C = tune(l1_pipeline(), "model__C", L1_CS, X, y, [one_class, halves, halves[::-1]], auc_score)
+    assert C in L1_CS

@@ -97,6 +97,14 @@ def test_pseudonymize_every_table_file_name_and_log_line(phi_archive, tmp_path):
     for needle in NEEDLES:
         hits = [t[:120] for t in texts if needle in t]
         assert not hits, f"{needle!r} found: {hits[:3]}"
+    # whose scan it is: the run's pseudonym of the PatientID's hash, never the ID nor its public (unkeyed) hash
+    import pydicom
+
+    from emphy_dask.io.dicom_index import patient_ref
+
+    pid = pydicom.dcmread(next((phi_archive / JANE).rglob("*.dcm")), stop_before_pixels=True).PatientID
+    assert scans.loc[jane, "patient_key"].startswith("anon-")
+    assert not [t for t in texts if patient_ref(pid) in t or (len(pid) > 4 and pid in t)]
 
     # stable: a rerun with the same secret resumes (same keys); another secret or none is refused
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())

@@ -32,6 +32,6 @@ def inputs_for(settings, hu_1mm, labels_1mm, direction_xyz, clip_hu=(-1000.0, 40
     return slab_inputs(hu_1mm, labels_1mm, direction_xyz, margin_mm=settings.margin_mm, window_hu=windows[0])
 
 
-__all__ = ["BACKBONES", "INPUT_RECIPES", "ZONES", "ModelInput", "WeightsFile", "WeightsMissing", "inputs_for", "load_model",
-           "resolve_backbone_weights", "resolve_lungmask_weights", "run_batches", "slab_inputs", "volume_input",
-           "zone_embeddings"]
+__all__ = ["BACKBONES", "INPUT_RECIPES", "ZONES", "ModelInput", "WeightsFile", "WeightsMissing", "inputs_for",
+           "load_model", "recipe_windows", "resolve_backbone_weights", "resolve_lungmask_weights", "run_batches",
+           "slab_inputs", "volume_input", "zone_embeddings"]

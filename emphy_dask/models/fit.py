@@ -157,6 +157,8 @@ def fit_run(out_dir, s: FitSettings, *, figures_on: bool = True, log=None) -> di
     if target is not None:
         pq.write_table(pa.Table.from_pandas(target["per_scan"], preserve_index=False),
                        model_dir / "target_predictions.parquet")
+    else:                                   # a refit without --target must not leave the last one's table
+        (model_dir / "target_predictions.parquet").unlink(missing_ok=True)
     explore = timed("pca_tsne", _embedding_views, c, s)
     corr = _correlations(c, bal, sel)
     if figures_on:

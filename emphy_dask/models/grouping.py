@@ -104,9 +104,13 @@ def tune(pipe, param: str, grid, X: np.ndarray, y: np.ndarray, splits: list, sco
     for value in grid:
         pred = np.full(len(y), np.nan)
         for tr, te in splits:
+            if hasattr(pipe, "predict_proba") and len(np.unique(y[tr])) < 2:
+                continue                # an inner training split of one class (a group holds a whole class)
             m = clone(pipe).set_params(**{param: value}).fit(X[tr], y[tr])
             pred[te] = m.predict_proba(X[te])[:, 1] if hasattr(m, "predict_proba") else m.predict(X[te])
         done = np.isfinite(pred)
+        if not done.any() or (hasattr(pipe, "predict_proba") and len(np.unique(y[done])) < 2):
+            continue
         sc = score(y[done], pred[done])
         if np.isfinite(sc) and sc > best_score:
             best, best_score = value, sc

@@ -21,7 +21,8 @@ from sklearn.base import clone
 
 from .grouping import inner_splits, outer_splits, tune, tune_ridge
 from .metrics import auc_score, binary_metrics, with_intervals
-from .pipelines import L1_CS, RIDGE_ALPHAS, TTestSelector, l1_pipeline, paper_pipeline, phenotype_pipeline, ridge_pipeline
+from .pipelines import (L1_CS, RIDGE_ALPHAS, TTestSelector, l1_pipeline, paper_pipeline, phenotype_pipeline,
+                        ridge_pipeline)
 
 OPTIMISTIC = ("optimistic: the t-test selection saw every scan, test folds included "
               "(the protocol as published)")
