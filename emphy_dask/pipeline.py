@@ -39,7 +39,7 @@ class ScanTask:
     scan_key : str
         Output key (top-level folder of the scan in the input tree, or the manifest's key).
     kind : str
-        ``dicom`` (``paths`` = the picked series' files), ``image`` (``paths`` = one
+        ``dicom`` (``paths`` = the picked series' files), ``dicomweb`` (their WADO-RS instance URLs), ``image`` (``paths`` = one
         NIfTI/NRRD/MHD file) or ``error`` (indexing failed: ``error`` says why).
     paths : tuple of str
     selection : dict
@@ -118,6 +118,10 @@ def _load(task: ScanTask):
         return read_dicom_series([Path(p) for p in task.paths])
     if task.kind == "image":
         return read_image(Path(task.paths[0]))
+    if task.kind == "dicomweb":
+        from .io.dicomweb import read_dicomweb_series
+
+        return read_dicomweb_series(task.paths)
     raise ScanError(task.error_path or task.scan_key, task.error or f"unknown scan kind {task.kind!r}", stage="index")
 
 

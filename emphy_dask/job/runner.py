@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import ScanError
+from ..io.dicomweb import TRANSFER_FAILED, check_source, is_dicomweb_url, parse_source
 from ..device_stages import resolve_weights
 from ..pipeline import STAGES, ScanTask
 from .cluster import connect, worker_count
@@ -190,7 +191,9 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
     Raises ``SchedulerLost`` when the scheduler goes away mid-run (finished scans are written).
     """
     t0 = time.perf_counter()
-    if not Path(input_path).exists():
+    if is_dicomweb_url(input_path):
+        check_source(parse_source(input_path))   # a bad URL or an unreachable PACS: one line, no work
+    elif not Path(input_path).exists():
         raise ScanError(input_path, "input not found: neither a folder nor a manifest file", stage="index")
     pseudo = Pseudonymizer.from_env() if pseudonymize else None   # no secret: stops here
     config = resolve_weights(config)         # a missing weight file stops here, before any work
@@ -213,6 +216,10 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
         log(f"scheduler {conn.client.scheduler.address}; dashboard: {link}  ({worker_count(conn.client)} workers)")
         metrics.register()
         t_index = time.perf_counter()
+        retried = store.failed_keys(TRANSFER_FAILED)   # transient (a PACS away): a rerun retries them
+        if retried:
+            store.forget(retried)
+            log(f"{len(retried)} scan(s) whose DICOMweb transfer failed last time are retried")
         done = store.done_keys()
         idx = _index(input_path, out_dir, conn.client, done, limit, pseudo, Path(tmp.name))
         t_index = time.perf_counter() - t_index
@@ -314,11 +321,19 @@ def _stage_totals(out_dir: Path) -> dict:
     return {c: round(sum(v for v in t.column(c).to_pylist() if v is not None), 3) for c in cols}
 
 
+def _input_label(input_path) -> str:
+    """INPUT as run.json records it: the absolute path, or the DICOMweb URL (never credentials:
+    ``io.dicomweb.parse_source`` refuses URLs holding them)."""
+    if is_dicomweb_url(input_path):
+        return parse_source(input_path).url
+    return str(Path(input_path).resolve())
+
+
 def _write_run_json(out_dir: Path, config, input_path, summary: ExtractSummary, t_index: float,
                     repaired: dict, this_run: Counter, pseudo=None) -> None:
     info = {
         "command": "extract",
-        "input": str(Path(input_path).resolve()) if pseudo is None else pseudo.key(str(Path(input_path).resolve())),
+        "input": _input_label(input_path) if pseudo is None else pseudo.key(_input_label(input_path)),
         "pseudonymized": pseudo is not None,
         "config": config.to_dict(),
         "config_hash": config.config_hash,

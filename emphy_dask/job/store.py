@@ -18,7 +18,9 @@ import shutil
 import uuid
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from ..tables import TABLES, part_ids, read_table, write_part
 
@@ -75,6 +77,37 @@ class RunStore:
         """scan_key -> config_hash of every scan already written."""
         t = read_table(self.out_dir, "scans", columns=["scan_key", "config_hash"])
         return dict(zip(t.column("scan_key").to_pylist(), t.column("config_hash").to_pylist()))
+
+    def failed_keys(self, reason_part: str) -> set[str]:
+        """Keys of failed scans whose reason holds ``reason_part`` (e.g. a PACS transfer failure)."""
+        t = read_table(self.out_dir, "scans", columns=["scan_key", "status", "reason"])
+        rows = zip(t.column("scan_key").to_pylist(), t.column("status").to_pylist(), t.column("reason").to_pylist())
+        return {k for k, status, reason in rows if status == "failed" and reason_part in (reason or "")}
+
+    def forget(self, keys: set[str]) -> int:
+        """Remove every row of ``keys`` (each table's parts that hold them are rewritten), so
+        that the run processes them again: scans that failed for a transient reason. The old
+        scans part goes first: a crash then leaves orphans (removed by ``repair``) and scans
+        that count as not done (redone), never a row twice. Returns the parts rewritten."""
+        n = 0
+        for pid in sorted(part_ids(self.out_dir, "scans")):
+            old = {t: self.out_dir / t / f"part-{pid}.parquet" for t in TABLES}
+            scans = pq.read_table(old["scans"])
+            if not set(scans.column("scan_key").to_pylist()) & keys:
+                continue
+            drop = pa.array(sorted(keys))
+            kept = {t: pq.read_table(p).filter(pc.invert(pc.is_in(pc.field("scan_key"), drop)))
+                    for t, p in old.items() if p.exists()}
+            new = uuid.uuid4().hex[:12]
+            old["scans"].unlink()
+            for t in [t for t in TABLES if t != "scans"] + ["scans"]:
+                if t in kept and kept[t].num_rows:
+                    tmp = self.out_dir / t / f".tmp-part-{new}.parquet"
+                    pq.write_table(kept[t], tmp, compression="zstd")
+                    os.replace(tmp, self.out_dir / t / f"part-{new}.parquet")
+                old[t].unlink(missing_ok=True)
+            n += 1
+        return n
 
     def check_config(self, config_hash: str) -> None:
         """Refuse an OUT whose written or staged (crashed-run) results used other settings."""
