@@ -249,8 +249,9 @@ def _retrieve(dw, study_uid: str, series_uid: str, wanted: set[str], folder: Pat
     return files
 
 
-def read_dicomweb_series(instance_urls, attempts: int = TRANSFER_ATTEMPTS, pause_s: float = TRANSFER_PAUSE_S):
-    """Retrieve one series by WADO-RS into a temporary folder and read it (``read_dicom_series``).
+def retrieve_instances(instance_urls, folder: Path, attempts: int = TRANSFER_ATTEMPTS,
+                       pause_s: float = TRANSFER_PAUSE_S) -> tuple[str, list[Path]]:
+    """WADO-RS one series' instances into ``folder``: (series URL, files ``<SOPInstanceUID>.dcm``).
 
     Parameters
     ----------
@@ -258,6 +259,34 @@ def read_dicomweb_series(instance_urls, attempts: int = TRANSFER_ATTEMPTS, pause
         ``<root>/studies/<uid>/series/<uid>/instances/<uid>`` of one series (the manifest's paths).
     attempts, pause_s : int, float
         Tries of the transfer, and the first pause between them (doubling).
+
+    Raises
+    ------
+    ScanError
+        ``TRANSFER_FAILED`` with the last reason after ``attempts`` tries.
+    """
+    parsed = [_INSTANCE.match(u) for u in instance_urls]
+    if not parsed or not all(parsed):
+        raise ScanError(instance_urls[0] if instance_urls else "<none>", "not DICOMweb instance URLs")
+    base, study, series = parsed[0]["base"], parsed[0]["study"], parsed[0]["series"]
+    series_url = f"{base}/studies/{study}/series/{series}"
+    wanted = {m["sop"] for m in parsed}
+    dw = dicomweb_client(base)
+    for attempt in range(1, attempts + 1):
+        try:
+            return series_url, _retrieve(dw, study, series, wanted, folder)
+        except Exception as exc:  # noqa: BLE001 - network, HTTP, truncated multipart: all retried
+            for f in folder.iterdir():
+                f.unlink()
+            if attempt == attempts:
+                raise ScanError(series_url, f"{TRANSFER_FAILED} after {attempts} attempts: "
+                                            f"{_http_reason(exc)}") from None
+            time.sleep(pause_s * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def read_dicomweb_series(instance_urls):
+    """Retrieve one series by WADO-RS into a temporary folder of this worker and read it.
 
     Returns
     -------
@@ -267,31 +296,14 @@ def read_dicomweb_series(instance_urls, attempts: int = TRANSFER_ATTEMPTS, pause
     Raises
     ------
     ScanError
-        ``TRANSFER_FAILED`` with the last reason after ``attempts`` tries; any reading error of
-        ``read_dicom_series``, naming the instance URL instead of the temporary file.
+        ``TRANSFER_FAILED`` (``retrieve_instances``); any reading error of ``read_dicom_series``,
+        naming the instance URL instead of the temporary file.
     """
     from .dicom_read import read_dicom_series
 
-    parsed = [_INSTANCE.match(u) for u in instance_urls]
-    if not parsed or not all(parsed):
-        raise ScanError(instance_urls[0] if instance_urls else "<none>", "not DICOMweb instance URLs")
-    base, study, series = parsed[0]["base"], parsed[0]["study"], parsed[0]["series"]
-    series_url = f"{base}/studies/{study}/series/{series}"
-    wanted = {m["sop"] for m in parsed}
     folder = Path(tempfile.mkdtemp(prefix="emphy-wado-"))
     try:
-        dw = dicomweb_client(base)
-        for attempt in range(1, attempts + 1):
-            try:
-                files = _retrieve(dw, study, series, wanted, folder)
-                break
-            except Exception as exc:  # noqa: BLE001 - network, HTTP, truncated multipart: all retried
-                for f in folder.iterdir():
-                    f.unlink()
-                if attempt == attempts:
-                    raise ScanError(series_url, f"{TRANSFER_FAILED} after {attempts} attempts: "
-                                                f"{_http_reason(exc)}") from None
-                time.sleep(pause_s * 2 ** (attempt - 1))
+        series_url, files = retrieve_instances(instance_urls, folder)
         try:
             return read_dicom_series(files)
         except ScanError as exc:
