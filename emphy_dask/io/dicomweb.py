@@ -110,7 +110,11 @@ def dicomweb_client(base_url: str, timeout_s: float = TIMEOUT_S):
 
     token = os.environ.get(TOKEN_ENV)
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    return DICOMwebClient(base_url, headers=headers, timeout=timeout_s)
+    client = DICOMwebClient(base_url, headers=headers, timeout=timeout_s)
+    # its own retries wait up to 30 s per request (exponential, 5 tries) even on a refused
+    # connection: the transfer is retried here instead, per series and bounded (TRANSFER_ATTEMPTS)
+    client.set_http_retry_params(retry=False)
+    return client
 
 
 def _one_line(exc: BaseException) -> str:
