@@ -13,6 +13,7 @@ a model score) use the local coding scheme ``99EMPHY`` (a "99" prefix marks priv
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 from .. import __version__
@@ -101,9 +102,11 @@ def build_report(seg, sources: list, phenotype_rows: list[dict], scan_row: dict,
             from pydicom.sr.coding import Code
 
             for model, probability in sorted(scores.items()):
+                # the model is the measurement's method: a code per model name (SH holds 16 characters)
+                method = Code(hashlib.sha256(model.encode()).hexdigest()[:12], PRIVATE_SCHEME, model)
                 measurements.append(hd.sr.Measurement(
                     name=_code(SCORE_CONCEPT), value=float(probability), unit=Code("1", "UCUM", "no units"),
-                    algorithm_id=hd.sr.AlgorithmIdentification(name=f"emphy-dask model {model}", version=__version__)))
+                    method=method))
         kw = dict(tracking_identifier=tracking, finding_type=codes.SCT.Lung, algorithm_id=algorithm,
                   measurements=measurements, qualitative_evaluations=evaluations or None)
         if region in segments:
@@ -135,7 +138,7 @@ def read_measurements(sr) -> dict[str, dict]:
         values = out.setdefault(region, {})
         for m in group.get_measurements():
             if m.name.value == SCORE_CONCEPT[0]:
-                values[f"score:{m.algorithm_id.name.split()[-1]}"] = m.value
+                values[f"score:{m.method.meaning}"] = m.value
                 continue
             derivation = m.derivation.value if m.derivation is not None else ""
             values[by_concept[(m.name.value, derivation)]] = m.value
