@@ -19,13 +19,14 @@ from pydicom.dataset import Dataset
 IDENTIFYING = ("PatientBirthDate", "PatientSex", "PatientAge", "PatientBirthTime", "OtherPatientIDs",
                "OtherPatientIDsSequence", "OtherPatientNames", "PatientAddress", "PatientTelephoneNumbers",
                "PatientWeight", "PatientSize", "EthnicGroup", "PatientComments", "IssuerOfPatientID",
-               "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "SeriesDate", "SeriesTime",
-               "ContentDate", "ContentTime", "AcquisitionDateTime", "ReferringPhysicianName", "InstitutionName",
+               "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "AcquisitionDateTime",
+               "ReferringPhysicianName", "InstitutionName",
                "InstitutionAddress", "InstitutionalDepartmentName", "StationName", "PerformingPhysicianName",
                "NameOfPhysiciansReadingStudy", "OperatorsName", "RequestingPhysician", "StudyDescription",
-               "DeviceSerialNumber", "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID")
+               "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID")
+#: the object's own dates, times and device (when and by what it was made) are not the source's: kept
 _TYPE2 = {"PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
-          "ReferringPhysicianName", "ContentDate", "ContentTime", "SeriesDate", "SeriesTime", "DeviceSerialNumber"}
+          "ReferringPhysicianName"}
 
 
 def pseudo_uid(uid: str, secret: bytes) -> str:
@@ -53,5 +54,5 @@ def pseudonymize_dataset(ds: Dataset, alias: str, uids: set[str], secret: bytes)
     ds.PatientID = alias
     ds.PatientName = alias
     ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = "emphy-dask --pseudonymize (keyed pseudonyms, identifying attributes emptied)"
+    ds.DeidentificationMethod = "emphy-dask --pseudonymize: keyed pseudonyms"
     return ds
