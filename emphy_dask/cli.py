@@ -188,6 +188,20 @@ def cmd_schemas(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .errors import ScanError
+    from .export.run import export_run
+    from .job.pseudonym import PseudonymError
+
+    try:
+        summary = export_run(args.out, args.dicom, args.stow, args.pseudonymize, args.input, args.scan)
+    except (ScanError, PseudonymError) as exc:
+        print(f"emphy export: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(summary.written)} files written, {summary.stored} scans stored, {len(summary.failed)} not exported")
+    return summary.exit_code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emphy", description="Emphysema quantification on chest CT with Dask")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -228,6 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job", help="job file (default jobs/demo.toml)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="a DICOM SEG and SR per ok scan of a run, to files and/or a PACS (STOW-RS)")
+    p.add_argument("out", help="the run folder of emphy extract")
+    p.add_argument("--dicom", metavar="DIR", help="write DIR/<shard>/<scan>/seg.dcm and sr.dcm")
+    p.add_argument("--stow", metavar="URL", help="send them by STOW-RS to this DICOMweb root (http(s)://host/dicom-web)")
+    p.add_argument("--pseudonymize", action="store_true",
+                   help="patient/study identity and source UIDs -> the run's pseudonyms ($EMPHY_PSEUDONYM_KEY)")
+    p.add_argument("--input", help="a --pseudonymize run's INPUT (its manifest holds no paths to the sources)")
+    p.add_argument("--scan", help="only this scan key")
+    p.set_defaults(func=cmd_export)
 
     from .cli_models import add_commands
 

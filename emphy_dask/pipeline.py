@@ -41,6 +41,10 @@ def _load(task: ScanTask):
         return read_dicom_series([Path(p) for p in task.paths])
     if task.kind == "image":
         return read_image(Path(task.paths[0]))
+    if task.kind == "dicomweb":
+        from .io.dicomweb import read_dicomweb_series
+
+        return read_dicomweb_series(task.paths)
     raise ScanError(task.error_path or task.scan_key, task.error or f"unknown scan kind {task.kind!r}", stage="index")
 
 

@@ -34,7 +34,7 @@ class ScanTask:
     scan_key : str
         Output key (top-level folder of the scan in the input tree, or the manifest's key).
     kind : str
-        ``dicom`` (``paths`` = the picked series' files), ``image`` (``paths`` = one
+        ``dicom`` (``paths`` = the picked series' files), ``dicomweb`` (their WADO-RS instance URLs), ``image`` (``paths`` = one
         NIfTI/NRRD/MHD file) or ``error`` (indexing failed: ``error`` says why).
     paths : tuple of str
     selection : dict

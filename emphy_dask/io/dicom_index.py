@@ -232,8 +232,15 @@ def read_header(path) -> dict | None:
         # Keep broken DICOM visible (never silently skipped): callers fail the scan on it.
         return {"path": path, "read_error": got, "has_pixels": False, "series_uid": None}
     ds, has_pixels = got
+    return header_record(ds, path, has_pixels)
+
+
+def header_record(ds, path: str, has_pixels: bool, transfer_syntax_uid: str | None = None) -> dict:
+    """``read_header``'s record of a pydicom dataset already in memory (e.g. a DICOMweb
+    metadata answer, ``io.dicomweb``); ``path`` names where its pixels are."""
     fm = getattr(ds, "file_meta", None)
     ts = fm.get("TransferSyntaxUID") if fm is not None else None
+    ts = ts or transfer_syntax_uid
     sop_class = ds.get("SOPClassUID") or (fm.get("MediaStorageSOPClassUID") if fm is not None else None)
     kernel = ds.get("ConvolutionKernel")
     kernel = "/".join(_strs(kernel)) if kernel is not None else None

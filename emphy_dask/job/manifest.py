@@ -238,7 +238,12 @@ def build_manifest(input_path: str | Path, client=None) -> tuple[Path, list[Scan
 
 
 def iter_manifest(input_path: str | Path, client=None, in_flight: int = 32):
-    """(input root, iterator of ScanTask) of a tree, a CSV manifest or a run's manifest.parquet."""
+    """(input root, iterator of ScanTask) of a tree, a CSV manifest, a run's manifest.parquet or a
+    DICOMweb URL (``io.dicomweb``)."""
+    from ..io.dicomweb import is_dicomweb_url
+
+    if is_dicomweb_url(input_path):
+        return iter_dicomweb(str(input_path), client, in_flight)
     path = Path(input_path)
     if path.is_file() and _is_image(path):       # one CT image file: one scan, keyed by its name
         from ..io.image_io import label_image_reason
@@ -252,6 +257,26 @@ def iter_manifest(input_path: str | Path, client=None, in_flight: int = 32):
         raise ScanError(path, "input not found: neither a folder nor a manifest file", stage="index")
     root = path.resolve()
     return root, iter_tree(root, client, in_flight)
+
+
+def iter_dicomweb(url: str, client=None, in_flight: int = 32):
+    """(root, tasks) of a PACS: patients listed by QIDO-RS on the driver (a PACS that cannot be
+    reached stops here, before any work), each patient's series picked on a worker from WADO-RS
+    metadata (``io.dicomweb.index_patient``); ``dicomweb`` tasks whose paths are instance URLs."""
+    from ..io.dicomweb import index_patient, list_patients, parse_source
+
+    source = parse_source(url)
+    units = list_patients(source)
+
+    def tasks():
+        for (key, studies), result in ordered_map(client, index_patient, units, in_flight=in_flight,
+                                                  base_url=source.base_url):
+            if isinstance(result, BaseException):
+                result = {key: ScanError(source.base_url, f"indexing failed: {type(result).__name__}: {result}")}
+            for t in _tasks_from_choices(result):
+                yield dataclasses.replace(t, kind="dicomweb") if t.kind == "dicom" else t
+
+    return Path("/"), tasks()
 
 
 def _image_task(key: str, path: Path, label_reason: str | None) -> ScanTask:
@@ -349,7 +374,8 @@ def iter_manifest_file(path: Path, batch_rows: int = 128):
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
         for row in batch.to_pylist():
             sel = {k: row.get(k) for k in SELECTION_KEYS}      # manifests older than patient_key: None
-            yield ScanTask(row["scan_key"], row["kind"], tuple(str(root / p) for p in row["paths"] or ()),
+            paths = tuple(p if row["kind"] == "dicomweb" else str(root / p) for p in row["paths"] or ())
+            yield ScanTask(row["scan_key"], row["kind"], paths,
                            sel, row["error"], row["error_path"])
 
 

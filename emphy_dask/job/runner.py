@@ -30,6 +30,7 @@ from ..embed.weights import resolve_weights
 from ..errors import ScanError
 from ..io.atomic import atomic_write
 from ..scan_state import STAGES, ScanTask
+from ..io.dicomweb import TRANSFER_FAILED, check_source, is_dicomweb_url, parse_source
 from .cluster import connect, worker_count
 from .flow import FlowLimits, ScanFlow, SchedulerLost
 from .logs import LOG_DIR, RunLogs, WorkerLogs
@@ -208,7 +209,10 @@ def run_extract(input_path, out_dir, config, *, pseudonymize: bool = False, **kw
     Raises ``SchedulerLost`` when the scheduler goes away mid-run (finished scans are written),
     ``Interrupted`` on Ctrl-C/SIGTERM (finished scans are written, ``run.json`` says so).
     """
-    check_input(input_path, out_dir)         # bad INPUT/OUT: refused before anything is written
+    if is_dicomweb_url(input_path):
+        check_source(parse_source(input_path))   # a bad URL or an unreachable PACS: one line, no work
+    else:
+        check_input(input_path, out_dir)     # bad INPUT/OUT: refused before anything is written
     pseudo = Pseudonymizer.from_env() if pseudonymize else None   # no secret: stops here
     config = resolve_weights(config)         # a missing weight file stops here, before any work
     if kwargs.get("overwrite"):
@@ -252,6 +256,10 @@ def _extract(input_path, out_dir, config, *, scheduler: str | None = None, worke
         log(f"scheduler {conn.client.scheduler.address}; dashboard: {link}  ({worker_count(conn.client)} workers)")
         metrics.register()
         t_index = time.perf_counter()
+        retried = store.failed_keys(TRANSFER_FAILED)   # transient (a PACS away): a rerun retries them
+        if retried:
+            store.forget(retried)
+            log(f"{len(retried)} scan(s) whose DICOMweb transfer failed last time are retried")
         done = store.done_keys()
         idx = _index(input_path, out_dir, conn.client, done, limit, pseudo, Path(tmp.name),
                      store.failed_fingerprints(), retry_failed)
@@ -388,12 +396,20 @@ def _stage_totals(out_dir: Path) -> dict:
     return {c: round(sum(v for v in t.column(c).to_pylist() if v is not None), 3) for c in cols}
 
 
+def _input_label(input_path) -> str:
+    """INPUT as run.json records it: the absolute path, or the DICOMweb URL (never credentials:
+    ``io.dicomweb.parse_source`` refuses URLs holding them)."""
+    if is_dicomweb_url(input_path):
+        return parse_source(input_path).url
+    return str(Path(input_path).resolve())
+
+
 def _write_run_json(out_dir: Path, config, input_path, summary: ExtractSummary, t_index: float,
                     repaired: dict, this_run: Counter, pseudo=None, state: str = "complete") -> None:
     info = {
         "command": "extract",
         "state": state,                       # running | complete | interrupted | scheduler_lost
-        "input": str(Path(input_path).resolve()) if pseudo is None else pseudo.key(str(Path(input_path).resolve())),
+        "input": _input_label(input_path) if pseudo is None else pseudo.key(_input_label(input_path)),
         "pseudonymized": pseudo is not None,
         "config": config.to_dict(),
         "config_hash": config.config_hash,

@@ -78,6 +78,12 @@ class RunStore:
         t = read_table(self.out_dir, "scans", columns=["scan_key", "config_hash"])
         return dict(zip(t.column("scan_key").to_pylist(), t.column("config_hash").to_pylist()))
 
+    def failed_keys(self, reason_part: str) -> set[str]:
+        """Keys of failed scans whose reason holds ``reason_part`` (e.g. a PACS transfer failure)."""
+        t = read_table(self.out_dir, "scans", columns=["scan_key", "status", "reason"])
+        rows = zip(t.column("scan_key").to_pylist(), t.column("status").to_pylist(), t.column("reason").to_pylist())
+        return {k for k, status, reason in rows if status == "failed" and reason_part in (reason or "")}
+
     def check_config(self, config) -> None:
         """Refuse an OUT whose written or staged (crashed-run) results used other settings than
         ``config`` (a JobConfig, or its config hash); the message names each setting that differs,
