@@ -22,7 +22,8 @@ import numpy as np
 from emphy_dask.device_stages import embed_states, resolve_weights
 from emphy_dask.job.config import config_from_dict
 from emphy_dask.job.manifest import build_manifest
-from emphy_dask.pipeline import ScanTask, prepare_scan
+from emphy_dask.pipeline import prepare_scan
+from emphy_dask.scan_state import ScanTask
 
 SHARED = Path(os.environ.get("EMPHY_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 RECIPES = ("upstream", "lung", "multiwindow")

@@ -137,7 +137,8 @@ def test_scan_row_records_the_airway_and_the_montage_draws_it(tmp_path):
 
     from .conftest import DX_SOFT
     from emphy_dask.job.config import config_from_dict
-    from emphy_dask.pipeline import ScanTask, process_scan
+    from emphy_dask.local import process_scan
+    from emphy_dask.scan_state import ScanTask
     from emphy_dask.qc_images import AIRWAY_RGB
     from emphy_dask.tables import read_frame, write_part
 

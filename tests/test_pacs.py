@@ -22,7 +22,7 @@ from emphy_dask.errors import ScanError
 from emphy_dask.io.dicomweb import TRANSFER_FAILED, pacs_scan_key, parse_source
 from emphy_dask.job.config import load_job
 from emphy_dask.job.runner import run_extract
-from emphy_dask.pipeline import artifact_stem
+from emphy_dask.scan_state import artifact_stem
 from emphy_dask.tables import TABLES, read_frame
 from tests.servers.orthanc import free_port, orthanc  # noqa: F401 - the fixture
 
