@@ -27,7 +27,6 @@ from pathlib import Path
 
 from .. import __version__
 from ..embed.weights import resolve_weights
-from ..errors import ScanError
 from ..io.atomic import atomic_write
 from ..scan_state import STAGES, ScanTask
 from ..io.dicomweb import TRANSFER_FAILED, check_source, is_dicomweb_url, parse_source
