@@ -50,6 +50,8 @@ def task_fingerprint(task, root: str | Path) -> str:
 
 
 def with_fingerprints(tasks, root: str | Path) -> list:
-    """The tasks with ``selection["input_fingerprint"]`` set (it lands in manifest and scans rows)."""
-    return [dataclasses.replace(t, selection={**t.selection, "input_fingerprint": task_fingerprint(t, root)})
+    """The tasks with ``selection["input_fingerprint"]`` set (it lands in manifest and scans rows).
+    ``skipped`` rows (not scans, never processed) get none: nothing to redo when they change."""
+    return [t if t.kind == "skipped" else
+            dataclasses.replace(t, selection={**t.selection, "input_fingerprint": task_fingerprint(t, root)})
             for t in tasks]

@@ -103,12 +103,7 @@ def index_unit(unit: str, root: str) -> tuple[list[ScanTask], int]:
     tasks = _tasks_from_choices(dict(sorted(out.items())))
     images = [f for f in files if _is_image(f)]
     tasks += [_image_task(_image_key(f, root_p), f, label_image_reason(f)) for f in images]
-    return _fingerprinted(unique_keys(tasks + skipped), root_p), len(dicom)
-
-
-def _fingerprinted(tasks: list[ScanTask], root: Path) -> list[ScanTask]:
-    """``with_fingerprints`` for the scans; what the walk passed over is listed, not fingerprinted."""
-    return [t if t.kind == "skipped" else with_fingerprints([t], root)[0] for t in tasks]
+    return with_fingerprints(unique_keys(tasks + skipped), root_p), len(dicom)
 
 
 def _passed_over_task(path, reason: str, root: Path) -> ScanTask:
