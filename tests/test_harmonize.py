@@ -1,5 +1,6 @@
 """Kernel harmonisation: the same lungs give the same numbers whatever the reconstruction kernel."""
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -305,3 +306,23 @@ def test_model_inputs_from_harmonised_hu(tmp_path):
     rows = embed_states([harm], cfg, tmp_path, "cpu")[0]["embeddings"]
     assert {r["hu_source"] for r in rows} == {"harmonized"} and len(rows) == 4
     assert all(np.isfinite(r["embedding"]).all() for r in rows)
+
+
+def test_scan_page_shows_the_noise_spectrum_before_and_after(tmp_path):
+    """The report's per-scan page lists what harmonisation did to that scan: fav before/after,
+    the transfer's gains, the MLD shift and the reason."""
+    from emphy_dask.models.fabricate import fabricate_run
+    from emphy_dask.report.cohort import load_run
+    from emphy_dask.report.scan_pages import scan_page
+    from emphy_dask.tables import read_frame
+
+    out = fabricate_run(tmp_path / "run", 6, seed=2, n_featuremaps=0)
+    row = read_frame(out, "scans").iloc[0].to_dict()
+    row.update(kernel_nps_fav_lpmm=0.4174, harmonize_applied=True, harmonize_fav_before_lpmm=0.4174,
+               harmonize_fav_after_lpmm=0.3113, harmonize_gain_03=0.2441, harmonize_gain_05=0.107,
+               harmonize_mld_shift_hu=13.8, harmonize_reason="kernel class sharp (table): filtered (nps_ratio)")
+    html = scan_page(load_run(out), row, None, out / "report").read_text()
+    for field, value in (("harmonize_fav_before_lpmm", "0.417"), ("harmonize_fav_after_lpmm", "0.311"),
+                         ("harmonize_gain_05", "0.107"), ("harmonize_mld_shift_hu", "13.8")):
+        assert re.search(rf"{field}</td>\s*<td[^>]*>{re.escape(value)}", html), field
+    assert "filtered (nps_ratio)" in html

@@ -290,8 +290,9 @@ def _ratio_transfer(est, target_log_r, params, planes, spacing_yx, fov_planes):
 
     t = transfer(f)
     params.update(gain_03=round(float(transfer(0.3)), 4), gain_05=round(float(transfer(0.5)), 4),
-                  fav_before_lpmm=_round(nps_mean_frequency(f, power)),
-                  fav_after_lpmm=_round(nps_mean_frequency(f, power * t ** 2)),
+                  **{k: None if v is None else round(v, 4) for k, v in (
+                      ("fav_before_lpmm", nps_mean_frequency(f, power)),
+                      ("fav_after_lpmm", nps_mean_frequency(f, power * t ** 2)))},
                   transfer_coef=[round(c, 4) for c in fit.coef], target_log_r=list(target_log_r),
                   noise_log_level=round(fit.log_level, 4), transfer_fit_rms=round(fit.fit_rms, 4))
     if params["gain_05"] > MIN_REMOVED_GAIN:
@@ -302,10 +303,6 @@ def _ratio_transfer(est, target_log_r, params, planes, spacing_yx, fov_planes):
     df = float(f[1] - f[0])
     noise_sd = float(np.sqrt(np.sum(power[ok] * 2 * np.pi * f[ok] * df)))
     return transfer, noise_sd
-
-
-def _round(x, n=4):
-    return None if x is None else round(float(x), n)
 
 
 def harmonize_volume(volume, method: str = "nps_ratio", estimate: KernelEstimate | None = None):
