@@ -31,7 +31,7 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--pseudonymize", action="store_true",
                    help="scan keys -> keyed hashes (secret in $EMPHY_PSEUDONYM_KEY) in every table, file name and log")
-    tls = p.add_argument_group("TLS (a cluster started with distributed's TLS settings; see README)")
+    tls = p.add_argument_group("TLS (a cluster started with distributed's TLS settings; see docs/privacy.md)")
     tls.add_argument("--tls-ca-file", help="CA certificate (PEM) the cluster's certificates are signed with")
     tls.add_argument("--tls-cert", help="this client's certificate (PEM); with --workers, also the local cluster's")
     tls.add_argument("--tls-key", help="the private key of --tls-cert (PEM), if not in the same file")

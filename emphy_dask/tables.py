@@ -2,8 +2,8 @@
 
 Each table's schema lives once, in ``schemas/<table>.v<version>.json``: field name, Arrow type,
 nullability, unit, a one-line doc, and ``volatile`` for columns that differ run to run
-(timings, worker address). Writers cast rows to that schema; readers read with it; the README's
-table docs are generated from it (``emphy schemas --markdown``).
+(timings, worker address). Writers cast rows to that schema; readers read with it; the
+table docs (``docs/tables.md``) are generated from it (``emphy schemas --markdown``).
 
 A dataset is a folder of ``part-<id>.parquet`` files, each holding many scans. Files are
 written to a temporary name and renamed into place, so a reader never sees a partial file;
@@ -129,7 +129,7 @@ def read_frame(out_dir: Path, table: str, *, stable: bool = False):
 
 
 def schema_markdown() -> str:
-    """Markdown docs of every table, generated from the schema files (kept in the README)."""
+    """Markdown docs of every table, generated from the schema files (kept in docs/tables.md)."""
     out = []
     for table in DOCUMENTED:
         spec = schema_spec(table)

@@ -47,12 +47,44 @@ class Connection:
     def close(self) -> None:
         """Close the client and our LocalCluster. A worker slow to stop (a loaded machine) is killed
         by its nanny; the close timing out then is logged, not raised: every result is written."""
+        pids = _worker_pids(self.cluster)
         self.client.close()
         if self.cluster is not None:
             try:
                 self.cluster.close()
             except (TimeoutError, asyncio.TimeoutError) as exc:
-                log.warning("closing the LocalCluster timed out (%r); its workers were killed", exc)
+                log.warning("closing the LocalCluster timed out (%r); its workers are being killed", exc)
+                _wait_gone(pids)      # their nannies' last records then land in the run's log, not after it
+
+
+def _worker_pids(cluster) -> list[int]:
+    """Process ids of a LocalCluster's worker processes (empty for a joined cluster)."""
+    pids = []
+    for nanny in getattr(cluster, "workers", {}).values():
+        proc = getattr(getattr(nanny, "process", None), "process", None)
+        pid = getattr(proc, "pid", None)
+        if pid:
+            pids.append(pid)
+    return pids
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 30.0) -> None:
+    """Wait until the processes ``pids`` have ended (at most ``timeout_s``), then a moment for the
+    event loop's callbacks about them."""
+    import time
+
+    import psutil
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:            # gone (or never ours to see)
+            return False
+
+    end = time.monotonic() + timeout_s
+    while any(alive(p) for p in pids) and time.monotonic() < end:
+        time.sleep(0.2)
+    time.sleep(1.0)
 
 
 #: The nanny's environment for LocalCluster workers (see the module doc; one thread per worker).
