@@ -327,4 +327,4 @@ def summary_line(out: Path, table: pd.DataFrame, extras: dict) -> str:
     mld = whole["hu_mean"].iloc[0] if len(whole) else float("nan")
     warn = f", {len(extras['warnings'])} warning(s)" if extras["warnings"] else ""
     return (f"{out}: {len(table)} rows; WholeLung LAA%-950 {laa:.2f} %, MLD {mld:.1f} HU, label {extras['label']} "
-            f"({extras['hu_source']} HU), kernel {extras['kernel']} [{extras['kernel_class']}]{warn}")
+            f"({extras['hu_source']} HU), kernel {extras['kernel'] or '?'} [{extras['kernel_class']}]{warn}")

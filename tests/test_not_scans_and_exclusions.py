@@ -79,9 +79,11 @@ def test_exclusion_report_per_rule_with_range_job_key_and_warning(tmp_path):
     assert second["value_min"] == second["value_max"] == 640.5
     assert len(rep["warnings"]) == 1 and "3 of 5 scans" in rep["warnings"][0] and "[qc].max_hu" in rep["warnings"][0]
     lines, warnings = exclusion_lines(rep)
-    assert lines[0] == "  excluded by max_hu>1600: 3 of 5 scans, max HU 1999-3071; change with [qc].max_hu"
+    assert lines[0] == ("  excluded by max_hu>1600: 3 of 5 scans, max HU 1999-3071; change with [qc].max_hu "
+                        "(e.g. --set qc.max_hu=3072)")
     assert lines[1] == "  excluded by std_hu>600: 1 of 5 scans, HU std 640-640; change with [qc].max_std_hu"
     assert warnings[0].startswith("warning: QC rule max_hu>1600 excluded 3 of 5 scans (60 %)")
+    assert "rerun with --set qc.max_hu=3072 --overwrite" in warnings[0]         # the exact override
     json.dumps(rep)                                    # goes into run.json as is
 
 
