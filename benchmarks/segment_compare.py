@@ -63,7 +63,26 @@ def compare(name: str, path: Path, repeats: int) -> dict:
             "lung_ml_ref": round(float((ref > 0).sum()) * voxel_ml, 1),
             "lung_ml_new": round(float((new > 0).sum()) * voxel_ml, 1),
             "removed_ml": round(float(removed.sum()) * voxel_ml, 1),
-            "removed_air_ml": round(float((removed & (vol.hu < -900)).sum()) * voxel_ml, 1)}
+            "removed_air_ml": round(float((removed & (vol.hu < -900)).sum()) * voxel_ml, 1),
+            "laa950_ref_pct": laa_pct(vol.hu, ref), "laa950_new_pct": laa_pct(vol.hu, new),
+            **truth_dice(path, vol, ref, new)}
+
+
+def laa_pct(hu: np.ndarray, labels: np.ndarray) -> float:
+    lung = labels > 0
+    return round(100.0 * float((lung & (hu < -950)).sum()) / max(int(lung.sum()), 1), 3)
+
+
+def truth_dice(path: Path, vol, ref: np.ndarray, new: np.ndarray) -> dict:
+    """Dice of both masks against the true lungs of an ``emphy synth`` cohort (``masks/KEY.nii.gz``
+    beside ``dicom/``; the truth excludes the trachea and main bronchi); {} for real series."""
+    from emphy_dask.io import read_label_image
+
+    truth_path = path.parent.parent / "masks" / f"{path.name}.nii.gz"
+    if not truth_path.exists():
+        return {}
+    truth = read_label_image(truth_path, vol) > 0
+    return {"dice_truth_ref": round(dice(ref > 0, truth), 5), "dice_truth_new": round(dice(new > 0, truth), 5)}
 
 
 def main() -> None:

@@ -101,7 +101,8 @@ def qc_montage_png(hu: np.ndarray, labels: np.ndarray, direction_xyz, path: str 
     rows = int(np.ceil(len(tiles) / cols))
     canvas = Image.new("RGB", (cols * tw, 16 + rows * (th + title_px)), "white")
     draw = ImageDraw.Draw(canvas)
-    legend = f"lung outline (green), HU < {threshold_hu:g} (red)" + (", airway removed (blue)" if airway is not None else "")
+    legend = f"lung outline (green), HU < {threshold_hu:g} (red)"
+    legend += ", airway removed (blue)" if airway is not None else ""
     draw.text((4, 2), legend, fill="black")
     for i, (r, rgb) in enumerate(tiles):
         x, y = (i % cols) * tw, 16 + (i // cols) * (th + title_px)

@@ -5,14 +5,16 @@ bronchi touch the lung air through partial volume: a segmenter (or a given mask)
 inside the body counts them as lung, and LAA%-950 then measures the trachea. CIP and lungmask
 leave the airways out; so does this module:
 
-1. Seed: the most superior slices (top 40 %) holding a small (30-800 mm^2), central (within a
-   quarter of the body's half width of the midline) air tube that lung does not surround
-   (less than half of a 1.5-5 mm ring around it is air): the trachea above the lungs.
+1. Seed: the most superior slice (top 40 %, above the lungs' widest part) holding a small
+   (30-800 mm^2), central (within a quarter of the body's half width of the midline) air tube
+   that lung does not surround (less than half of a 1.5-5 mm ring around it is air): the
+   trachea above or between the lung apices.
 2. Growth: wavefront region growing from the seed through lumen air (block-mean HU of the
-   working grid below ``LUMEN_HU``, inside the body, face-connected), with leak control: a
-   front larger than ``LEAK_FRONT`` cross-sections of the trachea, or a tree over
-   ``MAX_AIRWAY_ML``, means the growth entered the lung; it stops there and drops the leak's
-   first steps. So the tree holds what the lumen lets a tracker follow at this scan's
+   working grid below each of ``LUMEN_STEPS_HU``, inside the body, face-connected; the union
+   of the trees), with leak control: a
+   front larger than ``LEAK_FRONT`` cross-sections of the trachea (at least ``TRACHEA_MM2``
+   each) means the growth entered the lung: it stops there and drops the leak's first steps;
+   a tree over ``MAX_AIRWAY_ML`` (a slow leak through emphysema) is dropped whole. So the tree holds what the lumen lets a tracker follow at this scan's
    resolution: trachea, main bronchi and, where their lumen stays darker than the lung
    around them, lobar bronchi.
 3. The grown tree plus one voxel in each slice (the partial-volume wall) is removed from the lung.
@@ -30,17 +32,24 @@ from emphy_dask.segment.morphology import (S2D, bbox_slices, body_air, body_midl
                                           working_grid)
 from emphy_dask.volume import craniocaudal_axis
 
-#: Lumen: block-mean HU of the working grid below this (a 3 x 3 mean of LIDC-IDRI-0013's trachea
-#: is connected from -950 up; -920 and above take in its wall's partial volume).
-LUMEN_HU = -940.0
+#: Lumen: block-mean HU of the working grid below these, each grown on its own and united (the
+#: trachea's lumen reads -920 to -970 on LIDC-IDRI-0002's 2 x 2 x 2 means, and is connected from
+#: -950 up on LIDC-IDRI-0013's 3 x 3 means; higher thresholds meet the lung sooner).
+LUMEN_STEPS_HU = (-975.0, -950.0, -925.0, -900.0)
+#: Cross-section of an adult trachea, mm^2: the least the growth assumes (150-500 measured in adults).
+TRACHEA_MM2 = 300.0
 #: A growth front this many times the trachea's cross-section (the seed) is a leak into the lung ...
 LEAK_FRONT = 3.0
 #: ... and the steps back to the last front under this many cross-sections are dropped.
 BACKTRACK_FRONT = 1.5
-#: Largest plausible trachea + bronchi volume; more means the growth entered the lung, mL.
-MAX_AIRWAY_ML = 150.0
+#: Largest plausible trachea + bronchi volume, mL; more means the growth entered the lung (the
+#: trees of the real chests in ../shared/data measure 25-38 mL, a trachea of 12 x 2.5 cm^2 30 mL).
+MAX_AIRWAY_ML = 80.0
 #: Seed: cross-section of the trachea, mm^2 (adult trachea ~150-500 mm^2).
 SEED_AREA_MM2 = (30.0, 800.0)
+#: Seed: only in slices whose inner air (lungs, trachea) is at most this fraction of the largest
+#: slice's (LIDC-IDRI-0013, -0002, RIDER: the trachea is found at 0.01-0.1).
+SEED_MAX_AIR_FRACTION = 0.3
 
 
 def dilate_2d(mask: np.ndarray, struct: np.ndarray) -> np.ndarray:
@@ -87,14 +96,20 @@ def trachea_seed(tight: np.ndarray, loose: np.ndarray, outside: np.ndarray, spac
     ring_in = disk((1.5 / sp[1], 1.5 / sp[2]))
     seed = np.zeros_like(tight)
     order = range(nz - 1, -1, -1) if sup_first else range(nz)
+    # above the lungs' widest part only: a scan that starts lower (below the carina) shows lung
+    # cut across in its top slice, and a piece of it near the midline looks like a tube
+    air_area = loose.sum(axis=(1, 2))
     for z in list(order)[: max(1, int(0.4 * nz))]:
+        if air_area[z] > SEED_MAX_AIR_FRACTION * air_area.max():
+            break
         lab, n = ndi.label(tight[z])
         if n == 0:
             continue
         areas = np.bincount(lab.ravel(), minlength=n + 1)[1:] * px_mm2
         coms = ndi.center_of_mass(tight[z], lab, np.arange(1, n + 1))
         for i, (a, c) in enumerate(zip(areas, coms)):
-            if not (SEED_AREA_MM2[0] <= a <= SEED_AREA_MM2[1] and abs(c[lr_axis - 1] - mid_lr) < 0.25 * half_width):
+            central = abs(c[lr_axis - 1] - mid_lr) < 0.25 * half_width
+            if not (SEED_AREA_MM2[0] <= a <= SEED_AREA_MM2[1] and central):
                 continue
             comp = lab == i + 1
             ring = dilate_2d(comp, ring_out) & ~dilate_2d(comp, ring_in) & ~outside[z]
@@ -105,15 +120,18 @@ def trachea_seed(tight: np.ndarray, loose: np.ndarray, outside: np.ndarray, spac
     return seed
 
 
-def grow_airway(work_hu: np.ndarray, inside: np.ndarray, seed: np.ndarray, voxel_ml: float) -> np.ndarray:
+def grow_airway(work_hu: np.ndarray, inside: np.ndarray, seed: np.ndarray, spacing_zyx_mm) -> np.ndarray:
     """The airway tree grown from ``seed`` through lumen air, with leak control (module docstring).
 
-    Wavefront growth: each step adds the lumen voxels (``HU < LUMEN_HU``, inside the body) that
-    face-touch the previous step's new voxels. Along the trachea and bronchi a front is about
+    Wavefront growth: each step adds the lumen voxels (``HU < t``, inside the body) that
+    face-touch the previous step's new voxels; one growth per ``t`` in ``LUMEN_STEPS_HU``, and
+    the tree is their union. Along the trachea and bronchi a front is about
     one cross-section; where the lumen meets lung air at that threshold (emphysema, partial
     volume) the front spreads like a sphere's surface. A front larger than ``LEAK_FRONT`` times
-    the seed's cross-section is a leak: the growth stops there, and the steps back to the last
-    front under ``BACKTRACK_FRONT`` times the seed are dropped (the leak's beginning).
+    the trachea's cross-section (the seed's, at least ``TRACHEA_MM2``: the top slice may show
+    the narrower subglottic trachea) is a leak: the growth stops there, and the steps back to
+    the last front under ``BACKTRACK_FRONT`` cross-sections are dropped (the leak's beginning).
+    Front areas are voxel counts times the in-slice pixel area.
 
     Parameters
     ----------
@@ -123,36 +141,55 @@ def grow_airway(work_hu: np.ndarray, inside: np.ndarray, seed: np.ndarray, voxel
         Air inside the body (where the tree may grow).
     seed : ndarray of bool, same shape
         From :func:`trachea_seed`.
-    voxel_ml : float
-        Volume of one working voxel, mL.
+    spacing_zyx_mm : 3 floats
+        Working voxel size, mm.
 
     Returns
     -------
     ndarray of bool, same shape; all False for an empty seed.
     """
     tree = seed.copy()
-    ref = int(seed.sum())
-    if ref == 0:
+    if not seed.any():
         return tree
-    lumen = (work_hu < LUMEN_HU) & inside
+    px_mm2 = float(spacing_zyx_mm[1] * spacing_zyx_mm[2])
+    top = max(int(seed.sum(axis=(1, 2)).max()) * px_mm2, TRACHEA_MM2) / px_mm2   # voxels
+    max_voxels = MAX_AIRWAY_ML / (float(np.prod(spacing_zyx_mm)) / 1000.0)
+    for t in LUMEN_STEPS_HU:     # the union: each tree is leak-controlled on its own
+        tree |= _wavefront(seed, (work_hu < t) & inside, top, max_voxels)
+    return tree
+
+
+def _wavefront(seed: np.ndarray, lumen: np.ndarray, top: float, max_voxels: float) -> np.ndarray:
+    """One leak-controlled wavefront growth of ``seed`` in ``lumen`` (see :func:`grow_airway`);
+    ``top``: the trachea's cross-section, voxels."""
     struct = ndi.generate_binary_structure(3, 1)
-    front, steps = seed, []
-    max_voxels = MAX_AIRWAY_ML / voxel_ml
+    tree, steps = seed.copy(), []
+    box = bbox_slices(seed, (0, 0, 0))
+    front, count = seed[box], int(seed.sum())
     while True:
-        bb = bbox_slices(front, (1, 1, 1))
-        grown = ndi.binary_dilation(front[bb], struct) & lumen[bb] & ~tree[bb]
+        # the front lives in its own box: one step reaches one voxel beyond it
+        bb = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(box, tree.shape))
+        local = np.zeros(tuple(b.stop - b.start for b in bb), bool)
+        local[tuple(slice(b.start - c.start, b.stop - c.start) for b, c in zip(box, bb))] = front
+        grown = ndi.binary_dilation(local, struct) & lumen[bb] & ~tree[bb]
         n = int(grown.sum())
         if n == 0:
             break
-        if n > LEAK_FRONT * ref or tree.sum() + n > max_voxels:     # the front entered the lung
-            while steps and steps[-1][2] > BACKTRACK_FRONT * ref:
-                box, part, _ = steps.pop()
-                tree[box] &= ~part
+        if count + n > max_voxels:
+            # a slow leak (through emphysema, fronts never large): no step can be trusted; better
+            # keep a bronchus in the lung than cut a lung away (another threshold may do)
+            return np.zeros_like(tree)
+        if n > LEAK_FRONT * top:                                    # the front entered the lung
+            while steps and steps[-1][2] > BACKTRACK_FRONT * top:
+                sb, part, _ = steps.pop()
+                tree[sb] &= ~part
             break
         tree[bb] |= grown
+        count += n
         steps.append((bb, grown, n))
-        front = np.zeros_like(tree)
-        front[bb] = grown
+        inner = bbox_slices(grown, (0, 0, 0))
+        box = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(bb, inner))
+        front = grown[inner]
     return tree
 
 
@@ -172,7 +209,7 @@ def airway_on_working_grid(work, pad, spc, axis_lps, sup_up, air_threshold_hu: f
     outside, inside = body_air(work, pad, air_threshold_hu, vox_ml)
     lr_axis, mid_lr, half_width = body_midline(~outside, axis_lps)
     seed = trachea_seed((work < -900.0) & inside, inside, outside, spc, lr_axis, mid_lr, half_width, sup_up)
-    return airway_wall(grow_airway(work, inside, seed, vox_ml), inside), inside
+    return airway_wall(grow_airway(work, inside, seed, spc), inside), inside
 
 
 def airway_tree(hu: np.ndarray, spacing_zyx_mm, direction_xyz, fov_mask: np.ndarray | None = None,

@@ -146,7 +146,7 @@ def _segment(hu, sp, axis_lps, sup_up, fov, thr, closing_mm, min_ml):
     idx = np.arange(body.shape[lr_axis])
 
     seed = trachea_seed((work < -900.0) & inside, inside, outside, spc, lr_axis, mid_lr, half_width, sup_up)
-    airway_loose = airway_wall(grow_airway(work, inside, seed, vox_ml), inside)    # with its wall
+    airway_loose = airway_wall(grow_airway(work, inside, seed, spc), inside)    # with its wall
     cand = inside & ~airway_loose
 
     lab, n = ndi.label(cand)
