@@ -81,7 +81,7 @@ dashboard_address = ":0"
 retries = 1
 gpu_workers = "auto"
 [output]
-part_size = 64
+part_size = 8
 write_masks = true
 write_qc_png = false
 """
