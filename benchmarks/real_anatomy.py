@@ -217,18 +217,19 @@ def main(argv=None) -> int:
     ap.add_argument("--severities", nargs="+", type=float, default=[5.0, 20.0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--evaluate-only", action="store_true", help="evaluate the run as it stands (e.g. a partial one)")
     a = ap.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     t = {}
     t0 = time.perf_counter()
-    if not (work / "cohort" / "truth.csv").exists():
+    if not (work / "cohort" / "truth.csv").exists() and not a.evaluate_only:
         emphy("insert", "--base", *bases(), "-o", work / "cohort", "--severities", 0, *a.severities,
               "--seed", a.seed)
     t["insert_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     (work / "job.toml").write_text(JOB.format(workers=a.workers))
-    if not (work / "run" / "scans").exists():
+    if not a.evaluate_only:
         emphy("extract", work / "cohort" / "dicom", "-o", work / "run", "--job", work / "job.toml", "--no-progress")
     t["extract_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
