@@ -98,6 +98,9 @@ def _grouped_search(estimator, grid, X, y, groups, scoring):
     from sklearn.model_selection import GridSearchCV, GroupKFold
 
     n_inner = min(3, len(np.unique(groups)))
+    if n_inner < 2:          # one training anatomy: no grouped inner fold exists; the grid's middle penalty
+        (name, values), = grid.items()
+        return estimator.set_params(**{name: values[len(values) // 2]}).fit(X, y)
     return GridSearchCV(estimator, grid, cv=GroupKFold(n_splits=n_inner), scoring=scoring).fit(X, y, groups=groups)
 
 
