@@ -159,3 +159,14 @@ def test_unusable_bases_get_one_line_reasons_and_no_output(cohort):
     assert all("\n" not in r for r in refused.values())
     assert len(list((out / "dicom").iterdir())) == len(truth) == 3
     assert (out / "refused.csv").read_text().count("\n") == 4
+
+
+def test_cli_insert_refuses_a_slab_with_exit_1(cohort, tmp_path, capsys):
+    from emphy_dask.cli import main
+
+    root = cohort[0]
+    assert main(["insert", "--base", f"thin={root / 'slab'}", "-o", str(tmp_path / "o")]) == 1
+    printed = capsys.readouterr().out
+    assert "refused thin:" in printed and "a slab of 8 slices (40 mm)" in printed
+    assert not any((tmp_path / "o").rglob("*.dcm"))
+    assert main(["insert", "--base", str(root / "slab"), "-o", str(tmp_path / "p"), "--severities", "50"]) == 2

@@ -38,6 +38,7 @@ MAX_PASSES = 12
 NO_OWNER = np.iinfo(np.int32).max
 #: Templates per radius bin and radius bins per pattern (shapes are reused, flipped).
 TEMPLATES_PER_BIN, RADIUS_BINS = 6, 12
+FEW_TEMPLATES_MM = 8.0
 
 
 def psf_sigma_mm(hu: np.ndarray, spacing_zyx_mm, fov_mask=None, default_mm: float = 0.6) -> float:
@@ -59,23 +60,13 @@ def psf_sigma_mm(hu: np.ndarray, spacing_zyx_mm, fov_mask=None, default_mm: floa
     return float(np.clip(math.sqrt(max(-slope, 0.0) / (4 * math.pi ** 2)), 0.3, 2.0))
 
 
-def _halo(offsets: np.ndarray) -> np.ndarray:
-    """The offsets and their 6 face neighbours: a lesion kept off this stays a separate cluster."""
-    steps = np.vstack([np.zeros((1, 3), int), np.eye(3, dtype=int), -np.eye(3, dtype=int)])
-    return np.unique((offsets[:, None, :] + steps[None]).reshape(-1, 3), axis=0)
-
-
 def _templates(spec, spacing_zyx_mm, sigma_mm, rng):
-    """Radius bins (mm, ascending) and per bin a list of (offsets, weights, halo) blobs."""
+    """Radius bins (mm, ascending) and per bin a list of (offsets, weights, halo) blobs
+    (``TEMPLATES_PER_BIN`` shapes per bin; 2 above ``FEW_TEMPLATES_MM``, where lesions are few
+    and templates costly)."""
     radii = np.geomspace(spec.diameter_mm[0] / 2, spec.diameter_mm[1] / 2, RADIUS_BINS)
-    out = []
-    for r in radii:
-        row = []
-        for _ in range(TEMPLATES_PER_BIN):
-            off, w = blob_template(r, spacing_zyx_mm, spec.irregularity, sigma_mm, rng)
-            row.append((off, w, _halo(off)))
-        out.append(row)
-    return radii, out
+    return radii, [[blob_template(r, spacing_zyx_mm, spec.irregularity, sigma_mm, rng)
+                    for _ in range(TEMPLATES_PER_BIN if r < FEW_TEMPLATES_MM else 2)] for r in radii]
 
 
 def _first_claims(idx: np.ndarray, scratch: np.ndarray) -> np.ndarray:
@@ -114,7 +105,7 @@ class _Canvas:
         flat_change, flat_cov = self.change.reshape(-1), self.covered.reshape(-1)
         touched, n_core, n_accepted = [], 0, 0
         for b in np.unique(bins):
-            for t in range(TEMPLATES_PER_BIN):
+            for t in range(len(templates[b])):
                 sel = (bins == b) & (which == t)
                 if not sel.any():
                     continue
@@ -251,7 +242,10 @@ def insert_emphysema(hu, lung_labels, spacing_zyx_mm, pattern: str, added_laa950
         voxel_mm3 = float(np.prod(sp))
         efficiency = 0.8                        # new LAA voxels per core voxel; measured after each pass
         mean_mm3 = mean_volume_mm3(d_aim, spec.diameter_mm)
-        core_vox = np.array([[np.count_nonzero(w >= 0.5) for _, w, _ in row] for row in templates])
+        core_vox = np.zeros((len(templates), TEMPLATES_PER_BIN), np.int64)
+        for i, row in enumerate(templates):
+            core_vox[i, :len(row)] = [np.count_nonzero(w >= 0.5) for _, w, _ in row]
+        n_shapes = np.array([len(row) for row in templates])
         separate = True
         for _ in range(MAX_PASSES):
             # Aim a little short, then top up: approach the severity from below.
@@ -259,7 +253,7 @@ def insert_emphysema(hu, lung_labels, spacing_zyx_mm, pattern: str, added_laa950
             vols = sample_volumes_mm3(int(math.ceil(1.5 * need_vox * voxel_mm3 / mean_mm3)) + 4, d_aim,
                                       spec.diameter_mm, rng)
             bins = np.clip(np.searchsorted(radii, np.cbrt(vols * 3.0 / (4.0 * np.pi))), 0, len(radii) - 1)
-            which = rng.integers(TEMPLATES_PER_BIN, size=len(vols))
+            which = rng.integers(0, n_shapes[bins])
             size = core_vox[bins, which]
             fits = size <= max(1.5 * need_vox, size.min())        # no single lesion far past the aim
             bins, which, size = bins[fits], which[fits], size[fits]

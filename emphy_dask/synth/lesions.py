@@ -86,7 +86,7 @@ def mean_volume_mm3(d: float, diameter_mm: tuple) -> float:
 
 
 def blob_template(radius_mm: float, spacing_zyx_mm, irregularity: float, sigma_mm, rng,
-                  min_weight: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+                  min_weight: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One irregular blob of equivalent radius ``radius_mm``, blurred by ``sigma_mm``.
 
     The radius is modulated by three random low-order waves of direction (amplitude
@@ -98,6 +98,8 @@ def blob_template(radius_mm: float, spacing_zyx_mm, irregularity: float, sigma_m
     offsets : ndarray int, shape (k, 3): voxel offsets (z, y, x) from the centre where the
         blurred weight >= ``min_weight``.
     weights : ndarray float32, shape (k,): the blurred indicator there, in (0, 1].
+    halo : ndarray int, shape (h, 3): the offsets and their face neighbours (a lesion kept off
+        another's halo stays a separate 6-connected cluster).
     """
     sp = np.asarray(spacing_zyx_mm, dtype=np.float64)
     sig = np.asarray(sigma_mm, dtype=np.float64)
@@ -117,7 +119,8 @@ def blob_template(radius_mm: float, spacing_zyx_mm, irregularity: float, sigma_m
     blurred = ndi.gaussian_filter(inside, sig / sp, truncate=2.5) if sig.any() else inside
     keep = blurred >= min_weight
     offsets = np.stack([g[keep] for g in grids], axis=1)
-    return offsets, np.minimum(blurred[keep], 1.0).astype(np.float32)
+    halo = np.argwhere(ndi.binary_dilation(np.pad(keep, 1))) - (half + 1)
+    return offsets, np.minimum(blurred[keep], 1.0).astype(np.float32), halo
 
 
 @dataclass(frozen=True)
