@@ -1,6 +1,6 @@
 """How far apart are two kernels of one patient, and two patients, under each embedding input recipe?
 
-    python benchmarks/recipe_embeddings.py
+    python benchmarks/recipe_embeddings.py [--hu-source harmonized] [RECIPE ...]
 
 A quick sanity check of ``[embed].input_recipe`` (upstream, lung, multiwindow) on real anatomy, not
 the benchmark that picks the default (that one needs inserted emphysema of known extent: issue 13,
@@ -29,8 +29,15 @@ SHARED = Path(os.environ.get("EMPHY_SHARED_DATA", Path(__file__).resolve().paren
 RECIPES = ("upstream", "lung", "multiwindow")
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+
     import torch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("recipes", nargs="*", default=list(RECIPES))
+    ap.add_argument("--hu-source", default="raw", choices=("raw", "harmonized"))
+    args = ap.parse_args(argv)
 
     torch.set_num_threads(1)
     _, tasks = build_manifest(SHARED / "lidc-idri-full")
@@ -43,10 +50,11 @@ def main() -> None:
 
     series = {"L": one_series("40805", "dx-L"), "B": one_series("41315", "dx-B"), "other": other}
     out = Path(tempfile.mkdtemp())
-    print("recipe      zone   |L-B|   |B-other|  ratio  cos(L,B)", flush=True)
-    for recipe in RECIPES:
+    print("recipe      HU         zone   |L-B|   |B-other|  ratio  cos(L,B)", flush=True)
+    for recipe in args.recipes:
         t0 = time.perf_counter()
-        cfg = resolve_weights(config_from_dict({"qc": {"max_hu": 4000.0}, "embed": {"input_recipe": recipe},
+        embed = {"input_recipe": recipe, "hu_source": args.hu_source}
+        cfg = resolve_weights(config_from_dict({"qc": {"max_hu": 4000.0}, "embed": embed,
                                                 "output": {"write_masks": False, "write_qc_png": False}}))
         emb = {}
         for name, task in series.items():
@@ -59,7 +67,7 @@ def main() -> None:
             a, b, o = emb["L"][zone], emb["B"][zone], emb["other"][zone]
             lb, bo = np.linalg.norm(a - b), np.linalg.norm(b - o)
             cos = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
-            print(f"{recipe:<11} {zone:<6} {lb:6.3f}  {bo:8.3f}  {lb / bo:5.2f}  {cos:.4f}", flush=True)
+            print(f"{recipe:<11} {args.hu_source:<10} {zone:<6} {lb:6.3f}  {bo:8.3f}  {lb / bo:5.2f}  {cos:.4f}", flush=True)
         print(f"({recipe}: {time.perf_counter() - t0:.0f} s)", flush=True)
 
 

@@ -91,6 +91,15 @@ def fit_run(out_dir, s: FitSettings, *, figures_on: bool = True, log=None) -> di
     (``shuffled_control`` beside each score). Raises ``CohortError`` (no model) when a class has
     fewer than ``s.min_per_class`` scans. ``log``: where notes go (warnings about covariates).
     """
+    from threadpoolctl import threadpool_limits
+
+    # thousands of small fits on tens-of-rows matrices: BLAS threads only add synchronisation (on a
+    # loaded 2-core machine each tiny product waited ~1000x longer with 2 threads than with 1)
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _fit_run(Path(out_dir), s, figures_on, log)
+
+
+def _fit_run(out_dir: Path, s: FitSettings, figures_on: bool, log) -> dict:
     out_dir = Path(out_dir)
     timing: dict = {}
     t0 = time.perf_counter()
