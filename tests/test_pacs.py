@@ -272,3 +272,26 @@ def test_pseudonymized_export_carries_no_source_identity(runs, shared_data, tmp_
         text = " ".join(str(v.value) for v in ds.iterall() if v.VR not in ("OB", "OW", "SQ"))
         leaked = [v for v in identity if v in text]
         assert leaked == [] and "LIDC" not in text, (path, leaked[:3])
+
+
+def test_forget_removes_every_row_of_the_transient_failures_and_keeps_the_rest(tmp_path):
+    """A rerun's first step for scans whose PACS transfer failed: their rows leave every table
+    (parts rewritten), the other scans of the same parts stay, nothing is written twice."""
+    from emphy_dask.job.store import RunStore
+
+    store = RunStore(tmp_path, part_size=2)
+    for i, status in enumerate(("ok", "failed", "ok", "failed")):
+        key = f"pt-{i}"
+        reason = f"http://pacs/studies/1/series/{i}: {TRANSFER_FAILED} after 3 attempts: x" if status == "failed" else None
+        store.add({"scans": {"scan_key": key, "config_hash": "h", "status": status, "reason": reason},
+                   "phenotypes": [{"scan_key": key, "config_hash": "h", "region": "WholeLung", "hu_source": "raw",
+                                   "laa950_pct": float(i)}] if status == "ok" else [],
+                   "errors": [{"scan_key": key, "config_hash": "h", "stage": "ingest", "error_type": "ScanError",
+                               "message": reason}] if status == "failed" else []})
+    store.close()
+    assert store.failed_keys(TRANSFER_FAILED) == {"pt-1", "pt-3"}
+    assert store.forget({"pt-1", "pt-3"}) == 2                       # both parts held one
+    assert sorted(read_frame(tmp_path, "scans")["scan_key"]) == ["pt-0", "pt-2"]
+    assert read_frame(tmp_path, "errors").empty
+    assert list(read_frame(tmp_path, "phenotypes")["laa950_pct"]) == [0.0, 2.0]
+    assert store.repair() == {"orphan_parts_removed": 0, "staged_scans_recovered": 0}
