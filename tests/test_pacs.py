@@ -295,3 +295,20 @@ def test_forget_removes_every_row_of_the_transient_failures_and_keeps_the_rest(t
     assert read_frame(tmp_path, "errors").empty
     assert list(read_frame(tmp_path, "phenotypes")["laa950_pct"]) == [0.0, 2.0]
     assert store.repair() == {"orphan_parts_removed": 0, "staged_scans_recovered": 0}
+
+
+def test_export_tells_a_scan_whose_source_is_gone_and_exports_the_others(runs, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from emphy_dask.export.run import export_run
+
+    out = tmp_path / "run"
+    shutil.copytree(runs[1].out_dir, out)
+    manifest = pq.read_table(out / "manifest.parquet")
+    rows = manifest.to_pylist()
+    rows[0]["paths"] = [p.replace(".dcm", "-moved.dcm") for p in rows[0]["paths"]]   # the archive lost it
+    pq.write_table(pa.Table.from_pylist(rows, schema=manifest.schema), out / "manifest.parquet")
+    summary = export_run(out, dicom_dir=tmp_path / "dcm", log=lambda *a: None)
+    assert list(summary.failed) == [rows[0]["scan_key"]] and len(summary.written) == 4
+    assert "-moved.dcm: source file not found" in summary.failed[rows[0]["scan_key"]] and summary.exit_code == 1
