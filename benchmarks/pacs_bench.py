@@ -37,8 +37,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pacs-bench-") as tmp:
         tmp = Path(tmp)
         (tmp / "job.toml").write_text(JOB)
-        (tmp / "in").mkdir()
-        (tmp / "in" / patient.name).symlink_to(patient)
+        # a CSV manifest names the one patient folder (the folder beside it holds other patients)
+        (tmp / "in.csv").write_text(f"scan_key,path\n{patient.name},{patient.resolve()}\n")
         server = OrthancServer(tmp / "orthanc").start()
         try:
             t = time.perf_counter()
@@ -50,7 +50,7 @@ def main() -> None:
                                load_job(tmp / "job.toml"), **quiet)
             t_pacs = time.perf_counter() - t
             t = time.perf_counter()
-            local = run_extract(tmp / "in", tmp / "local", load_job(tmp / "job.toml"), **quiet)
+            local = run_extract(tmp / "in.csv", tmp / "local", load_job(tmp / "job.toml"), **quiet)
             t_local = time.perf_counter() - t
             print(f"extract wall: DICOMweb {t_pacs:.1f} s, local folder {t_local:.1f} s; counts {dict(pacs.counts)} "
                   f"vs {dict(local.counts)}")
