@@ -272,3 +272,43 @@ def test_pseudonymized_export_carries_no_source_identity(runs, shared_data, tmp_
         text = " ".join(str(v.value) for v in ds.iterall() if v.VR not in ("OB", "OW", "SQ"))
         leaked = [v for v in identity if v in text]
         assert leaked == [] and "LIDC" not in text, (path, leaked[:3])
+
+
+def test_forget_removes_every_row_of_the_transient_failures_and_keeps_the_rest(tmp_path):
+    """A rerun's first step for scans whose PACS transfer failed: their rows leave every table
+    (parts rewritten), the other scans of the same parts stay, nothing is written twice."""
+    from emphy_dask.job.store import RunStore
+
+    store = RunStore(tmp_path, part_size=2)
+    for i, status in enumerate(("ok", "failed", "ok", "failed")):
+        key = f"pt-{i}"
+        reason = f"http://pacs/studies/1/series/{i}: {TRANSFER_FAILED} after 3 attempts: x" if status == "failed" else None
+        store.add({"scans": {"scan_key": key, "config_hash": "h", "status": status, "reason": reason},
+                   "phenotypes": [{"scan_key": key, "config_hash": "h", "region": "WholeLung", "hu_source": "raw",
+                                   "laa950_pct": float(i)}] if status == "ok" else [],
+                   "errors": [{"scan_key": key, "config_hash": "h", "stage": "ingest", "error_type": "ScanError",
+                               "message": reason}] if status == "failed" else []})
+    store.close()
+    assert store.failed_keys(TRANSFER_FAILED) == {"pt-1", "pt-3"}
+    assert store.forget({"pt-1", "pt-3"}) == 2                       # both parts held one
+    assert sorted(read_frame(tmp_path, "scans")["scan_key"]) == ["pt-0", "pt-2"]
+    assert read_frame(tmp_path, "errors").empty
+    assert list(read_frame(tmp_path, "phenotypes")["laa950_pct"]) == [0.0, 2.0]
+    assert store.repair() == {"orphan_parts_removed": 0, "staged_scans_recovered": 0}
+
+
+def test_export_tells_a_scan_whose_source_is_gone_and_exports_the_others(runs, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from emphy_dask.export.run import export_run
+
+    out = tmp_path / "run"
+    shutil.copytree(runs[1].out_dir, out)
+    manifest = pq.read_table(out / "manifest.parquet")
+    rows = manifest.to_pylist()
+    rows[0]["paths"] = [p.replace(".dcm", "-moved.dcm") for p in rows[0]["paths"]]   # the archive lost it
+    pq.write_table(pa.Table.from_pylist(rows, schema=manifest.schema), out / "manifest.parquet")
+    summary = export_run(out, dicom_dir=tmp_path / "dcm", log=lambda *a: None)
+    assert list(summary.failed) == [rows[0]["scan_key"]] and len(summary.written) == 4
+    assert "-moved.dcm: source file not found" in summary.failed[rows[0]["scan_key"]] and summary.exit_code == 1

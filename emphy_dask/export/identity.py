@@ -2,8 +2,8 @@
 
 A SEG or SR copies the patient and study module of its source (it belongs in the patient's
 record). For a pseudonymised export every patient/study attribute that identifies is replaced
-or emptied (PS3.15 basic profile style: names, IDs, dates, times, accession, physicians,
-institution), PatientID and PatientName become the scan's pseudonym, and every UID taken from
+or emptied (PS3.15 basic profile style: names, IDs, accession, physicians, institution, and
+every date and time but the object's own creation), PatientID and PatientName become the scan's pseudonym, and every UID taken from
 the source (study, series, frame of reference, each referenced instance) is replaced by
 ``2.25.<keyed hash>``: consistent within and across objects of the same secret (the SR's
 reference to the SEG and both references to the sources still agree), not reversible without it.
@@ -24,7 +24,9 @@ IDENTIFYING = ("PatientBirthDate", "PatientSex", "PatientAge", "PatientBirthTime
                "InstitutionAddress", "InstitutionalDepartmentName", "StationName", "PerformingPhysicianName",
                "NameOfPhysiciansReadingStudy", "OperatorsName", "RequestingPhysician", "StudyDescription",
                "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID")
-#: the object's own dates, times and device (when and by what it was made) are not the source's: kept
+#: the object's own dates and times (when it was made) are not the source's: kept; every other
+#: date or time (study, acquisition, the source's contributing equipment, ...) goes
+OWN_TIMES = {"ContentDate", "ContentTime", "SeriesDate", "SeriesTime", "InstanceCreationDate", "InstanceCreationTime"}
 _TYPE2 = {"PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
           "ReferringPhysicianName"}
 
@@ -45,7 +47,7 @@ def pseudonymize_dataset(ds: Dataset, alias: str, uids: set[str], secret: bytes)
                 values = elem.value if elem.VM > 1 else [elem.value]
                 new = [pseudo_uid(str(v), secret) if str(v) in uids else v for v in values]
                 elem.value = new if elem.VM > 1 else new[0]
-            if elem.keyword in IDENTIFYING:
+            if elem.keyword in IDENTIFYING or (elem.VR in ("DA", "DT", "TM") and elem.keyword not in OWN_TIMES):
                 if elem.keyword in _TYPE2 and d is ds:
                     elem.value = "" if elem.VR != "SQ" else []
                 else:

@@ -10,6 +10,7 @@ table); ``--pseudonymize`` replaces it (``identity.py``).
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -79,20 +80,24 @@ def build_objects(task, out_dir: Path, scan_row: dict, phenotype_rows: list[dict
 
 
 def _tasks(out_dir: Path, input_path, pseudo):
-    """scan key -> ScanTask (with the source paths) of the run."""
-    from ..job.manifest import MANIFEST_FILE, PSEUDONYMIZED, iter_manifest, iter_manifest_file
+    """The run's ScanTasks with their source paths, streamed from its manifest (or, for a
+    ``--pseudonymize`` run whose public manifest holds no paths, from INPUT indexed again and
+    keyed by the same pseudonyms)."""
     import pyarrow.parquet as pq
 
+    from ..job.manifest import MANIFEST_FILE, PSEUDONYMIZED, iter_manifest, iter_manifest_file
+
     manifest = out_dir / MANIFEST_FILE
-    meta = pq.ParquetFile(manifest).schema_arrow.metadata or {}
-    if meta.get(PSEUDONYMIZED) != b"true":
-        return {t.scan_key: t for t in iter_manifest_file(manifest)}
+    if not manifest.is_file():
+        raise ScanError(manifest, "not a run of emphy extract (no manifest.parquet)", stage="export")
+    if (pq.ParquetFile(manifest).schema_arrow.metadata or {}).get(PSEUDONYMIZED) != b"true":
+        yield from iter_manifest_file(manifest)
+        return
     if input_path is None or pseudo is None:
         raise ScanError(manifest, "a --pseudonymize run's manifest holds no paths: give --input (the run's INPUT) "
                                   "and --pseudonymize with the run's secret", stage="export")
-    root, tasks = iter_manifest(input_path)
-    pseudo = pseudo.__class__(pseudo.secret, root)
-    return {pseudo.key(t.scan_key): t for t in tasks}
+    for task in iter_manifest(input_path)[1]:
+        yield dataclasses.replace(task, scan_key=pseudo.key(task.scan_key))
 
 
 def export_run(out_dir, dicom_dir=None, stow_url: str | None = None, pseudonymize: bool = False,
@@ -102,7 +107,6 @@ def export_run(out_dir, dicom_dir=None, stow_url: str | None = None, pseudonymiz
     from ..job.pseudonym import Pseudonymizer
     from ..scan_state import artifact_stem
     from ..tables import read_frame
-    from .identity import pseudonymize_dataset
 
     out_dir = Path(out_dir)
     if dicom_dir is None and stow_url is None:
@@ -122,43 +126,52 @@ def export_run(out_dir, dicom_dir=None, stow_url: str | None = None, pseudonymiz
     pheno = read_frame(out_dir, "phenotypes")
     pheno = pheno[pheno["hu_source"] == "raw"]
     pred = read_frame(out_dir, "predictions") if (out_dir / "predictions").is_dir() else None
-    tasks = _tasks(out_dir, input_path, pseudo)
+    todo = {row["scan_key"]: row for row in scans.to_dict("records")}
     summary = ExportSummary()
-    for row in scans.to_dict("records"):
-        key = row["scan_key"]
-        scores = {}
-        if pred is not None:
-            mine = pred[pred["scan_key"] == key]
-            scores = dict(zip(mine["model"], mine["probability"]))
-        try:
-            if key not in tasks:
-                raise ScanError(out_dir, "scan not in the run's manifest", stage="export")
-            rows = pheno[pheno["scan_key"] == key].to_dict("records")
-            seg, sr = build_objects(tasks[key], out_dir, row, rows, scores)
-            if pseudo is not None:
-                alias = key if key.startswith("anon-") else pseudo.key(key)
-                uids = {str(seg.StudyInstanceUID), str(seg.FrameOfReferenceUID),
-                        *(str(s.SeriesInstanceUID) for s in seg.ReferencedSeriesSequence),
-                        *(str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence
-                          for i in s.ReferencedInstanceSequence)}
-                for ds in (seg, sr):
-                    pseudonymize_dataset(ds, alias, uids, pseudo.secret)
-                key = alias
-            if dicom_dir is not None:
-                folder = Path(dicom_dir) / artifact_stem(key)
-                folder.mkdir(parents=True, exist_ok=True)
-                for name, ds in (("seg", seg), ("sr", sr)):
-                    path = folder / f"{name}.dcm"
-                    tmp = folder / f".tmp-{name}.dcm"
-                    ds.save_as(tmp, enforce_file_format=True)
-                    tmp.replace(path)
-                    summary.written.append(path)
-            if stow is not None:
-                stow.store_instances([seg, sr])
-                summary.stored += 1
-            log(f"{key}: SEG ({len(seg.SegmentSequence)} segments) and SR written")
-        except Exception as exc:  # noqa: BLE001 - one scan's failure is reported, the others go on
-            reason = exc.reason if isinstance(exc, ScanError) else f"{type(exc).__name__}: {exc}"
-            summary.failed[key] = " ".join(str(reason).split())[:500]
-            log(f"{key}: not exported: {summary.failed[key]}")
+    for task in _tasks(out_dir, input_path, pseudo):
+        row = todo.pop(task.scan_key, None)
+        if row is not None:
+            _export_scan(task, row, out_dir, pheno, pred, dicom_dir, stow, pseudo, summary, log)
+    for key in todo:       # ok in the tables but not in the manifest: told, never silently skipped
+        summary.failed[key] = "scan not in the run's manifest"
+        log(f"{key}: not exported: scan not in the run's manifest")
     return summary
+
+
+def _export_scan(task, row: dict, out_dir: Path, pheno, pred, dicom_dir, stow, pseudo, summary, log) -> None:
+    """SEG + SR of one scan, written and/or stored; a failure is recorded in ``summary`` with its reason."""
+    from ..pipeline import artifact_stem
+    from .identity import pseudonymize_dataset
+
+    key = row["scan_key"]
+    scores = {}
+    if pred is not None:
+        mine = pred[pred["scan_key"] == key]
+        scores = dict(zip(mine["model"], mine["probability"]))
+    try:
+        seg, sr = build_objects(task, out_dir, row, pheno[pheno["scan_key"] == key].to_dict("records"), scores)
+        if pseudo is not None:
+            key = key if key.startswith("anon-") else pseudo.key(key)   # a --pseudonymize run's keys already are
+            refs = seg.ReferencedSeriesSequence
+            uids = {str(seg.StudyInstanceUID), str(seg.FrameOfReferenceUID), *(str(r.SeriesInstanceUID) for r in refs),
+                    *(str(i.ReferencedSOPInstanceUID) for r in refs for i in r.ReferencedInstanceSequence)}
+            for ds in (seg, sr):
+                pseudonymize_dataset(ds, key, uids, pseudo.secret)
+        if dicom_dir is not None:
+            folder = Path(dicom_dir) / artifact_stem(key)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, ds in (("seg", seg), ("sr", sr)):
+                tmp = folder / f".tmp-{name}.dcm"       # a reader never sees a partial file
+                ds.save_as(tmp, enforce_file_format=True)
+                summary.written.append(tmp.replace(folder / f"{name}.dcm"))
+        if stow is not None:
+            stow.store_instances([seg, sr])
+            summary.stored += 1
+        log(f"{key}: SEG ({len(seg.SegmentSequence)} segments) and SR exported")
+    except Exception as exc:  # noqa: BLE001 - one scan's failure is reported, the others go on
+        if isinstance(exc, FileNotFoundError):
+            reason = f"{exc.filename}: source file not found (moved or deleted since the run)"
+        else:
+            reason = f"{exc.path}: {exc.reason}" if isinstance(exc, ScanError) else f"{type(exc).__name__}: {exc}"
+        summary.failed[key] = " ".join(str(reason).split())[:500]
+        log(f"{key}: not exported: {summary.failed[key]}")
