@@ -20,3 +20,9 @@ class ScanError(Exception):
         self.reason = reason
         self.stage = stage
         super().__init__(f"{self.path}: {reason}")
+
+
+class StorageUnavailable(ScanError):
+    """The object store holding a scan's files could not be reached (connection refused, reset,
+    timed out). Transient: the scan is reported with this reason but not written as done, so a
+    rerun processes it (``job.runner``)."""

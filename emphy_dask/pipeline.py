@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -122,11 +121,11 @@ def _load(task: ScanTask):
 
 
 def atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` then rename to ``path``: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
+    """``write(tmp)`` then rename to ``path`` (or upload it whole to an object store,
+    ``io.storage.write_via_file``): readers never see a partial file."""
+    from .io.storage import write_via_file
+
+    write_via_file(path, write)
 
 
 class StageClock:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from . import storage
+
 # Allow-list of tags read from each header (pydicom ``specific_tags``): reading only these
 # is faster than a full parse and guarantees no PHI enters the record.
 _HEADER_TAGS = [
@@ -34,8 +36,11 @@ def find_files(root) -> list[Path]:
     """Every regular file under ``root`` (recursive), sorted; hidden files/folders skipped.
 
     Uses ``os.scandir`` (one syscall per directory entry) because archives hold 10^5-10^6
-    files. Symlinked directories are not followed (avoids cycles).
+    files. Symlinked directories are not followed (avoids cycles). An object-store URL is listed
+    by its store (``storage.list_files``).
     """
+    if storage.is_url(root):
+        return [Path(u) for u in storage.list_files(root)]
     root = Path(root)
     if root.is_file():
         return [root]
@@ -73,6 +78,8 @@ def empty_scan_folders(root, keys, include_root: bool = True) -> list[str]:
     Only the parents of the known scan keys are listed (one ``scandir`` each), so this stays
     cheap on large archives; empty study/series folders inside a patient are not scans.
     """
+    if storage.is_url(root):
+        return []       # an object store has no empty folders: a prefix exists through its files
     root = Path(root)
     folder_keys = {k.split("#")[0] for k in keys if k != root.name}
     parents = {Path(k).parent for k in folder_keys}
@@ -132,7 +139,7 @@ def _read_dataset(path: str):
     """(dataset, has_pixels), None when ``path`` is not DICOM or is a DICOMDIR (an index, not
     an image), or an error string when it is DICOM (has the "DICM" preamble) but cannot be
     parsed (truncated / corrupt)."""
-    with open(path, "rb") as fp:
+    with storage.open_head(path) as fp:
         try:
             ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         except InvalidDicomError:
@@ -146,6 +153,8 @@ def _read_dataset(path: str):
             except Exception:
                 return None
         except Exception as e:  # DICM preamble present but the header is broken
+            if storage.unreachable(e):     # the store went away mid-read: not the file's fault
+                raise storage.fault(path, e) from e
             return f"truncated or corrupt DICOM header ({type(e).__name__}: {e})"
         fm = getattr(ds, "file_meta", None)
         if fm is not None and str(fm.get("MediaStorageSOPClassUID", "")) == _DICOMDIR_CLASS:
@@ -257,9 +266,8 @@ def index_files(paths, root) -> list[dict]:
     Each record gets ``scan_key`` (see ``scan_key_of``). Stateless and picklable, so it
     can be mapped over chunks on Dask workers.
     """
-    out = []
-    for p in paths:
-        rec = read_header(p)
+    paths, out = list(paths), []
+    for p, rec in zip(paths, storage.fetch_map(read_header, paths)):
         if rec is not None:
             rec["scan_key"] = scan_key_of(p, root)
             out.append(rec)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import uuid
 from collections import Counter, deque
 from pathlib import Path
@@ -22,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import ScanError
+from ..io import storage
 from ..pipeline import ScanTask, selection_columns
 from ..tables import arrow_schema, to_arrow
 
@@ -151,12 +153,21 @@ def ordered_map(client, fn, items, *, in_flight: int = 32, name: str = "index", 
         yield item, result
 
 
-def iter_tree(root: Path, client=None, in_flight: int = 32):
-    """The tasks of a DICOM/image tree, unit by unit (see the module doc)."""
+def _entries(root: Path) -> list[tuple[str, bool]]:
+    """(name, is_dir) of the non-hidden entries of ``root`` that are folders or files, sorted."""
+    if storage.is_url(root):
+        return storage.list_dir(root)
     with os.scandir(root) as it:
         entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it if not e.name.startswith("."))
+    return [(name, is_dir) for name, is_dir in entries if is_dir or (root / name).is_file()]
+
+
+def iter_tree(root: Path, client=None, in_flight: int = 32):
+    """The tasks of a DICOM/image tree (a folder, or a prefix in an object store), unit by unit
+    (see the module doc): each worker lists and reads its own units."""
+    entries = _entries(root)
     dirs = [str(root / name) for name, is_dir in entries if is_dir]
-    files = [root / name for name, is_dir in entries if not is_dir and (root / name).is_file()]
+    files = [root / name for name, is_dir in entries if not is_dir]
     # keys a root-level file may take (a series in the root, image stems): a unit's task with the
     # same key came first and keeps it (as unique_keys on the whole tree)
     watch = {root.name} | {_image_key(f, root) for f in files if _is_image(f)}
@@ -193,8 +204,14 @@ def build_manifest(input_path: str | Path, client=None) -> tuple[Path, list[Scan
 
 
 def iter_manifest(input_path: str | Path, client=None, in_flight: int = 32):
-    """(input root, iterator of ScanTask) of a tree, a CSV manifest or a run's manifest.parquet."""
+    """(input root, iterator of ScanTask) of a tree, a CSV manifest or a run's manifest.parquet,
+    local or in an object store (``storage``). ``job.inputs.iter_input`` dispatches to this."""
     path = Path(input_path)
+    if storage.is_url(path):
+        fs, inner = storage.filesystem(path)
+        if fs.isfile(inner):
+            return read_manifest_file(path, client, in_flight)
+        return path, iter_tree(path, client, in_flight)
     if path.is_file():
         return read_manifest_file(path, client, in_flight)
     if not path.is_dir():
@@ -233,8 +250,9 @@ def read_manifest_file(path: Path, client=None, in_flight: int = 32):
     """(root, iterator of ScanTask) of a manifest: our own ``manifest.parquet`` or a CSV with
     columns ``scan_key,path``.
 
-    In a CSV, ``path`` is a series folder, a patient folder or an image file, relative to the
-    CSV's folder or absolute; each row is indexed on a worker. A key listed twice becomes ``key~2``.
+    In a CSV, ``path`` (or ``url``) is a series folder, a patient folder or an image file, relative
+    to the CSV's folder or absolute, or an object-store URL (``s3://bucket/series/``); each row is
+    indexed on a worker. A key listed twice becomes ``key~2``.
     """
     if path.suffix == ".parquet":
         meta = pq.ParquetFile(path).schema_arrow.metadata or {}
@@ -244,16 +262,19 @@ def read_manifest_file(path: Path, client=None, in_flight: int = 32):
         return Path(meta.get(b"emphy.input_root", b".").decode()), iter_manifest_file(path)
     import csv
 
-    root = path.parent.resolve()
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"scan_key", "path"} <= set(reader.fieldnames):
-            raise ScanError(path, "manifest CSV needs the columns scan_key,path", stage="index")
+    import io
+
+    root = path.parent if storage.is_url(path) else path.parent.resolve()
+    text = storage.read_bytes(path).decode("utf-8-sig")
+    fields = csv.DictReader(io.StringIO(text)).fieldnames or []
+    column = "path" if "path" in fields else "url"
+    if not {"scan_key", column} <= set(fields):
+        raise ScanError(path, "manifest CSV needs the columns scan_key,path (or scan_key,url)", stage="index")
 
     def rows():
-        with path.open(newline="") as fh:
-            for row in csv.DictReader(fh):
-                yield row["scan_key"], str((root / row["path"]).resolve())
+        for row in csv.DictReader(io.StringIO(text)):
+            target = row[column].strip()
+            yield row["scan_key"], (target if storage.is_url(target) else str((root / target).resolve()))
 
     def tasks():
         seen: Counter = Counter()
@@ -275,11 +296,19 @@ def _row_tasks(row: tuple[str, str], root: str) -> list[ScanTask]:
     from ..io.image_io import label_image_reason
 
     key, target = row[0], Path(row[1])
-    if target.is_file() and _is_image(target):
+    if storage.is_url(target):              # a series folder URL (``.../*`` as IDC's manifests write it)
+        target = Path(storage.as_url(target).removesuffix("*").rstrip("/"))
+        files = find_files(target)
+        if not files:
+            return [ScanTask(key, "error", error="listed in the manifest but not found (no object under this URL)",
+                             error_path=storage.as_url(target))]
+        files = _dicom_candidates(files)
+    elif target.is_file() and _is_image(target):
         return [_image_task(key, target, label_image_reason(target))]
-    if not target.exists():
+    elif not target.exists():
         return [ScanTask(key, "error", error="listed in the manifest but not found", error_path=str(target))]
-    files = [target] if target.is_file() else find_files(target)
+    else:
+        files = [target] if target.is_file() else find_files(target)
     records = [dict(r, scan_key=key) for r in index_files(files, Path(root))]
     if not records:
         return [ScanTask(key, "error", error="no DICOM files found", error_path=str(target))]
@@ -292,7 +321,8 @@ def iter_manifest_file(path: Path, batch_rows: int = 128):
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
         for row in batch.to_pylist():
             sel = {k: row[k] for k in ("n_candidate_series", "not_picked", "multi_kernel", "kernels_in_study")}
-            yield ScanTask(row["scan_key"], row["kind"], tuple(str(root / p) for p in row["paths"] or ()),
+            yield ScanTask(row["scan_key"], row["kind"], tuple(p if storage.is_url(p) else str(root / p)
+                                                              for p in row["paths"] or ()),
                            sel, row["error"], row["error_path"])
 
 
@@ -310,7 +340,9 @@ class ManifestWriter:
             meta[PSEUDONYMIZED] = b"true"
         schema = arrow_schema("manifest")
         self.schema = schema.with_metadata({**(schema.metadata or {}), **meta})
-        self.tmp = self.final.with_name(".tmp-" + self.final.name)
+        # an object store has no rename: the file is written locally and uploaded whole on close
+        self.tmp = (Path(tempfile.mkdtemp(prefix="emphy-manifest-")) / self.final.name if storage.is_url(self.final)
+                    else self.final.with_name(".tmp-" + self.final.name))
         self.writer = pq.ParquetWriter(self.tmp, self.schema)
         self.rows: list[dict] = []
         self.kinds: Counter = Counter()
@@ -322,7 +354,7 @@ class ManifestWriter:
                 try:
                     rel.append(Path(p).relative_to(self.root).as_posix())
                 except ValueError:
-                    rel.append(str(p))
+                    rel.append(storage.as_url(p))
         sel = t.selection
         self.rows.append({"scan_key": t.scan_key, "kind": t.kind, "paths": None if self.drop_paths else rel, "error": t.error,
                           "error_path": t.error_path,
@@ -341,12 +373,18 @@ class ManifestWriter:
     def close(self) -> Path:
         self._flush()
         self.writer.close()
-        os.replace(self.tmp, self.final)
+        if storage.is_url(self.final):
+            storage.write_via_file(self.final, lambda p: os.replace(self.tmp, p))
+            self.tmp.parent.rmdir()
+        else:
+            os.replace(self.tmp, self.final)
         return self.final
 
     def abort(self) -> None:
         self.writer.close()
         self.tmp.unlink(missing_ok=True)
+        if storage.is_url(self.final):
+            self.tmp.parent.rmdir()
 
 
 def write_manifest(out_dir: Path, root: Path, tasks) -> Path:

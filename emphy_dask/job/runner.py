@@ -12,12 +12,15 @@ for the set of done keys (~100 bytes a scan).
 Progress goes to the progress bar and to the scheduler's Prometheus ``/metrics`` (``metrics``).
 ``--pseudonymize`` (``pseudonym``) replaces every key before any work. A lost scheduler stops the
 job (``SchedulerLost``; the CLI exits 3) with every finished scan written: a rerun resumes.
+
+INPUT and OUT may be object-store URLs (``io.storage``; INPUT kinds: ``inputs``): the job checks
+both before any work, workers read their series from the store themselves, and a scan whose store
+could not be reached (``StorageUnavailable``) is reported but not written, so a rerun does it.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,14 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..errors import ScanError
 from ..device_stages import resolve_weights
+from ..io import storage
 from ..pipeline import STAGES, ScanTask
 from .cluster import connect, worker_count
 from .flow import FlowLimits, ScanFlow, SchedulerLost
-from .manifest import MANIFEST_FILE, ManifestWriter, iter_manifest, iter_manifest_file
+from .inputs import check_input, iter_input
+from .manifest import MANIFEST_FILE, ManifestWriter, iter_manifest_file
 from .metrics import MetricsReporter
 from .pseudonym import Pseudonymizer
+from .storage_options import share_storage_options
 from .store import RunStore, clean_out_dir
 from .summary import exclusion_report
 
@@ -49,10 +54,14 @@ class ExtractSummary:
     counts: Counter = field(default_factory=Counter)
     wall_s: float = 0.0
     dashboard_link: str | None = None
+    #: (scan_key, reason) of scans whose object store could not be reached: not written, a rerun does them
+    unavailable: list = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        """0 unless nothing at all could be processed."""
+        """0 unless nothing at all could be processed, or scans are left for a rerun (1)."""
+        if self.unavailable:
+            return 1
         processed = self.counts.get("ok", 0) + self.counts.get("excluded", 0)
         return 0 if (processed > 0 or (self.n_scans > 0 and self.n_skipped == self.n_scans)) else 1
 
@@ -144,9 +153,10 @@ class _Indexed:
 def _index(input_path, out_dir: Path, client, done: dict, limit: int | None, pseudo, tmp: Path) -> _Indexed:
     """Stream the manifest of ``input_path`` into OUT/manifest.parquet (and, pseudonymised, a
     working copy with the paths outside OUT); count what is to do."""
-    root, stream = iter_manifest(input_path, client)
+    root, stream = iter_input(input_path, client)
     public = ManifestWriter(out_dir / MANIFEST_FILE, root, drop_paths=pseudo is not None)
-    work = ManifestWriter(tmp / MANIFEST_FILE, root) if pseudo is not None else public
+    # the run reads its manifest back: a local copy when OUT is in an object store
+    work = ManifestWriter(tmp / MANIFEST_FILE, root) if pseudo is not None or storage.is_url(out_dir) else public
     if pseudo is not None:
         pseudo = dataclasses.replace(pseudo, root=root)
     info = _Indexed(root, work.final)
@@ -190,20 +200,27 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
     Raises ``SchedulerLost`` when the scheduler goes away mid-run (finished scans are written).
     """
     t0 = time.perf_counter()
-    if not Path(input_path).exists():
-        raise ScanError(input_path, "input not found: neither a folder nor a manifest file", stage="index")
+    storage_options, config = config.storage, dataclasses.replace(config, storage={})  # never in a task
+    storage.configure(storage_options)
+    check_input(input_path)                  # a bad path or URL, a refused credential: stops here
     pseudo = Pseudonymizer.from_env() if pseudonymize else None   # no secret: stops here
     config = resolve_weights(config)         # a missing weight file stops here, before any work
-    out_dir = Path(out_dir).resolve()
+    if storage.is_url(out_dir):
+        out_dir = Path(storage.as_url(out_dir))
+        storage.check_output(out_dir)
+    else:
+        out_dir = Path(out_dir).resolve()
     if overwrite:
         clean_out_dir(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not storage.is_url(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     store = RunStore(out_dir, config.output.part_size)
     store.check_config(config.config_hash)   # before any work: refuse mixing settings in one OUT
     store.check_pseudonym(pseudo.fingerprint if pseudo else None)
     repaired = store.repair()
 
     conn = connect(config.cluster, scheduler=scheduler, workers=workers, security=security)
+    share_storage_options(conn.client, storage_options)
     metrics = MetricsReporter(conn.client, out_dir.name, {"job": config.name, "config_hash": config.config_hash,
                                                           "version": __version__}, log=log)
     bar = _Progress(0, False)
@@ -236,6 +253,7 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
         mem = _memory_limit(conn.client)
         left = n_todo
         retry: list = []
+        unavailable: list = []
 
         def record(task, result, in_flight: int) -> None:
             nonlocal left
@@ -243,6 +261,11 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
                 result = lost_scan_result(task, config, result, mem)
             if pseudo is not None:
                 result = pseudo.scrub_result(result, task)
+            if _unavailable(result):             # the store was unreachable: not done, a rerun does it
+                unavailable.append((result["scans"]["scan_key"], result["scans"]["reason"]))
+                left -= 1
+                bar.update("unavailable")
+                return
             store.add(result)
             left -= 1
             bar.update(result["scans"]["status"])
@@ -278,9 +301,17 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
 
     wall = time.perf_counter() - t0
     counts = Counter(store.counts())
-    summary = ExtractSummary(out_dir, idx.n_tasks, idx.n_done, counts, wall, link)
-    _write_run_json(out_dir, config, input_path, summary, t_index, repaired, bar.counts, pseudo)
+    summary = ExtractSummary(out_dir, idx.n_tasks, idx.n_done, counts, wall, link, unavailable)
+    if unavailable:
+        log(f"{len(unavailable)} scan(s) not done, their object store could not be reached "
+            f"(e.g. {unavailable[0][1]}); rerun the same command to complete them")
+    _write_run_json(out_dir, config, input_path, summary, t_index, repaired, bar.counts, pseudo,
+                    storage.redacted(storage_options))
     return summary
+
+
+def _unavailable(result: dict) -> bool:
+    return any(e.get("error_type") == "StorageUnavailable" for e in result.get("errors", []))
 
 
 def _close_quietly(conn) -> None:
@@ -315,12 +346,13 @@ def _stage_totals(out_dir: Path) -> dict:
 
 
 def _write_run_json(out_dir: Path, config, input_path, summary: ExtractSummary, t_index: float,
-                    repaired: dict, this_run: Counter, pseudo=None) -> None:
+                    repaired: dict, this_run: Counter, pseudo=None, storage_options: dict | None = None) -> None:
+    source = storage.as_url(input_path) if storage.is_url(input_path) else str(Path(input_path).resolve())
     info = {
         "command": "extract",
-        "input": str(Path(input_path).resolve()) if pseudo is None else pseudo.key(str(Path(input_path).resolve())),
+        "input": source if pseudo is None else pseudo.key(source),
         "pseudonymized": pseudo is not None,
-        "config": config.to_dict(),
+        "config": {**config.to_dict(), "storage": storage_options or {}},   # secrets as ***
         "config_hash": config.config_hash,
         "versions": _versions(),
         "git_revision": _git_revision(),
@@ -333,7 +365,6 @@ def _write_run_json(out_dir: Path, config, input_path, summary: ExtractSummary, 
         "index_s": round(t_index, 3),
         "worker_seconds_per_stage": _stage_totals(out_dir),
         "exclusions": exclusion_report(out_dir),   # per QC rule: count, value range, job key, warnings
+        "unavailable": [{"scan_key": k, "reason": r} for k, r in summary.unavailable],
     }
-    tmp = out_dir / ".tmp-run.json"
-    tmp.write_text(json.dumps(info, indent=2, default=str))
-    os.replace(tmp, out_dir / "run.json")
+    storage.write_bytes(out_dir / "run.json", json.dumps(info, indent=2, default=str).encode())

@@ -70,10 +70,13 @@ def _skipped_files(out_dir: Path, at_most: int = 20) -> dict:
 
     from .manifest import MANIFEST_FILE
 
+    from ..io import storage
+
     path = out_dir / MANIFEST_FILE
-    if not path.exists():
+    if not storage.exists(path):
         return {"n": 0, "examples": []}
-    rows = [r for r in pq.read_table(path, columns=["scan_key", "kind", "error"]).to_pylist()
+    filesystem, where = storage.arrow_filesystem(path)       # a local path or an object-store URL
+    rows = [r for r in pq.read_table(where, columns=["scan_key", "kind", "error"], filesystem=filesystem).to_pylist()
             if r["kind"] == "skipped"]
     return {"n": len(rows), "examples": [{"scan_key": r["scan_key"], "reason": r["error"]} for r in rows[:at_most]]}
 
