@@ -87,8 +87,10 @@ def cmd_extract(args) -> int:
     except SchedulerLost as exc:
         print(f"emphy extract: {exc}", file=sys.stderr)
         return 3
+    from .io.storage import as_url
+
     c = summary.counts
-    print(f"{summary.out_dir}: {summary.n_scans} scans ({summary.n_skipped} resumed) - ok {c.get('ok', 0)}, "
+    print(f"{as_url(summary.out_dir)}: {summary.n_scans} scans ({summary.n_skipped} resumed) - ok {c.get('ok', 0)}, "
           f"excluded {c.get('excluded', 0)}, failed {c.get('failed', 0)} in {summary.wall_s:.1f} s")
     from .job.summary import exclusion_lines, exclusion_report
 
@@ -156,8 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("extract", help="run the distributed job over a DICOM tree or a manifest")
-    p.add_argument("input", help="DICOM tree (any layout), image tree, or manifest (.csv scan_key,path / .parquet)")
-    p.add_argument("-o", "--out", required=True, help="run folder (Parquet tables, masks, QC images)")
+    p.add_argument("input", help="DICOM tree (any layout), image tree, s3:// or gs:// prefix, or manifest "
+                                 "(.csv scan_key,path|url / .parquet / IDC .s5cmd)")
+    p.add_argument("-o", "--out", required=True, help="run folder or s3:// / gs:// prefix (Parquet tables, masks, "
+                                                      "QC images)")
     _add_extract_args(p)
     p.set_defaults(func=cmd_extract)
 

@@ -31,8 +31,8 @@ _URL = re.compile(r"^(?P<proto>[a-z][a-z0-9]*):/+(?P<rest>.*)$")
 HEAD_BYTES = 1 << 16
 #: Remote files fetched concurrently per worker thread pool (latency hiding, bounded memory).
 FETCH_THREADS = 8
-_SECRET_KEYS = ("key", "secret", "token", "session_token", "password", "account_key", "sas_token",
-                "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "credentials")
+#: An option whose name holds one of these is a credential (key, secret, aws_session_token, ...).
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential", "sas")
 _OPTIONS: dict[str, dict] = {}
 
 
@@ -74,7 +74,7 @@ def redacted(options: dict | None) -> dict:
     def walk(v, key=""):
         if isinstance(v, dict):
             return {k: walk(x, k) for k, x in v.items()}
-        return "***" if key.lower() in _SECRET_KEYS else v
+        return "***" if any(w in key.lower() for w in _SECRET_WORDS) else v
     return walk(options or {})
 
 
