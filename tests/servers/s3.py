@@ -102,10 +102,11 @@ def s3_server():
 @pytest.fixture(scope="module")
 def s3_slabs(s3_server):
     """The shared LIDC slabs (3 patients) copied to ``s3://<bucket>/lidc-idri-slabs``: (server, URL)."""
-    from ..conftest import shared_data
+    from ..conftest import SHARED_DATA
 
+    assert SHARED_DATA.is_dir(), f"real test data missing: {SHARED_DATA} (see ../shared/data/README.md)"
     bucket = s3_server.new_bucket("archive")
-    n = s3_server.upload(shared_data() / "lidc-idri-slabs", f"{bucket}/lidc-idri-slabs")
+    n = s3_server.upload(SHARED_DATA / "lidc-idri-slabs", f"{bucket}/lidc-idri-slabs")
     assert n >= 39
     return s3_server, f"s3://{bucket}/lidc-idri-slabs"
 
