@@ -116,3 +116,24 @@ def test_job_file_storage_options_are_checked_and_never_written():
         config_from_dict({"storage": {"ftp": {}}})
     with pytest.raises(ConfigError, match=r"one table per protocol"):
         config_from_dict({"storage": {"s3": "x"}})
+
+
+def test_pseudonyms_scrub_object_store_paths_in_both_spellings():
+    """--pseudonymize on a bucket: a message naming a file or the patient prefix (as a URL or as
+    pathlib writes it) keeps no real folder name."""
+    from emphy_dask.job.pseudonym import Pseudonymizer
+    from emphy_dask.pipeline import ScanTask
+
+    from pathlib import Path
+
+    root = Path("s3://archive/lidc")
+    files = tuple(str(root / "LIDC-IDRI-0001" / "1.2.3" / "4.5.6" / f"{i}.dcm") for i in range(2))
+    pseudo = Pseudonymizer(b"k" * 32, root)
+    task = pseudo.task(ScanTask("LIDC-IDRI-0001", "dicom", files))
+    assert "LIDC-IDRI-0001" not in task.scan_key
+    err = ScanError(files[0], "cannot read DICOM file 0.dcm")
+    assert str(err).startswith("s3://archive/lidc/LIDC-IDRI-0001/")
+    result = {"scans": {"scan_key": task.scan_key, "reason": str(err)},
+              "errors": [{"message": f"{files[1]} and s3://archive/lidc/LIDC-IDRI-0001/1.2.3 failed"}]}
+    scrubbed = json.dumps(pseudo.scrub_result(result, task))
+    assert "LIDC-IDRI-0001" not in scrubbed and "1.2.3" not in scrubbed and task.scan_key in scrubbed

@@ -7,6 +7,7 @@ returns only picklable built-in types.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -138,33 +139,43 @@ def _strs(v) -> list[str]:
 def _read_dataset(path: str):
     """(dataset, has_pixels), None when ``path`` is not DICOM or is a DICOMDIR (an index, not
     an image), or an error string when it is DICOM (has the "DICM" preamble) but cannot be
-    parsed (truncated / corrupt)."""
-    with storage.open_head(path) as fp:
+    parsed (truncated / corrupt). A file in an object store is parsed from its first
+    ``storage.HEAD_BYTES`` (one ranged GET), or whole when its header runs past them."""
+    if not storage.is_url(path):
+        with open(path, "rb") as fp:
+            return _parse_header(fp, path)
+    head = storage.read_bytes(path, end=storage.HEAD_BYTES)
+    got = _parse_header(io.BytesIO(head), path)
+    if len(head) < storage.HEAD_BYTES or (isinstance(got, tuple) and got[1]):
+        return got
+    return _parse_header(io.BytesIO(storage.read_bytes(path)), path)   # no pixel tag within the head
+
+
+def _parse_header(fp, path: str):
+    """``_read_dataset`` on an open binary file."""
+    try:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    except InvalidDicomError:
+        # No 128-byte preamble + "DICM": old/raw files may still be DICOM. Force-parse,
+        # and accept only if it yields the identifying UIDs (random bytes won't).
+        fp.seek(0)
         try:
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        except InvalidDicomError:
-            # No 128-byte preamble + "DICM": old/raw files may still be DICOM. Force-parse,
-            # and accept only if it yields the identifying UIDs (random bytes won't).
-            fp.seek(0)
-            try:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
-                if "SOPClassUID" not in ds or "SeriesInstanceUID" not in ds:
-                    return None
-            except Exception:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
+            if "SOPClassUID" not in ds or "SeriesInstanceUID" not in ds:
                 return None
-        except Exception as e:  # DICM preamble present but the header is broken
-            if storage.unreachable(e):     # the store went away mid-read: not the file's fault
-                raise storage.fault(path, e) from e
-            return f"truncated or corrupt DICOM header ({type(e).__name__}: {e})"
-        fm = getattr(ds, "file_meta", None)
-        if fm is not None and str(fm.get("MediaStorageSOPClassUID", "")) == _DICOMDIR_CLASS:
-            return None   # DICOMDIR
-        if "SeriesInstanceUID" not in ds:
-            # Type 1 in every image object: without it the header stopped early (a truncated
-            # copy), and the file must fail its scan rather than drop out of its series
-            return "truncated or incomplete DICOM header (no SeriesInstanceUID)"
-        # stop_before_pixels leaves the file positioned at the PixelData element if any.
-        has_pixels = fp.read(4) in _PIXEL_TAG_BYTES
+        except Exception:
+            return None
+    except Exception as e:  # DICM preamble present but the header is broken
+        return f"truncated or corrupt DICOM header ({type(e).__name__}: {e})"
+    fm = getattr(ds, "file_meta", None)
+    if fm is not None and str(fm.get("MediaStorageSOPClassUID", "")) == _DICOMDIR_CLASS:
+        return None   # DICOMDIR
+    if "SeriesInstanceUID" not in ds:
+        # Type 1 in every image object: without it the header stopped early (a truncated
+        # copy), and the file must fail its scan rather than drop out of its series
+        return "truncated or incomplete DICOM header (no SeriesInstanceUID)"
+    # stop_before_pixels leaves the file positioned at the PixelData element if any.
+    has_pixels = fp.read(4) in _PIXEL_TAG_BYTES
     return ds, has_pixels
 
 

@@ -131,25 +131,15 @@ def fault(path, exc: BaseException) -> BaseException:
 
 
 # -- reading --------------------------------------------------------------------------------
-def open_head(path):
-    """A binary file object for reading a file's header: local, or a remote file read in
-    ``HEAD_BYTES`` blocks (pydicom's ``stop_before_pixels`` then costs one ranged GET)."""
+def read_bytes(path, end: int | None = None) -> bytes:
+    """A whole file, or its first ``end`` bytes (one GET, ranged, for a remote one); a store that
+    cannot be reached -> StorageUnavailable."""
     if not is_url(path):
-        return open(path, "rb")
+        with open(path, "rb") as fh:
+            return fh.read(end if end is not None else -1)
     fs, inner = filesystem(path)
     try:
-        return fs.open(inner, "rb", block_size=HEAD_BYTES, cache_type="readahead")
-    except Exception as exc:  # noqa: BLE001
-        raise fault(path, exc) from exc
-
-
-def read_bytes(path) -> bytes:
-    """A whole file (one GET for a remote one); a store that cannot be reached -> StorageUnavailable."""
-    if not is_url(path):
-        return Path(path).read_bytes()
-    fs, inner = filesystem(path)
-    try:
-        return fs.cat_file(inner)
+        return fs.cat_file(inner, start=None if end is None else 0, end=end)
     except Exception as exc:  # noqa: BLE001
         raise fault(path, exc) from exc
 
