@@ -11,6 +11,7 @@ holds more than the series it processes (plus at most ``storage.FETCH_THREADS`` 
 """
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -50,7 +51,11 @@ def _run(src, out, cfg) -> tuple[float, list[float], int]:
                               log=lambda *a: None)
         wall = time.perf_counter() - t0
         rss = sorted(client.run(_peak_rss_mb).values())
-    return wall, rss, summary.counts.get("ok", 0)
+    from emphy_dask.io import storage
+
+    info = json.loads(storage.read_bytes(storage.join(out, "run.json")))
+    stages = {k[2:-2]: v for k, v in info["worker_seconds_per_stage"].items() if v}
+    return wall, rss, summary.counts.get("ok", 0), {"index": info["index_s"], **stages}
 
 
 def main(copies: int = 2, repeats: int = 2) -> None:
@@ -86,12 +91,13 @@ def main(copies: int = 2, repeats: int = 2) -> None:
         for r in range(repeats):
             for where in ("local", "s3"):
                 if where == "local":
-                    wall, rss, ok = _run(archive, tmp / f"run-{r}", cfg)
+                    wall, rss, ok, stages = _run(archive, tmp / f"run-{r}", cfg)
                 else:
-                    wall, rss, ok = _run("s3://bench/archive", f"s3://bench/run-{r}", cfg)
+                    wall, rss, ok, stages = _run("s3://bench/archive", f"s3://bench/run-{r}", cfg)
                 rows[where].append(wall)
                 print(f"  {where:5s} repeat {r + 1}: {wall:6.1f} s, {ok} ok, {60 * ok / wall:5.2f} scans/min, "
-                      f"worker peak RSS {', '.join(f'{m:.0f}' for m in rss)} MB; load {os.getloadavg()[0]:.1f}")
+                      f"worker peak RSS {', '.join(f'{m:.0f}' for m in rss)} MB; load {os.getloadavg()[0]:.1f}; "
+                      f"seconds: {', '.join(f'{k} {v:.1f}' for k, v in stages.items())}")
         local, remote = statistics.median(rows["local"]), statistics.median(rows["s3"])
         print(f"median wall: local {local:.1f} s, s3 {remote:.1f} s: s3 / local = {remote / local:.3f}")
     finally:

@@ -193,7 +193,12 @@ def list_files(root) -> list[str]:
 
 
 def list_dir(root) -> list[tuple[str, bool]]:
-    """(name, is_dir) of the entries directly under a URL, hidden names skipped, sorted."""
+    """(name, is_dir) of the folders and files directly under a folder or a URL, hidden names
+    skipped, sorted (symlinked folders are not followed: they count as neither)."""
+    if not is_url(root):
+        with os.scandir(root) as it:
+            entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it if not e.name.startswith("."))
+        return [(name, is_dir) for name, is_dir in entries if is_dir or Path(root, name).is_file()]
     fs, inner = filesystem(root)
     entries = fs.ls(inner.rstrip("/"), detail=True)
     out = []
@@ -314,6 +319,14 @@ def remove(path, recursive: bool = False) -> None:
         fs.rm(inner, recursive=recursive)
     except FileNotFoundError:
         pass
+
+
+def parquet_file(path):
+    """``pyarrow.parquet.ParquetFile`` of a local file or an object-store URL."""
+    import pyarrow.parquet as pq
+
+    filesystem, where = arrow_filesystem(path)
+    return pq.ParquetFile(where, filesystem=filesystem)
 
 
 def arrow_filesystem(path):

@@ -153,19 +153,10 @@ def ordered_map(client, fn, items, *, in_flight: int = 32, name: str = "index", 
         yield item, result
 
 
-def _entries(root: Path) -> list[tuple[str, bool]]:
-    """(name, is_dir) of the non-hidden entries of ``root`` that are folders or files, sorted."""
-    if storage.is_url(root):
-        return storage.list_dir(root)
-    with os.scandir(root) as it:
-        entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it if not e.name.startswith("."))
-    return [(name, is_dir) for name, is_dir in entries if is_dir or (root / name).is_file()]
-
-
 def iter_tree(root: Path, client=None, in_flight: int = 32):
     """The tasks of a DICOM/image tree (a folder, or a prefix in an object store), unit by unit
     (see the module doc): each worker lists and reads its own units."""
-    entries = _entries(root)
+    entries = storage.list_dir(root)
     dirs = [str(root / name) for name, is_dir in entries if is_dir]
     files = [root / name for name, is_dir in entries if not is_dir]
     # keys a root-level file may take (a series in the root, image stems): a unit's task with the
@@ -255,7 +246,7 @@ def read_manifest_file(path: Path, client=None, in_flight: int = 32):
     indexed on a worker. A key listed twice becomes ``key~2``.
     """
     if path.suffix == ".parquet":
-        meta = pq.ParquetFile(path).schema_arrow.metadata or {}
+        meta = storage.parquet_file(path).schema_arrow.metadata or {}
         if meta.get(PSEUDONYMIZED) == b"true":
             raise ScanError(path, "the manifest of a --pseudonymize run holds no paths; give the original INPUT",
                             stage="index")
@@ -317,8 +308,9 @@ def _row_tasks(row: tuple[str, str], root: str) -> list[ScanTask]:
 
 def iter_manifest_file(path: Path, batch_rows: int = 128):
     """The ScanTasks of a ``manifest.parquet``, read in batches."""
-    root = Path((pq.ParquetFile(path).schema_arrow.metadata or {}).get(b"emphy.input_root", b".").decode())
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+    source = storage.parquet_file(path)
+    root = Path((source.schema_arrow.metadata or {}).get(b"emphy.input_root", b".").decode())
+    for batch in source.iter_batches(batch_size=batch_rows):
         for row in batch.to_pylist():
             sel = {k: row[k] for k in ("n_candidate_series", "not_picked", "multi_kernel", "kernels_in_study")}
             yield ScanTask(row["scan_key"], row["kind"], tuple(p if storage.is_url(p) else str(root / p)
