@@ -44,13 +44,21 @@ def _run(src, out, cfg) -> tuple[float, list[float], int]:
 
     from emphy_dask.job.runner import run_extract
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="3GiB",
-                      resources={"CPU": 1}, dashboard_address=":0") as cluster, Client(cluster) as client:
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="3GiB",
+                           resources={"CPU": 1}, dashboard_address=":0")
+    client = Client(cluster)
+    try:
         t0 = time.perf_counter()
         summary = run_extract(src, out, cfg, scheduler=cluster.scheduler_address, progress=False,
                               log=lambda *a: None)
         wall = time.perf_counter() - t0
         rss = sorted(client.run(_peak_rss_mb).values())
+    finally:
+        client.close()
+        try:
+            cluster.close(timeout=120)
+        except Exception as exc:  # noqa: BLE001 - a slow shutdown on a loaded machine is not a result
+            print(f"  (cluster close: {type(exc).__name__})")
     from emphy_dask.io import storage
 
     info = json.loads(storage.read_bytes(storage.join(out, "run.json")))

@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from emphy_dask.cli import main
+from emphy_dask.errors import ScanError
 from emphy_dask.io import storage
 from emphy_dask.job import runner
 from emphy_dask.job.config import load_job
@@ -113,6 +114,38 @@ def test_store_going_away_mid_run_leaves_scans_for_a_rerun(s3_slabs, job, local_
     assert json.loads((out / "run.json").read_text())["unavailable"]
     rerun = run_extract(src, out, cfg, progress=False, log=lambda *a: None)
     assert rerun.exit_code == 0 and not rerun.unavailable and rerun.counts["ok"] == 3
+    assert_same_tables(local_run, out)
+
+
+def test_output_store_going_away_stops_in_one_line_and_a_rerun_resumes(s3_slabs, job, local_run, monkeypatch):
+    """The store holding OUT stops answering after the first scan is staged there: the job stops with
+    one line (ScanError, exit 2 at the CLI), what was staged stays, and a rerun completes the run."""
+    s3, src = s3_slabs
+    cfg = load_job(job)
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, workers=1, max_in_flight=1))
+    out = f"s3://{src.split('/')[2]}/runs/output-lost"
+
+    class StoreThatGoesAway(runner.RunStore):
+        def add(self, result):
+            super().add(result)
+            if s3.server is not None:
+                s3.stop()
+                s3.server = None
+
+    monkeypatch.setattr(runner, "RunStore", StoreThatGoesAway)
+    try:
+        with pytest.raises(ScanError, match="output store could not be reached.*rerun the same command"):
+            run_extract(SHARED_DATA / "lidc-idri-slabs", out, cfg, progress=False, log=lambda *a: None)
+    finally:
+        if s3.server is None:
+            s3.start()
+    monkeypatch.undo()
+    assert len(storage.glob(f"{out}/_staging/*.json")) == 1      # the first scan, staged in the store
+    rerun = run_extract(SHARED_DATA / "lidc-idri-slabs", out, cfg, progress=False, log=lambda *a: None)
+    assert rerun.counts["ok"] == 3 and rerun.exit_code == 0
+    assert json.loads(storage.read_bytes(f"{out}/run.json"))["repair"]["staged_scans_recovered"] == 1
     assert_same_tables(local_run, out)
 
 

@@ -63,7 +63,7 @@ def join(base, *parts) -> str | Path:
 
 def configure(options: dict | None) -> None:
     """Set this process's storage options per protocol (``{"s3": {"endpoint_url": ...}}``), e.g.
-    from the job file's ``[storage]``; workers get them through ``job.cluster``'s plugin."""
+    from the job file's ``[storage]``; workers get them through ``job.storage_options``' plugin."""
     _OPTIONS.clear()
     _OPTIONS.update(copy.deepcopy(options or {}))
     _anonymous_s3.cache_clear()
@@ -104,7 +104,7 @@ def filesystem(path):
     return fs, fs._strip_protocol(as_url(path))
 
 
-def _url(fs, inner: str, proto: str) -> str:
+def _url(inner: str, proto: str) -> str:
     return f"{proto}://{inner.lstrip('/')}"
 
 
@@ -124,6 +124,8 @@ def unreachable(exc: BaseException) -> bool:
 
 
 def fault(path, exc: BaseException) -> BaseException:
+    """What to raise for ``exc`` met reading ``path``: StorageUnavailable (transient, the scan is
+    left for a rerun) when the store could not be reached, else ``exc`` itself."""
     if unreachable(exc):
         return StorageUnavailable(as_url(path), f"object store unreachable ({type(exc).__name__}: "
                                                 f"{' '.join(str(exc).split())[:200]}); rerun to complete this scan")
@@ -188,7 +190,7 @@ def list_files(root) -> list[str]:
     for f in found:
         rel = f[len(base):].lstrip("/")
         if rel and not any(part.startswith(".") for part in rel.split("/")):
-            out.append(_url(fs, f, proto))
+            out.append(_url(f, proto))
     return sorted(out)
 
 
@@ -300,7 +302,7 @@ def glob(pattern) -> list[str]:
         return sorted(_glob.glob(str(pattern)))
     proto = protocol(pattern)
     fs, inner = filesystem(pattern)
-    return sorted(_url(fs, p, proto) for p in fs.glob(inner))
+    return sorted(_url(p, proto) for p in fs.glob(inner))
 
 
 def remove(path, recursive: bool = False) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..device_stages import resolve_weights
+from ..errors import StorageUnavailable
 from ..io import storage
 from ..pipeline import STAGES, ScanTask
 from .cluster import connect, worker_count
@@ -289,8 +290,11 @@ def run_extract(input_path, out_dir, config, *, scheduler: str | None = None, wo
         store.close()                          # what finished is written: a rerun resumes from there
         _close_quietly(conn)
         raise
-    except BaseException:
+    except BaseException as exc:
         _close_quietly(conn)                   # staged results stay in _staging/ for the next start
+        if storage.is_url(out_dir) and storage.unreachable(exc):   # the output store went away: one line
+            raise StorageUnavailable(out_dir, "the output store could not be reached; every scan written so "
+                                              "far stays, rerun the same command to resume") from exc
         raise
     finally:
         bar.close()
