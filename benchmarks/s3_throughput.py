@@ -93,7 +93,8 @@ def main(copies: int = 2, repeats: int = 2) -> None:
         n = sum(1 for p in archive.rglob("*.dcm"))
         cfg = config_from_dict({"qc": {"max_hu": 4000}, "embed": {"backbone": "none"},
                                 "storage": {"s3": options}}, "benchmark")
-        print(f"{copies * 3} scans ({n} files, {sum(p.stat().st_size for p in archive.rglob('*.dcm')) / 2**20:.0f} MiB); "
+        mib = sum(p.stat().st_size for p in archive.rglob("*.dcm")) / 2**20
+        print(f"{copies * 3} scans ({n} files, {mib:.0f} MiB); "
               f"load {os.getloadavg()[0]:.1f}")
         rows = {"local": [], "s3": []}
         for r in range(repeats):

@@ -2,14 +2,15 @@
 
 | INPUT | read by |
 |---|---|
-| a local folder (DICOM / NIfTI tree) | ``manifest.iter_tree`` (one unit per top-level folder, on workers) |
-| ``s3://bucket/prefix``, ``gs://...`` (a tree in an object store) | the same, each worker listing and reading its own units from the store (``io.storage``) |
+| a local folder (DICOM / NIfTI tree) | ``manifest.iter_tree`` (a unit per top-level folder, on workers) |
+| ``s3://bucket/prefix``, ``gs://...`` (a tree in a store) | the same; workers list and read their units |
 | a CSV ``scan_key,path`` or ``scan_key,url`` | ``manifest.read_manifest_file`` (one row per worker task) |
 | a run's ``manifest.parquet`` | ``manifest.iter_manifest_file`` |
-| an NCI Imaging Data Commons (s5cmd) manifest: one series folder URL a line, ``cp s3://idc-open-data/<crdc_series_uuid>/* .`` | ``read_url_list`` (key = the series folder's name) |
+| an Imaging Data Commons s5cmd manifest (``.s5cmd``, ``.txt``): a series folder URL a line | ``read_url_list`` |
 | a scheme in ``SCHEMES`` (e.g. ``dicomweb+http://``) | its handler |
 
-A new kind of source adds one entry to ``SCHEMES``: ``prefix -> handler(input, client, in_flight)``
+IDC manifest lines read ``cp s3://idc-open-data/<crdc_series_uuid>/* .``; the key is the series
+folder's name. A new kind of source adds one entry to ``SCHEMES``: ``prefix -> handler(input, client, in_flight)``
 returning ``(root, iterator of ScanTask)``, and optionally to ``CHECKS`` (refuse a bad INPUT in one
 line before any work).
 """

@@ -93,7 +93,8 @@ class RunStore:
         other = {h for h in set(self.done_keys().values()) | staged if h != config_hash}
         if other:
             raise ConfigMismatch(
-                f"{storage.as_url(self.out_dir)} holds results made with other settings (config hash {', '.join(sorted(other))}, "
+                f"{storage.as_url(self.out_dir)} holds results made with other settings "
+                f"(config hash {', '.join(sorted(other))}, "
                 f"this job {config_hash}); rerun with --overwrite or write to a new OUT")
 
     def check_pseudonym(self, fingerprint: str | None) -> None:
