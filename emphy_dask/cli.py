@@ -109,9 +109,11 @@ def cmd_extract(args) -> int:
     except KeyboardInterrupt as exc:  # before the job started (settings, cluster start-up)
         print(f"emphy extract: {Interrupted(0, 0, signal_of(exc))}", file=sys.stderr)
         return 128 + signal_of(exc)
+    from .io.storage import as_url
+
     c = summary.counts
     redone = f", {summary.n_redone} failed redone" if summary.n_redone else ""
-    print(f"{summary.out_dir}: {summary.n_scans} scans ({summary.n_skipped} resumed{redone}) - ok {c.get('ok', 0)}, "
+    print(f"{as_url(summary.out_dir)}: {summary.n_scans} scans ({summary.n_skipped} resumed{redone}) - ok {c.get('ok', 0)}, "
           f"excluded {c.get('excluded', 0)}, failed {c.get('failed', 0)} in {summary.wall_s:.1f} s")
     from .job.summary import end_of_run_lines
 
@@ -207,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("extract", help="run the distributed job over a DICOM tree or a manifest")
-    p.add_argument("input", help="DICOM tree (any layout), image tree, or manifest (.csv scan_key,path / .parquet)")
-    p.add_argument("-o", "--out", required=True, help="run folder (Parquet tables, masks, QC images)")
+    p.add_argument("input", help="DICOM tree (any layout), image tree, s3:// or gs:// prefix, or manifest "
+                                 "(.csv scan_key,path|url / .parquet / IDC .s5cmd)")
+    p.add_argument("-o", "--out", required=True, help="run folder or s3:// / gs:// prefix (Parquet tables, masks, "
+                                                      "QC images)")
     _add_extract_args(p)
     p.set_defaults(func=cmd_extract)
 

@@ -95,6 +95,16 @@ def write_frame(table: str, frame, out_dir: Path, part_id: str) -> Path:
 
 
 def _write_arrow(table: str, arrow: pa.Table, out_dir: Path, part_id: str) -> Path:
+    """One part, atomically. OUT may be an object-store URL (``io.storage``): the part is then
+    uploaded whole (one PUT)."""
+    from .io import storage
+
+    if storage.is_url(out_dir):
+        sink = pa.BufferOutputStream()
+        pq.write_table(arrow, sink, compression="zstd")
+        final = storage.join(out_dir, table, f"part-{part_id}.parquet")
+        storage.write_bytes(final, sink.getvalue().to_pybytes())
+        return Path(final)
     folder = Path(out_dir) / table
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"part-{part_id}.parquet"
@@ -105,18 +115,26 @@ def _write_arrow(table: str, arrow: pa.Table, out_dir: Path, part_id: str) -> Pa
 
 
 def part_ids(out_dir: Path, table: str) -> set[str]:
+    """Ids of the Parquet parts of a table (local folder or object-store URL)."""
+    from .io import storage
+
+    if storage.is_url(out_dir):
+        names = storage.glob(storage.join(out_dir, table, "part-*.parquet"))
+        return {n.rsplit("/", 1)[-1][len("part-"):-len(".parquet")] for n in names}
     folder = Path(out_dir) / table
     return {p.stem[len("part-"):] for p in folder.glob("part-*.parquet")} if folder.is_dir() else set()
 
 
 def read_table(out_dir: Path, table: str, columns: list[str] | None = None) -> pa.Table:
     """Read a table of a run with its schema (an empty table when nothing was written yet)."""
+    from .io import storage
+
     schema = arrow_schema(table)
-    folder = Path(out_dir) / table
     if not part_ids(out_dir, table):
         empty = schema.empty_table()
         return empty.select(columns) if columns else empty
-    return ds.dataset(folder, schema=schema, format="parquet").to_table(columns=columns)
+    filesystem, folder = storage.arrow_filesystem(storage.join(out_dir, table))
+    return ds.dataset(folder, schema=schema, format="parquet", filesystem=filesystem).to_table(columns=columns)
 
 
 def read_frame(out_dir: Path, table: str, *, stable: bool = False):

@@ -105,7 +105,6 @@ def export_run(out_dir, dicom_dir=None, stow_url: str | None = None, pseudonymiz
     """Write (``dicom_dir``) and/or STOW-RS (``stow_url``, ``http(s)://host/dicom-web``) a SEG and
     an SR for every ok scan of the run ``out_dir`` (or only ``scan``); see the module doc."""
     from ..job.pseudonym import Pseudonymizer
-    from ..scan_state import artifact_stem
     from ..tables import read_frame
 
     out_dir = Path(out_dir)

@@ -7,11 +7,14 @@ returns only picklable built-in types.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+
+from . import storage
 
 # Allow-list of tags read from each header (pydicom ``specific_tags``): reading only these
 # is faster than a full parse and guarantees no PHI enters the record.
@@ -51,7 +54,10 @@ def find_files(root, skipped: list | None = None, inside: str | None = None) -> 
     inside : str, optional
         A real path above ``root`` (the INPUT tree): a link from ``root`` into another part of it
         is passed over, since that part is indexed in its own right.
+    An object-store URL is listed by its store (``storage.list_files``).
     """
+    if storage.is_url(root):
+        return [Path(u) for u in storage.list_files(root)]
     root = Path(root)
     if root.is_file():
         return [root]
@@ -121,6 +127,8 @@ def empty_scan_folders(root, keys, include_root: bool = True) -> list[str]:
     Only the parents of the known scan keys are listed (one ``scandir`` each), so this stays
     cheap on large archives; empty study/series folders inside a patient are not scans.
     """
+    if storage.is_url(root):
+        return []       # an object store has no empty folders: a prefix exists through its files
     root = Path(root)
     folder_keys = {k.split("#")[0] for k in keys if k != root.name}
     parents = {Path(k).parent for k in folder_keys}
@@ -178,31 +186,43 @@ def _strs(v) -> list[str]:
 def _read_dataset(path: str):
     """(dataset, has_pixels), None when ``path`` is not DICOM or is a DICOMDIR (an index, not
     an image), or an error string when it is DICOM (has the "DICM" preamble) but cannot be
-    parsed (truncated / corrupt)."""
-    with open(path, "rb") as fp:
+    parsed (truncated / corrupt). A file in an object store is parsed from its first
+    ``storage.HEAD_BYTES`` (one ranged GET), or whole when its header runs past them."""
+    if not storage.is_url(path):
+        with open(path, "rb") as fp:
+            return _parse_header(fp, path)
+    head = storage.read_bytes(path, end=storage.HEAD_BYTES)
+    got = _parse_header(io.BytesIO(head), path)
+    if len(head) < storage.HEAD_BYTES or (isinstance(got, tuple) and got[1]):
+        return got
+    return _parse_header(io.BytesIO(storage.read_bytes(path)), path)   # no pixel tag within the head
+
+
+def _parse_header(fp, path: str):
+    """``_read_dataset`` on an open binary file."""
+    try:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    except InvalidDicomError:
+        # No 128-byte preamble + "DICM": old/raw files may still be DICOM. Force-parse,
+        # and accept only if it yields the identifying UIDs (random bytes won't).
+        fp.seek(0)
         try:
-            ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        except InvalidDicomError:
-            # No 128-byte preamble + "DICM": old/raw files may still be DICOM. Force-parse,
-            # and accept only if it yields the identifying UIDs (random bytes won't).
-            fp.seek(0)
-            try:
-                ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
-                if "SOPClassUID" not in ds or "SeriesInstanceUID" not in ds:
-                    return None
-            except Exception:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=True)
+            if "SOPClassUID" not in ds or "SeriesInstanceUID" not in ds:
                 return None
-        except Exception as e:  # DICM preamble present but the header is broken
-            return f"truncated or corrupt DICOM header ({type(e).__name__}: {e})"
-        fm = getattr(ds, "file_meta", None)
-        if fm is not None and str(fm.get("MediaStorageSOPClassUID", "")) == _DICOMDIR_CLASS:
-            return None   # DICOMDIR
-        if "SeriesInstanceUID" not in ds:
-            # Type 1 in every image object: without it the header stopped early (a truncated
-            # copy), and the file must fail its scan rather than drop out of its series
-            return "truncated or incomplete DICOM header (no SeriesInstanceUID)"
-        # stop_before_pixels leaves the file positioned at the PixelData element if any.
-        has_pixels = fp.read(4) in _PIXEL_TAG_BYTES
+        except Exception:
+            return None
+    except Exception as e:  # DICM preamble present but the header is broken
+        return f"truncated or corrupt DICOM header ({type(e).__name__}: {e})"
+    fm = getattr(ds, "file_meta", None)
+    if fm is not None and str(fm.get("MediaStorageSOPClassUID", "")) == _DICOMDIR_CLASS:
+        return None   # DICOMDIR
+    if "SeriesInstanceUID" not in ds:
+        # Type 1 in every image object: without it the header stopped early (a truncated
+        # copy), and the file must fail its scan rather than drop out of its series
+        return "truncated or incomplete DICOM header (no SeriesInstanceUID)"
+    # stop_before_pixels leaves the file positioned at the PixelData element if any.
+    has_pixels = fp.read(4) in _PIXEL_TAG_BYTES
     return ds, has_pixels
 
 
@@ -333,9 +353,8 @@ def index_files(paths, root) -> list[dict]:
     Each record gets ``scan_key`` (see ``scan_key_of``). Stateless and picklable, so it
     can be mapped over chunks on Dask workers.
     """
-    out = []
-    for p in paths:
-        rec = read_header(p)
+    paths, out = list(paths), []
+    for p, rec in zip(paths, storage.fetch_map(read_header, paths)):
         if rec is not None:
             rec["scan_key"] = scan_key_of(p, root)
             out.append(rec)

@@ -22,6 +22,7 @@ import pydicom
 
 from ..errors import ScanError
 from ..volume import PADDING_HU, CTVolume
+from . import storage
 from .dicom_index import read_header
 from .metadata import scan_metadata
 
@@ -85,10 +86,11 @@ def _touching_edge(mask: np.ndarray) -> np.ndarray:
     return np.isin(lab, edge[edge > 0])
 
 
-def _read_slice(path: str):
-    """One slice file -> (header dict, HU int16 (rows, cols), padding mask or None)."""
+def _read_slice(path: str, src=None):
+    """One slice file (or ``src``, its bytes fetched from an object store) -> (HU int16 (rows, cols),
+    padding mask)."""
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(path if src is None else src)
     except Exception as e:  # truncated / not DICOM: pydicom raises many types
         raise ScanError(path, f"cannot read DICOM file {Path(path).name}: {e}") from e
     if "PixelData" not in ds:
@@ -314,8 +316,7 @@ def read_dicom_series(paths, max_voxels_limit: int | None = None) -> CTVolume:
     if not paths:
         raise ScanError("<empty series>", "no DICOM files found")
     headers = []
-    for p in paths:
-        h = read_header(p)
+    for p, h in zip(paths, storage.fetch_map(read_header, paths)):   # remote: GETs overlap
         if h is None:
             raise ScanError(p, f"not a DICOM file: {Path(p).name}")
         if h["read_error"]:
@@ -346,8 +347,10 @@ def read_dicom_series(paths, max_voxels_limit: int | None = None) -> CTVolume:
 
     hu = np.empty((n, rows, cols), dtype=np.int16)
     fov = np.empty((n, rows, cols), dtype=bool)
-    for k, h in enumerate(headers):
-        sl, pad = _read_slice(h["path"])
+    sources = storage.fetch_map(lambda h: storage.source(h["path"]), headers,
+                                storage.is_url(paths[0]))   # a few files ahead
+    for k, (h, src) in enumerate(zip(headers, sources)):
+        sl, pad = _read_slice(h["path"], src)
         if sl.shape != (rows, cols):
             raise ScanError(h["path"], f"pixel array {sl.shape} of {_name(h)} does not match Rows/Columns")
         fov[k] = ~pad

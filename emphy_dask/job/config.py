@@ -89,6 +89,9 @@ class JobConfig:
     #: SHA-256 of the model weight files actually used ({"embed": ..., "segment": ...}), filled in by
     #: ``embed.weights.resolve_weights`` before any work; it replaces the file paths in the hash.
     weights_sha256: dict = field(default_factory=dict)
+    #: ``[storage.<protocol>]`` fsspec options ({"s3": {"endpoint_url": ...}}): where files are,
+    #: not what is computed (no hash); may hold credentials, so never printed or written (``to_dict``).
+    storage: dict = field(default_factory=dict, repr=False)
 
     def result_settings(self) -> dict:
         out = {s: dataclasses.asdict(getattr(self, s)) for s in RESULT_SECTIONS}
@@ -120,7 +123,12 @@ class JobConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Everything, storage secrets replaced by ``***`` (for run.json)."""
+        from ..io.storage import redacted
+
+        out = dataclasses.asdict(self)
+        out["storage"] = redacted(self.storage)
+        return out
 
 
 _SECTIONS = {"qc": QCRules, "resample": ResampleSettings, "segment": SegmentSettings,
@@ -140,8 +148,11 @@ def config_from_dict(data: dict, source: str = "<dict>") -> JobConfig:
             continue
         if key == "fit":            # driver-side models (emphy fit): jobfile checks it
             continue
+        if key == "storage":
+            top[key] = _storage_table(value, source)
+            continue
         if key not in _SECTIONS:
-            known = ", ".join(["name", "description", *_SECTIONS, "fit"])
+            known = ", ".join(["name", "description", *_SECTIONS, "fit", "storage"])
             raise ConfigError(f"{source}: unknown section or key {key!r} (known: {known})")
         top[key] = settings_from_table(_SECTIONS[key], value, source, key)
     cfg = JobConfig(**top)
@@ -169,6 +180,19 @@ def config_from_dict(data: dict, source: str = "<dict>") -> JobConfig:
         raise ConfigError(f"{source}: [cluster].gpu_workers must be \"auto\" or a count like \"1\", "
                           f"got {cfg.cluster.gpu_workers!r}")
     return cfg
+
+
+def _storage_table(value, source: str) -> dict:
+    """``[storage.s3]``, ``[storage.gs]`` ...: fsspec options per protocol (checked by fsspec itself
+    when the store is first opened)."""
+    from ..io.storage import PROTOCOLS
+
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError(f"{source}: [storage] holds one table per protocol, e.g. [storage.s3]")
+    unknown = sorted(set(value) - set(PROTOCOLS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown storage protocol(s) {', '.join(unknown)} (known: {', '.join(PROTOCOLS)})")
+    return value
 
 
 def _check_models(cfg: JobConfig, source: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import uuid
 from collections import Counter, deque
 from pathlib import Path
@@ -22,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import ScanError
+from ..io import storage
 from ..scan_state import ScanTask, selection_columns
 from ..tables import arrow_schema, to_arrow
 from .fingerprint import with_fingerprints
@@ -166,8 +168,14 @@ def ordered_map(client, fn, items, *, in_flight: int = 32, name: str = "index", 
 
 
 def iter_tree(root: Path, client=None, in_flight: int = 32):
-    """The tasks of a DICOM/image tree, unit by unit (see the module doc)."""
-    dirs, files, passed_over = _top_level(root)
+    """The tasks of a DICOM/image tree (a folder, or a prefix in an object store), unit by unit
+    (see the module doc): each worker lists and reads its own units."""
+    if storage.is_url(root):
+        entries = storage.list_dir(root)
+        dirs = [str(root / name) for name, is_dir in entries if is_dir]
+        files, passed_over = [root / name for name, is_dir in entries if not is_dir], []
+    else:
+        dirs, files, passed_over = _top_level(root)
     # keys a root-level file may take (a series in the root, image stems): a unit's task with the
     # same key came first and keeps it (as unique_keys on the whole tree)
     watch = {root.name} | {_image_key(f, root) for f in files if _is_image(f)}
@@ -233,13 +241,18 @@ def build_manifest(input_path: str | Path, client=None) -> tuple[Path, list[Scan
 
 
 def iter_manifest(input_path: str | Path, client=None, in_flight: int = 32):
-    """(input root, iterator of ScanTask) of a tree, a CSV manifest, a run's manifest.parquet or a
-    DICOMweb URL (``io.dicomweb``)."""
+    """(input root, iterator of ScanTask) of a tree, a CSV manifest, a run's manifest.parquet (local or in an
+    object store, ``storage``) or a DICOMweb URL (``io.dicomweb``); ``job.inputs.iter_input`` dispatches to this."""
     from ..io.dicomweb import is_dicomweb_url
 
     if is_dicomweb_url(input_path):
         return iter_dicomweb(str(input_path), client, in_flight)
     path = Path(input_path)
+    if storage.is_url(path):                     # an object store: a prefix (a tree) or a manifest object
+        fs, inner = storage.filesystem(path)
+        if fs.isfile(inner):
+            return read_manifest_file(path, client, in_flight)
+        return path, iter_tree(path, client, in_flight)
     if path.is_file() and _is_image(path):       # one CT image file: one scan, keyed by its name
         from ..io.image_io import label_image_reason
 
@@ -309,27 +322,31 @@ def read_manifest_file(path: Path, client=None, in_flight: int = 32):
     """(root, iterator of ScanTask) of a manifest: our own ``manifest.parquet`` or a CSV with
     columns ``scan_key,path``.
 
-    In a CSV, ``path`` is a series folder, a patient folder or an image file, relative to the
-    CSV's folder or absolute; each row is indexed on a worker. A key listed twice becomes ``key~2``.
+    In a CSV, ``path`` (or ``url``) is a series folder, a patient folder or an image file, relative
+    to the CSV's folder or absolute, or an object-store URL (``s3://bucket/series/``); each row is
+    indexed on a worker. A key listed twice becomes ``key~2``.
     """
     if path.suffix == ".parquet":
-        meta = pq.ParquetFile(path).schema_arrow.metadata or {}
+        meta = storage.parquet_file(path).schema_arrow.metadata or {}
         if meta.get(PSEUDONYMIZED) == b"true":
             raise ScanError(path, "the manifest of a --pseudonymize run holds no paths; give the original INPUT",
                             stage="index")
         return Path(meta.get(b"emphy.input_root", b".").decode()), iter_manifest_file(path)
     import csv
 
-    root = path.parent.resolve()
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"scan_key", "path"} <= set(reader.fieldnames):
-            raise ScanError(path, "manifest CSV needs the columns scan_key,path", stage="index")
+    import io
+
+    root = path.parent if storage.is_url(path) else path.parent.resolve()
+    text = storage.read_bytes(path).decode("utf-8-sig")
+    fields = csv.DictReader(io.StringIO(text)).fieldnames or []
+    column = "path" if "path" in fields else "url"
+    if not {"scan_key", column} <= set(fields):
+        raise ScanError(path, "manifest CSV needs the columns scan_key,path (or scan_key,url)", stage="index")
 
     def rows():
-        with path.open(newline="") as fh:
-            for row in csv.DictReader(fh):
-                yield row["scan_key"], str((root / row["path"]).resolve())
+        for row in csv.DictReader(io.StringIO(text)):
+            target = row[column].strip()
+            yield row["scan_key"], (target if storage.is_url(target) else str((root / target).resolve()))
 
     def tasks():
         seen: Counter = Counter()
@@ -351,7 +368,14 @@ def _row_tasks(row: tuple[str, str], root: str) -> list[ScanTask]:
     from ..io.image_io import label_image_reason
 
     key, target = row[0], Path(row[1])
-    if target.is_file() and _is_image(target):
+    if storage.is_url(target):              # a series folder URL (``.../*`` as IDC's manifests write it)
+        target = Path(storage.as_url(target).removesuffix("*").rstrip("/"))
+        files = _dicom_candidates(find_files(target))
+        records = [dict(r, scan_key=key) for r in index_files(files, Path(root))]
+        tasks = (tasks_from_index([], records, Path(root)) if records else
+                 [ScanTask(key, "error", error="listed in the manifest but not found (no DICOM object under this URL)",
+                           error_path=storage.as_url(target))])
+    elif target.is_file() and _is_image(target):
         tasks = [_image_task(key, target, label_image_reason(target))]
     elif not target.exists():
         tasks = [ScanTask(key, "error", error="listed in the manifest but not found", error_path=str(target))]
@@ -365,11 +389,13 @@ def _row_tasks(row: tuple[str, str], root: str) -> list[ScanTask]:
 
 def iter_manifest_file(path: Path, batch_rows: int = 128):
     """The ScanTasks of a ``manifest.parquet``, read in batches."""
-    root = Path((pq.ParquetFile(path).schema_arrow.metadata or {}).get(b"emphy.input_root", b".").decode())
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+    source = storage.parquet_file(path)
+    root = Path((source.schema_arrow.metadata or {}).get(b"emphy.input_root", b".").decode())
+    for batch in source.iter_batches(batch_size=batch_rows):
         for row in batch.to_pylist():
             sel = {k: row.get(k) for k in SELECTION_KEYS}      # manifests older than patient_key: None
-            paths = tuple(p if row["kind"] == "dicomweb" else str(root / p) for p in row["paths"] or ())
+            paths = tuple(p if row["kind"] == "dicomweb" or storage.is_url(p) else str(root / p)
+                          for p in row["paths"] or ())
             yield ScanTask(row["scan_key"], row["kind"], paths,
                            sel, row["error"], row["error_path"])
 
@@ -388,7 +414,9 @@ class ManifestWriter:
             meta[PSEUDONYMIZED] = b"true"
         schema = arrow_schema("manifest")
         self.schema = schema.with_metadata({**(schema.metadata or {}), **meta})
-        self.tmp = self.final.with_name(".tmp-" + self.final.name)
+        # an object store has no rename: the file is written locally and uploaded whole on close
+        self.tmp = (Path(tempfile.mkdtemp(prefix="emphy-manifest-")) / self.final.name if storage.is_url(self.final)
+                    else self.final.with_name(".tmp-" + self.final.name))
         self.writer = pq.ParquetWriter(self.tmp, self.schema)
         self.rows: list[dict] = []
         self.kinds: Counter = Counter()
@@ -400,7 +428,7 @@ class ManifestWriter:
                 try:
                     rel.append(Path(p).relative_to(self.root).as_posix())
                 except ValueError:
-                    rel.append(str(p))
+                    rel.append(storage.as_url(p))
         sel = t.selection
         self.rows.append({"scan_key": t.scan_key, "kind": t.kind, "paths": None if self.drop_paths else rel, "error": t.error,
                           "error_path": t.error_path,
@@ -418,12 +446,18 @@ class ManifestWriter:
     def close(self) -> Path:
         self._flush()
         self.writer.close()
-        os.replace(self.tmp, self.final)
+        if storage.is_url(self.final):
+            storage.write_via_file(self.final, lambda p: os.replace(self.tmp, p))
+            self.tmp.parent.rmdir()
+        else:
+            os.replace(self.tmp, self.final)
         return self.final
 
     def abort(self) -> None:
         self.writer.close()
         self.tmp.unlink(missing_ok=True)
+        if storage.is_url(self.final):
+            self.tmp.parent.rmdir()
 
 
 def write_manifest(out_dir: Path, root: Path, tasks) -> Path:

@@ -23,6 +23,8 @@ import os
 import re
 from pathlib import Path
 
+from ..io import storage
+
 ENV = "EMPHY_PSEUDONYM_KEY"
 MIN_SECRET_CHARS = 16
 PREFIX = "anon-"
@@ -47,9 +49,12 @@ def secret_from_env() -> bytes:
 
 
 def _forms(path: str, root: Path | None) -> list[str]:
-    """The absolute and the root-relative spelling of ``path``."""
+    """The absolute and the root-relative spelling of ``path`` (and, for an object-store path,
+    both its URL spellings: ``s3://b/k`` and ``s3:/b/k`` as ``pathlib`` writes it)."""
     p = Path(path)
     out = {str(p)}
+    if storage.is_url(p):
+        out.add(storage.as_url(p))
     if root is not None:
         try:
             out.add(p.relative_to(root).as_posix())
@@ -83,7 +88,7 @@ class Pseudonymizer:
         pairs: dict[str, str] = {}
         for path in (p for p in (*task.paths, task.error_path) if p):
             p = Path(path)
-            if not p.is_absolute() and self.root is not None:
+            if not p.is_absolute() and not storage.is_url(p) and self.root is not None:
                 p = self.root / p                 # index records name files relative to INPUT
             folders = self._folders(p)
             is_file = path != task.error_path or p.is_file()

@@ -12,6 +12,10 @@ for the set of done keys (~100 bytes a scan).
 Progress goes to the progress bar and to the scheduler's Prometheus ``/metrics`` (``metrics``).
 ``--pseudonymize`` (``pseudonym``) replaces every key before any work. A lost scheduler stops the
 job (``SchedulerLost``; the CLI exits 3) with every finished scan written: a rerun resumes.
+
+INPUT and OUT may be object-store URLs (``io.storage``; INPUT kinds: ``inputs``): the job checks
+both before any work, workers read their series from the store themselves, and a scan whose store
+could not be reached (``StorageUnavailable``) is reported but not written, so a rerun does it.
 """
 from __future__ import annotations
 
@@ -27,18 +31,21 @@ from pathlib import Path
 
 from .. import __version__
 from ..embed.weights import resolve_weights
+from ..errors import StorageUnavailable
+from ..io import storage
+from ..io.dicomweb import TRANSFER_FAILED
 from ..io.atomic import atomic_write
 from ..scan_state import STAGES, ScanTask
-from ..io.dicomweb import TRANSFER_FAILED, check_source, is_dicomweb_url, parse_source
 from .cluster import connect, worker_count
 from .flow import FlowLimits, ScanFlow, SchedulerLost
-from .logs import LOG_DIR, RunLogs, WorkerLogs
-from .manifest import MANIFEST_FILE, ManifestWriter, iter_manifest, iter_manifest_file
-from .metrics import MetricsReporter
-from .pseudonym import Pseudonymizer
-from .inputs import check_input
+from .inputs import check_input, iter_input
 from .interrupt import (Interrupted, drop_artifacts, local_workers_ignore_sigint, quiet_workers, shielded,
                         signal_of)
+from .logs import LOG_DIR, RunLogs, WorkerLogs
+from .manifest import MANIFEST_FILE, ManifestWriter, iter_manifest_file
+from .metrics import MetricsReporter
+from .pseudonym import Pseudonymizer
+from .storage_options import share_storage_options
 from .store import ConfigMismatch, RunStore, clean_out_dir
 from .summary import exclusion_report
 
@@ -54,11 +61,16 @@ class ExtractSummary:
     wall_s: float = 0.0
     dashboard_link: str | None = None
     n_redone: int = 0               # failed scans redone (input changed, --retry failed)
+    #: (scan_key, reason) of scans whose object store could not be reached: not written, a rerun does them
+    unavailable: list = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        """0 unless no scan of OUT could be processed (1). ``counts`` covers every scan of OUT,
-        resumed ones included, so a rerun that changes nothing exits as the first run did."""
+        """0 unless no scan of OUT could be processed, or scans are left for a rerun (1). ``counts``
+        covers every scan of OUT, resumed ones included, so a rerun that changes nothing exits as
+        the first run did."""
+        if self.unavailable:
+            return 1
         processed = self.counts.get("ok", 0) + self.counts.get("excluded", 0)
         return 0 if processed > 0 else 1
 
@@ -155,9 +167,10 @@ def _index(input_path, out_dir: Path, client, done: dict, limit: int | None, pse
     input fingerprint of the failed scans in OUT): those whose input changed, or all of them
     with ``retry_failed``, are to be redone (``redo``) instead of resumed."""
     failed = failed or {}
-    root, stream = iter_manifest(input_path, client)
+    root, stream = iter_input(input_path, client)
     public = ManifestWriter(out_dir / MANIFEST_FILE, root, drop_paths=pseudo is not None)
-    work = ManifestWriter(tmp / MANIFEST_FILE, root) if pseudo is not None else public
+    # the run reads its manifest back: a local copy when OUT is in an object store
+    work = ManifestWriter(tmp / MANIFEST_FILE, root) if pseudo is not None or storage.is_url(out_dir) else public
     if pseudo is not None:
         pseudo = dataclasses.replace(pseudo, root=root)
     info = _Indexed(root, work.final)
@@ -208,25 +221,32 @@ def run_extract(input_path, out_dir, config, *, pseudonymize: bool = False, **kw
     Raises ``SchedulerLost`` when the scheduler goes away mid-run (finished scans are written),
     ``Interrupted`` on Ctrl-C/SIGTERM (finished scans are written, ``run.json`` says so).
     """
-    if is_dicomweb_url(input_path):
-        check_source(parse_source(input_path))   # a bad URL or an unreachable PACS: one line, no work
-    else:
-        check_input(input_path, out_dir)     # bad INPUT/OUT: refused before anything is written
+    storage_options, config = config.storage, dataclasses.replace(config, storage={})  # never in a task
+    storage.configure(storage_options)
+    check_input(input_path, out_dir)         # bad INPUT/OUT, URL, credential or PACS: refused before any write
     pseudo = Pseudonymizer.from_env() if pseudonymize else None   # no secret: stops here
     config = resolve_weights(config)         # a missing weight file stops here, before any work
+    if storage.is_url(out_dir):
+        out_dir = Path(storage.as_url(out_dir))
+        storage.check_output(out_dir)
+        log_dir = Path(tempfile.gettempdir()) / "emphy-logs" / out_dir.name   # logs stay on this machine
+    else:
+        out_dir = Path(out_dir).resolve()
+        log_dir = out_dir / LOG_DIR
     if kwargs.get("overwrite"):
-        clean_out_dir(Path(out_dir).resolve(), force=kwargs.get("force", False))   # before logs/ opens
-    with RunLogs(Path(out_dir).resolve() / LOG_DIR) as logs:
-        return _extract(input_path, out_dir, config, logs=logs, pseudo=pseudo, **kwargs)
+        clean_out_dir(out_dir, force=kwargs.get("force", False))   # before logs/ opens
+    with RunLogs(log_dir) as logs:
+        return _extract(input_path, out_dir, config, logs=logs, pseudo=pseudo, storage_options=storage_options,
+                        **kwargs)
 
 
 def _extract(input_path, out_dir, config, *, scheduler: str | None = None, workers: int | None = None,
              limit: int | None = None, overwrite: bool = False, progress: bool = True,
              log=print, security=None, pseudo=None, force: bool = False, retry_failed: bool = False,
-             logs: RunLogs) -> ExtractSummary:
+             logs: RunLogs, storage_options: dict) -> ExtractSummary:
     t0 = time.perf_counter()
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not storage.is_url(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     store = RunStore(out_dir, config.output.part_size)
     try:
         store.check_config(config)           # before any work: refuse mixing settings in one OUT
@@ -243,6 +263,7 @@ def _extract(input_path, out_dir, config, *, scheduler: str | None = None, worke
     if conn.cluster is not None:                 # our own workers: their logs go to OUT/logs/ too
         conn.client.register_plugin(WorkerLogs(str(logs.folder)))
     local_workers_ignore_sigint(conn)
+    share_storage_options(conn.client, storage_options)
     metrics = MetricsReporter(conn.client, out_dir.name, {"job": config.name, "config_hash": config.config_hash,
                                                           "version": __version__}, log=log)
     bar = _Progress(0, False)
@@ -289,6 +310,7 @@ def _extract(input_path, out_dir, config, *, scheduler: str | None = None, worke
         mem = _memory_limit(conn.client)
         left = n_todo
         retry: list = []
+        unavailable: list = []
 
         def record(task, result, in_flight: int) -> None:
             nonlocal left
@@ -296,6 +318,11 @@ def _extract(input_path, out_dir, config, *, scheduler: str | None = None, worke
                 result = lost_scan_result(task, config, result, mem)
             if pseudo is not None:
                 result = pseudo.scrub_result(result, task)
+            if _unavailable(result):             # the store was unreachable: not done, a rerun does it
+                unavailable.append((result["scans"]["scan_key"], result["scans"]["reason"]))
+                left -= 1
+                bar.update("unavailable")
+                return
             store.add(result)
             admitted.pop(task.scan_key, None)
             left -= 1
@@ -335,9 +362,12 @@ def _extract(input_path, out_dir, config, *, scheduler: str | None = None, worke
             _write_run_json(out_dir, config, input_path, summary, t_index, repaired, bar.counts, pseudo,
                             state="interrupted")
         raise Interrupted(sum(bar.counts.values()), len(admitted), signal_of(exc)) from None
-    except BaseException:
+    except BaseException as exc:
         _close_quietly(conn)                   # staged results stay in _staging/ for the next start
         store.tidy()
+        if storage.is_url(out_dir) and storage.unreachable(exc):   # the output store went away: one line
+            raise StorageUnavailable(out_dir, "the output store could not be reached; every scan written so "
+                                              "far stays, rerun the same command to resume") from exc
         raise
     finally:
         bar.close()
@@ -349,9 +379,18 @@ def _extract(input_path, out_dir, config, *, scheduler: str | None = None, worke
 
     wall = time.perf_counter() - t0
     counts = Counter(store.counts())
-    summary = ExtractSummary(out_dir, idx.n_tasks, idx.n_done, counts, wall, link, n_redone=len(idx.redo))
-    _write_run_json(out_dir, config, input_path, summary, t_index, repaired, bar.counts, pseudo)
+    summary = ExtractSummary(out_dir, idx.n_tasks, idx.n_done, counts, wall, link, n_redone=len(idx.redo),
+                             unavailable=unavailable)
+    if unavailable:
+        log(f"{len(unavailable)} scan(s) not done, their object store could not be reached "
+            f"(e.g. {unavailable[0][1]}); rerun the same command to complete them")
+    _write_run_json(out_dir, config, input_path, summary, t_index, repaired, bar.counts, pseudo,
+                    storage_options=storage.redacted(storage_options))
     return summary
+
+
+def _unavailable(result: dict) -> bool:
+    return any(e.get("error_type") == "StorageUnavailable" for e in result.get("errors", []))
 
 
 def _close_quietly(conn) -> None:
@@ -396,21 +435,24 @@ def _stage_totals(out_dir: Path) -> dict:
 
 
 def _input_label(input_path) -> str:
-    """INPUT as run.json records it: the absolute path, or the DICOMweb URL (never credentials:
-    ``io.dicomweb.parse_source`` refuses URLs holding them)."""
+    """INPUT as run.json records it: the absolute path, the object-store URL, or the DICOMweb URL
+    (never credentials: ``io.dicomweb.parse_source`` refuses URLs holding them)."""
+    from ..io.dicomweb import is_dicomweb_url, parse_source
+
     if is_dicomweb_url(input_path):
         return parse_source(input_path).url
-    return str(Path(input_path).resolve())
+    return storage.as_url(input_path) if storage.is_url(input_path) else str(Path(input_path).resolve())
 
 
 def _write_run_json(out_dir: Path, config, input_path, summary: ExtractSummary, t_index: float,
-                    repaired: dict, this_run: Counter, pseudo=None, state: str = "complete") -> None:
+                    repaired: dict, this_run: Counter, pseudo=None, state: str = "complete",
+                    storage_options: dict | None = None) -> None:
     info = {
         "command": "extract",
         "state": state,                       # running | complete | interrupted | scheduler_lost
         "input": _input_label(input_path) if pseudo is None else pseudo.key(_input_label(input_path)),
         "pseudonymized": pseudo is not None,
-        "config": config.to_dict(),
+        "config": {**config.to_dict(), "storage": storage_options or {}},   # secrets as ***
         "config_hash": config.config_hash,
         "result_settings": config.result_settings(),   # what config_hash covers: diffed when OUT is refused
         "versions": _versions(),
@@ -425,5 +467,6 @@ def _write_run_json(out_dir: Path, config, input_path, summary: ExtractSummary, 
         "index_s": round(t_index, 3),
         "worker_seconds_per_stage": _stage_totals(out_dir),
         "exclusions": exclusion_report(out_dir),   # per QC rule: count, value range, job key, warnings
+        "unavailable": [{"scan_key": k, "reason": r} for k, r in summary.unavailable],
     }
     atomic_write(out_dir / "run.json", lambda p: p.write_text(json.dumps(info, indent=2, default=str)))

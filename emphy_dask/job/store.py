@@ -8,6 +8,11 @@ Protocol (each step atomic: temporary file + rename):
 A crash between any two steps is repaired on the next start: parts whose id has no scans part
 are orphans and deleted; staged scans already in ``scans/`` are dropped, the others flushed.
 So a killed job loses at most the scans in flight, and no row is ever written twice.
+
+OUT may be an object-store URL (``s3://bucket/run``; ``io.storage``). A store has no rename, but
+an object appears whole or not at all, so each file is written under its final name in one PUT;
+the order (staged rows, other tables, ``scans/`` last, then the staged files removed) and thus the
+repair are the same: a killed run resumes from the store.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..io import storage
 from ..io.atomic import atomic_write
 from ..tables import TABLES, arrow_schema, part_ids, read_table, write_part
 
@@ -44,8 +50,13 @@ class RunStore:
         self.out_dir = Path(out_dir)
         self.part_size = part_size
         self.staging = self.out_dir / STAGING
-        self.staging.mkdir(parents=True, exist_ok=True)
+        self.remote = storage.is_url(self.out_dir)
+        if not self.remote:
+            self.staging.mkdir(parents=True, exist_ok=True)
         self._pending: list[dict] = []
+
+    def _staged_files(self) -> list[str]:
+        return storage.glob(self.staging / "*.json")
 
     # -- start-up -------------------------------------------------------------------------
     def repair(self) -> dict:
@@ -56,16 +67,17 @@ class RunStore:
             if table == "scans":
                 continue
             for pid in part_ids(self.out_dir, table) - done_ids:
-                (self.out_dir / table / f"part-{pid}.parquet").unlink()
+                storage.remove(self.out_dir / table / f"part-{pid}.parquet")
                 orphans += 1
-        for tmp in self.out_dir.rglob(".tmp-*"):
-            tmp.unlink()
+        if not self.remote:                    # (an object store never holds a temporary file)
+            for tmp in self.out_dir.rglob(".tmp-*"):
+                tmp.unlink()
         done = set(self.done_keys())
         staged = []
-        for f in sorted(self.staging.glob("*.json")):
-            result = json.loads(f.read_text())
+        for f in self._staged_files():
+            result = json.loads(storage.read_bytes(f))
             if result["scans"]["scan_key"] in done:
-                f.unlink()
+                storage.remove(f)
             else:
                 staged.append(result)
         self._pending = staged
@@ -89,20 +101,20 @@ class RunStore:
         ``config`` (a JobConfig, or its config hash); the message names each setting that differs,
         old and new, when ``run.json`` records the settings of those results."""
         this = config if isinstance(config, str) else config.config_hash    # a bare hash: no diff
-        staged = {json.loads(f.read_text())["scans"]["config_hash"] for f in self.staging.glob("*.json")}
+        staged = {json.loads(storage.read_bytes(f))["scans"]["config_hash"] for f in self._staged_files()}
         other = {h for h in set(self.done_keys().values()) | staged if h != this}
         if not other:
             return
         diff = [] if isinstance(config, str) else self._settings_diff(other, config)
         what = "; ".join(diff) if diff else f"config hash {', '.join(sorted(other))}, this job {this}"
-        raise ConfigMismatch(f"{self.out_dir} holds results made with other settings ({what}); "
+        raise ConfigMismatch(f"{storage.as_url(self.out_dir)} holds results made with other settings ({what}); "
                              "rerun with the same settings, --overwrite, or write to a new OUT")
 
     def _settings_diff(self, other: set, config) -> list[str]:
         from .config import config_from_run_json, settings_diff
 
         try:
-            info = json.loads((self.out_dir / "run.json").read_text())
+            info = json.loads(storage.read_bytes(self.out_dir / "run.json"))
         except (OSError, ValueError):
             return []
         old = config_from_run_json(info)
@@ -143,10 +155,10 @@ class RunStore:
         """Refuse mixing real keys and pseudonyms (or two secrets) in one OUT; mark a new
         pseudonymised OUT with the secret's fingerprint (``job.pseudonym``), never the secret."""
         marker = self.out_dir / PSEUDONYM_FILE
-        have = json.loads(marker.read_text())["fingerprint"] if marker.exists() else None
+        have = json.loads(storage.read_bytes(marker))["fingerprint"] if storage.exists(marker) else None
         if have == fingerprint:
             return
-        has_rows = bool(part_ids(self.out_dir, "scans")) or any(self.staging.glob("*.json"))
+        has_rows = bool(part_ids(self.out_dir, "scans")) or bool(self._staged_files())
         if have is None and not has_rows:
             atomic_write(marker, lambda p: p.write_text(json.dumps({"fingerprint": fingerprint})))
             return
@@ -156,7 +168,7 @@ class RunStore:
             why = "holds pseudonymised results; rerun with --pseudonymize and the same secret"
         else:
             why = "was pseudonymised with another secret (EMPHY_PSEUDONYM_KEY); use the same one or a new OUT"
-        raise ConfigMismatch(f"{self.out_dir} {why}")
+        raise ConfigMismatch(f"{storage.as_url(self.out_dir)} {why}")
 
     def _staged(self, scan_key: str) -> Path:
         # hashed: any key (slashes, unicode) maps to its own flat file name
@@ -184,7 +196,7 @@ class RunStore:
                 write_part(table, rows, self.out_dir, pid)
         write_part("scans", [res["scans"] for res in self._pending], self.out_dir, pid)
         for res in self._pending:
-            self._staged(res["scans"]["scan_key"]).unlink(missing_ok=True)
+            storage.remove(self._staged(res["scans"]["scan_key"]))
         self._pending = []
 
     def close(self) -> None:
@@ -201,7 +213,7 @@ class RunStore:
 
     def tidy(self) -> None:
         """Remove ``_staging/`` when it holds nothing (a refused or failed start leaves no trace)."""
-        if self.staging.is_dir() and not any(self.staging.iterdir()):
+        if not self.remote and self.staging.is_dir() and not any(self.staging.iterdir()):
             self.staging.rmdir()
 
     def counts(self) -> dict:
@@ -230,6 +242,15 @@ def clean_out_dir(out_dir: str | Path, force: bool = False) -> None:
     An OUT holding anything else (a user's notes, another tool's files) is refused, naming a few
     of them; with ``force`` those are kept and only emphy's own entries are removed.
     """
+    if storage.is_url(out_dir):
+        fs, inner = storage.filesystem(out_dir)
+        entries = {name for name, _ in storage.list_dir(out_dir)} if fs.exists(inner) else set()
+        if entries and not entries & {"run.json", "manifest.parquet", "scans", STAGING}:
+            raise ConfigMismatch(f"{storage.as_url(out_dir)}: --overwrite refuses to delete a prefix that is not "
+                                 "an emphy run")
+        if entries:
+            storage.remove(out_dir, recursive=True)
+        return
     out = Path(out_dir)
     if not out.exists():
         return

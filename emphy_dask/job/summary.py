@@ -82,10 +82,13 @@ def _skipped_files(out_dir: Path, at_most: int = 20) -> dict:
     passed over (link loops, unreadable folders, dangling links): counts and the first few of each with the reason."""
     import pyarrow.parquet as pq
 
+    from ..io import storage
+
     path = out_dir / MANIFEST_FILE
-    if not path.exists():
+    if not storage.exists(path):
         return {"n": 0, "examples": []}
-    rows = [r for r in pq.read_table(path, columns=["scan_key", "kind", "error"]).to_pylist()
+    filesystem, where = storage.arrow_filesystem(path)       # a local path or an object-store URL
+    rows = [r for r in pq.read_table(where, columns=["scan_key", "kind", "error"], filesystem=filesystem).to_pylist()
             if r["kind"] == "skipped"]
     walk, files = [], []
     for r in rows:
