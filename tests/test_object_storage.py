@@ -138,3 +138,18 @@ def test_pseudonyms_scrub_object_store_paths_in_both_spellings():
               "errors": [{"message": f"{files[1]} and s3://archive/lidc/LIDC-IDRI-0001/1.2.3 failed"}]}
     scrubbed = json.dumps(pseudo.scrub_result(result, task))
     assert "LIDC-IDRI-0001" not in scrubbed and "1.2.3" not in scrubbed and task.scan_key in scrubbed
+
+
+def test_a_new_scheme_slots_into_the_input_dispatch(monkeypatch):
+    """``job.inputs`` is the one INPUT dispatch: a scheme (e.g. ``dicomweb+http://``) adds a handler
+    and a check, and both are used for INPUTs that start with it."""
+    from emphy_dask.job import inputs
+    from emphy_dask.pipeline import ScanTask
+
+    checked = []
+    monkeypatch.setitem(inputs.SCHEMES, "fake+http://",
+                        lambda src, client, in_flight: ("root", iter([ScanTask("k", "error", error="x")])))
+    monkeypatch.setitem(inputs.CHECKS, "fake+http://", checked.append)
+    inputs.check_input("fake+http://host/q")
+    root, tasks = inputs.iter_input("fake+http://host/q")
+    assert checked == ["fake+http://host/q"] and root == "root" and [t.scan_key for t in tasks] == ["k"]
