@@ -288,7 +288,7 @@ def test_cli_extract_over_the_real_shared_data(tmp_path, job_file, no_backbone_j
     assert sorted(scans.index) == ["lidc-idri-full/LIDC-IDRI-0002", "lidc-idri-full/LIDC-IDRI-0013",
                                    "lidc-idri-slabs/LIDC-IDRI-0001", "lidc-idri-slabs/LIDC-IDRI-0002",
                                    "lidc-idri-slabs/LIDC-IDRI-0003", "lung-pet-ct-dx/Lung_Dx-A0001",
-                                   "rider-lung-ct/RIDER-1225316081"]
+                                   "rider-lung-ct"]
     full = scans.loc["lidc-idri-full/LIDC-IDRI-0013"]        # saturated bone: the paper's rule excludes it
     assert full["status"] == "excluded" and full["qc_max_hu"] == 3071 and full["n_slices"] == 125
     assert set(scans["status"]) <= {"ok", "excluded"}
