@@ -15,9 +15,9 @@ def test_one_huge_scan_out_of_memory_fails_alone(tmp_path):
     from emphy_dask.synth.dicom_write import write_dicom_series
 
     synth_cohort(tmp_path / "c", 2, seed=4, size="small")
-    # 400 x 512 x 512 (105 M voxels): decoding, QC and segmenting it need ~0.6 GB beside the worker's
+    # 640 x 512 x 512 (168 M voxels): decoding, QC and segmenting it need ~1 GB beside the worker's
     # own ~0.33 GB; the small scans far less
-    hu = np.full((400, 512, 512), -1000, np.int16)
+    hu = np.full((640, 512, 512), -1000, np.int16)
     hu[:, 100:400, 80:430] = 40
     write_dicom_series(hu, (1.0, 0.7, 0.7), tmp_path / "c" / "dicom" / "HUGE" / "study" / "series", seed=9,
                        patient_id="HUGE")
