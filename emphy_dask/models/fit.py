@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..jsonsafe import json_safe
 from . import figures
 from .cohort import (Cohort, RunTables, balanced_subset, check_classes, embedding_hu_source,
                      embedding_input_recipe, load_cohort)
@@ -198,21 +199,9 @@ def _fit_run(out_dir: Path, s: FitSettings, figures_on: bool, log) -> dict:
     }
     timing["total"] = round(time.perf_counter() - t0, 3)
     metrics["timing_s"] = timing
-    (model_dir / "metrics.json").write_text(json.dumps(_clean(metrics), indent=1, allow_nan=False))
+    (model_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1, allow_nan=False))
     return metrics
 
-
-def _clean(obj):
-    """JSON-safe: numpy scalars to Python, NaN to null."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if not np.isfinite(obj) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def _cohort_counts(tables: RunTables, c: Cohort, bal: np.ndarray) -> dict:

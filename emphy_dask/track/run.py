@@ -7,9 +7,9 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
+from ..jsonsafe import json_safe
 from ..report.html import esc, img, page, rel, table
 from ..tables import read_table, write_frame
 from . import figures
@@ -80,7 +80,7 @@ def track_run(out_dir, track_dir=None, *, by: str = "patient", reference="first"
     summary["fastest"] = _fastest(frame).to_dict("records")
     if figures_on:
         _page(frame, scans, pheno, summary, tdir)
-    (tdir / "track.json").write_text(json.dumps(_clean(summary), indent=1))
+    (tdir / "track.json").write_text(json.dumps(json_safe(summary), indent=1))
     return summary
 
 
@@ -128,16 +128,3 @@ def _page(frame: pd.DataFrame, scans: pd.DataFrame, pheno: pd.DataFrame, summary
         parts += ["<h2>Scans left out</h2>", table(left, left=("scan_key", "reason"))]
     (tdir / "index.html").write_text(page("emphy track", "\n".join(parts)))
 
-
-def _clean(obj):
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if not np.isfinite(obj) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    return obj
