@@ -59,7 +59,7 @@ def test_a_symlinked_cohort_gives_the_same_tables_as_the_real_folders(tmp_path, 
     link beside them: the same tables as the archive's own folders; the two links listed, not scans."""
     from emphy_dask.cli import main
 
-    real = shared_data / "lidc-idri-slabs"
+    real = (shared_data / "lidc-idri-slabs").resolve()   # the walk reports real paths
     patients = sorted(p.name for p in real.iterdir() if p.is_dir())
     cohort = tmp_path / "cohort"
     cohort.mkdir()
