@@ -20,14 +20,11 @@ INPUT or INPUT inside OUT are refused in one line naming the path and what to pa
 """
 from __future__ import annotations
 
-import dataclasses
-from collections import Counter
 from pathlib import Path
 
 from ..errors import ScanError
 from ..io import storage
-from ..scan_state import ScanTask
-from .manifest import IMAGE_SUFFIXES, _row_tasks, iter_manifest, ordered_map
+from .manifest import IMAGE_SUFFIXES, iter_manifest, row_task_stream
 
 #: URL scheme prefix -> handler(input, client, in_flight) -> (root, iterator of ScanTask).
 SCHEMES: dict = {}
@@ -105,18 +102,7 @@ def read_url_list(path, client=None, in_flight: int = 32):
         raise ScanError(path, "the manifest lists no series URL", stage="index")
     root = Path(storage.as_url(path)).parent if storage.is_url(path) else Path(path).resolve().parent
 
-    def tasks():
-        seen: Counter = Counter()
-        for (key, url), result in ordered_map(client, _row_tasks, rows, in_flight=in_flight, root=str(root)):
-            if isinstance(result, BaseException):
-                result = [ScanTask(key, "error", error=f"indexing failed: {type(result).__name__}: {result}",
-                                   error_path=url)]
-            for t in result:
-                n = seen[t.scan_key]
-                seen[t.scan_key] += 1
-                yield t if n == 0 else dataclasses.replace(t, scan_key=f"{t.scan_key}~{n + 1}")
-
-    return root, tasks()
+    return root, row_task_stream(rows, root, client, in_flight)
 
 
 _WHAT = "give a folder (a DICOM tree, a patient or series folder, image files), a CT image file, " \

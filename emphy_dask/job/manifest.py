@@ -348,18 +348,21 @@ def read_manifest_file(path: Path, client=None, in_flight: int = 32):
             target = row[column].strip()
             yield row["scan_key"], (target if storage.is_url(target) else str((root / target).resolve()))
 
-    def tasks():
-        seen: Counter = Counter()
-        for (key, target), result in ordered_map(client, _row_tasks, rows(), in_flight=in_flight, root=str(root)):
-            if isinstance(result, BaseException):
-                result = [ScanTask(key, "error", error=f"indexing failed: {type(result).__name__}: {result}",
-                                   error_path=target)]
-            for t in result:
-                n = seen[t.scan_key]
-                seen[t.scan_key] += 1
-                yield t if n == 0 else dataclasses.replace(t, scan_key=f"{t.scan_key}~{n + 1}")
+    return root, row_task_stream(rows(), root, client, in_flight)
 
-    return root, tasks()
+
+def row_task_stream(rows, root: Path, client=None, in_flight: int = 32):
+    """The tasks of (scan key, path or URL) rows, each indexed on a worker (``_row_tasks``), in row
+    order; a row whose indexing failed becomes an error task, a repeated key gets ``~2``, ``~3``."""
+    seen: Counter = Counter()
+    for (key, target), result in ordered_map(client, _row_tasks, rows, in_flight=in_flight, root=str(root)):
+        if isinstance(result, BaseException):
+            result = [ScanTask(key, "error", error=f"indexing failed: {type(result).__name__}: {result}",
+                               error_path=target)]
+        for t in result:
+            n = seen[t.scan_key]
+            seen[t.scan_key] += 1
+            yield t if n == 0 else dataclasses.replace(t, scan_key=f"{t.scan_key}~{n + 1}")
 
 
 def _row_tasks(row: tuple[str, str], root: str) -> list[ScanTask]:
