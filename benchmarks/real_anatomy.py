@@ -72,7 +72,8 @@ zone_pooling = "lung"
 margin_mm = 10.0
 batch_size = 4
 save_feature_maps = false
-hu_source = "raw"
+hu_source = "{hu_source}"
+input_recipe = "{recipe}"
 [cluster]
 workers = {workers}
 threads_per_worker = 1
@@ -151,11 +152,11 @@ def scores(kind, X, y, groups, rng) -> dict:
     return res
 
 
-def evaluate(work: Path, seed: int, group_by: str = "base_id") -> dict:
+def evaluate(work: Path, seed: int, group_by: str = "base_id", run_name: str = "run") -> dict:
     from emphy_dask.models.cohort import load_cohort
     from emphy_dask.tables import read_frame
 
-    run, truth = work / "run", pd.read_csv(work / "cohort" / "truth.csv")
+    run, truth = work / run_name, pd.read_csv(work / "cohort" / "truth.csv")
     scans = read_frame(run, "scans")
     ok = scans[scans["status"] == "ok"].merge(truth, on="scan_key", how="inner")
     res = {"n_variants": int(len(truth)), "n_ok": int(len(ok)),
@@ -218,16 +219,56 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def fit_summary(m: dict) -> dict:
+    """The scores of ``emphy fit``'s metrics.json that the tables below quote (NaN where absent)."""
+    out = {}
+    for name, path in {"auc": ("full_cohort", "nested_cv", "auc"),
+                       "shuffled_auc": ("full_cohort", "nested_cv", "shuffled_control", "auc"),
+                       "ridge_r2": ("ridge_laa950", "r2"), "shuffled_ridge_r2": ("ridge_laa950", "shuffled_control", "r2"),
+                       "pattern_accuracy": ("target", "accuracy"),
+                       "shuffled_pattern_accuracy": ("target", "shuffled_control", "accuracy"),
+                       "phenotypes_auc": ("phenotypes_only", "auc")}.items():
+        cur = m
+        for k in path:
+            cur = cur.get(k) if isinstance(cur, dict) else None
+        out[name] = float(cur["value"] if isinstance(cur, dict) and "value" in cur else cur) \
+            if isinstance(cur, (int, float)) or (isinstance(cur, dict) and "value" in cur) else float("nan")
+    out["grouping"] = m.get("grouping")
+    return out
+
+
+def compare(work: Path) -> str:
+    """One row per evaluated run (input recipe x HU source) of ``WORK/results-*.json``."""
+    lines = ["| recipe | HU | R² LAA%-950 (shuffled) | AUC label (shuffled) | PR-AUC | accuracy | "
+             "pattern accuracy (shuffled) | `emphy fit` AUC (shuffled) | pattern, `emphy fit` |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for f in sorted(work.glob("results-*.json")):
+        r = json.loads(f.read_text())
+        e, pe, fit = r["embeddings"], r["pattern_embeddings"], r.get("emphy_fit", {})
+        lines.append(f"| {r.get('recipe', 'upstream')} | {r.get('hu_source', 'raw')} | {e['r2']:.2f} ({e['shuffled_r2']:.2f}) | "
+                     f"{e['auc']:.3f} ({e['shuffled_auc']:.3f}) | {e['pr_auc']:.3f} | {e['accuracy']:.2f} | "
+                     f"{pe['accuracy']:.2f} ({pe['shuffled_accuracy']:.2f}) | "
+                     f"{fit.get('auc', float('nan')):.3f} ({fit.get('shuffled_auc', float('nan')):.3f}) | "
+                     f"{fit.get('pattern_accuracy', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/emphy-real-anatomy")
-    ap.add_argument("--severities", nargs="+", type=float, default=[5.0, 20.0])
+    ap.add_argument("--severities", nargs="+", type=float, default=[5.0, 10.0, 20.0, 30.0])
+    ap.add_argument("--recipe", default="upstream", help="[embed].input_recipe of this run (upstream, lung, multiwindow)")
+    ap.add_argument("--hu-source", default="raw", choices=("raw", "harmonized"), help="[embed].hu_source of this run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--group-by", default="base_id", help="truth column of the folds (base_id = anatomy)")
+    ap.add_argument("--compare", action="store_true", help="print one table of every evaluated run in WORK")
     ap.add_argument("--evaluate-only", action="store_true", help="evaluate the run as it stands (e.g. a partial one)")
     a = ap.parse_args(argv)
     work = Path(a.work)
+    if a.compare:
+        print(compare(work))
+        return 0
     work.mkdir(parents=True, exist_ok=True)
     t = {}
     t0 = time.perf_counter()
@@ -236,17 +277,26 @@ def main(argv=None) -> int:
               "--seed", a.seed)
     t["insert_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    (work / "job.toml").write_text(JOB.format(workers=a.workers))
+    run_name = "run" if (a.recipe, a.hu_source) == ("upstream", "raw") else f"run-{a.recipe}-{a.hu_source}"
+    job = work / f"job-{run_name}.toml"
+    job.write_text(JOB.format(workers=a.workers, recipe=a.recipe, hu_source=a.hu_source))
     if not a.evaluate_only:
-        emphy("extract", work / "cohort" / "dicom", "-o", work / "run", "--job", work / "job.toml", "--no-progress")
+        emphy("extract", work / "cohort" / "dicom", "-o", work / run_name, "--job", job, "--no-progress")
     t["extract_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = evaluate(work, a.seed, a.group_by)
+    res = evaluate(work, a.seed, a.group_by, run_name)
+    res["recipe"], res["hu_source"] = a.recipe, a.hu_source
     t["evaluate_s"] = time.perf_counter() - t0
+    # The product's own protocol on the same run: `emphy fit` grouped by anatomy, the pattern as target.
+    t0 = time.perf_counter()
+    emphy("fit", work / run_name, "--features", "zones", "--group-by", a.group_by,
+          "--covariates", work / "cohort" / "truth.csv", "--target", "pattern", "--seed", a.seed)
+    res["emphy_fit"] = fit_summary(json.loads((work / run_name / "model" / "metrics.json").read_text()))
+    t["fit_s"] = time.perf_counter() - t0
     res["wall_s"] = {k: round(v, 1) for k, v in t.items()}
     truth = pd.read_csv(work / "cohort" / "truth.csv")
     res["t_insert_s"] = {"median": float(truth["t_insert_s"].median()), "max": float(truth["t_insert_s"].max())}
-    (work / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    (work / f"results-{run_name}.json").write_text(json.dumps(res, indent=1, default=str))
     print(json.dumps(res, indent=1, default=str))
     print(markdown(res))
     return 0
