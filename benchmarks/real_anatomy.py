@@ -71,7 +71,7 @@ precision = "bf16"
 zone_pooling = "lung"
 margin_mm = 10.0
 batch_size = 4
-save_feature_maps = false
+save_feature_maps = {feature_maps}
 hu_source = "{hu_source}"
 input_recipe = "{recipe}"
 [cluster]
@@ -152,11 +152,13 @@ def scores(kind, X, y, groups, rng) -> dict:
     return res
 
 
-def evaluate(work: Path, seed: int, group_by: str = "base_id", run_name: str = "run") -> dict:
+def evaluate(work: Path, seed: int, group_by: str = "base_id", run_name: str = "run", severities=None) -> dict:
     from emphy_dask.models.cohort import load_cohort
     from emphy_dask.tables import read_frame
 
     run, truth = work / run_name, pd.read_csv(work / "cohort" / "truth.csv")
+    if severities:                  # score a bigger run on a comparison subset's scans only
+        truth = truth[truth["severity_aimed_pct"].isin(list(severities))]
     scans = read_frame(run, "scans")
     ok = scans[scans["status"] == "ok"].merge(truth, on="scan_key", how="inner")
     res = {"n_variants": int(len(truth)), "n_ok": int(len(ok)),
@@ -219,6 +221,19 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def subset_links(work: Path, severities) -> Path:
+    """A folder of links to the cohort's variants of ``severities`` (the walk follows linked folders)."""
+    truth = pd.read_csv(work / "cohort" / "truth.csv")
+    keep = truth[truth["severity_aimed_pct"].isin(list(severities))]["scan_key"]
+    folder = work / ("sub-" + "-".join(f"{v:g}" for v in severities)) / "dicom"
+    folder.mkdir(parents=True, exist_ok=True)
+    for key in keep:
+        link = folder / key
+        if not link.exists():
+            link.symlink_to(work / "cohort" / "dicom" / key, target_is_directory=True)
+    return folder
+
+
 def fit_summary(m: dict) -> dict:
     """The scores of ``emphy fit``'s metrics.json that the tables below quote (NaN where absent)."""
     out = {}
@@ -262,6 +277,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--group-by", default="base_id", help="truth column of the folds (base_id = anatomy)")
+    ap.add_argument("--subset-severities", nargs="+", type=float,
+                    help="extract only the variants of these severities (a folder of links to them): "
+                         "cheaper recipe comparisons; the run's name gets '-sub'")
+    ap.add_argument("--feature-maps", action="store_true",
+                    help="[embed].save_feature_maps: keep layer4 maps to compare poolings offline")
+    ap.add_argument("--restrict-severities", nargs="+", type=float,
+                    help="with --evaluate-only: score only these severities' variants (compare a full run with "
+                         "a --subset-severities one); no emphy fit")
     ap.add_argument("--compare", action="store_true", help="print one table of every evaluated run in WORK")
     ap.add_argument("--evaluate-only", action="store_true", help="evaluate the run as it stands (e.g. a partial one)")
     a = ap.parse_args(argv)
@@ -278,15 +301,26 @@ def main(argv=None) -> int:
     t["insert_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     run_name = "run" if (a.recipe, a.hu_source) == ("upstream", "raw") else f"run-{a.recipe}-{a.hu_source}"
+    dicom = work / "cohort" / "dicom"
+    if a.subset_severities:
+        run_name += "-sub"
+        dicom = subset_links(work, a.subset_severities)
     job = work / f"job-{run_name}.toml"
-    job.write_text(JOB.format(workers=a.workers, recipe=a.recipe, hu_source=a.hu_source))
+    job.write_text(JOB.format(workers=a.workers, recipe=a.recipe, hu_source=a.hu_source,
+                              feature_maps=str(a.feature_maps).lower()))
     if not a.evaluate_only:
-        emphy("extract", work / "cohort" / "dicom", "-o", work / run_name, "--job", job, "--no-progress")
+        emphy("extract", dicom, "-o", work / run_name, "--job", job, "--no-progress")
     t["extract_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    res = evaluate(work, a.seed, a.group_by, run_name)
+    res = evaluate(work, a.seed, a.group_by, run_name, a.restrict_severities)
     res["recipe"], res["hu_source"] = a.recipe, a.hu_source
     t["evaluate_s"] = time.perf_counter() - t0
+    if a.restrict_severities:
+        res["restricted_to"] = a.restrict_severities
+        run_name += "-restricted"
+        (work / f"results-{run_name}.json").write_text(json.dumps(res, indent=1, default=str))
+        print(markdown(res))
+        return 0
     # The product's own protocol on the same run: `emphy fit` grouped by anatomy, the pattern as target.
     t0 = time.perf_counter()
     emphy("fit", work / run_name, "--features", "zones", "--group-by", a.group_by,
