@@ -23,6 +23,10 @@ from scipy import ndimage as ndi
 CELL_MM = 4.0
 #: Parenchyma (not vessel, not wall): HU below this inside the lung mask.
 VESSEL_MIN_HU = -600
+#: Gap kept between lesion cores (weight >= 0.5) while lesions are placed apart, voxels (z, y, x):
+#: their blurred fringes may overlap, the cores stay two voxels apart in-plane, so that the
+#: scan's noise rarely bridges two lesions into one 6-connected LAA cluster.
+CORE_GAP_VOX = (1, 2, 2)
 
 
 @dataclass(frozen=True)
@@ -98,8 +102,9 @@ def blob_template(radius_mm: float, spacing_zyx_mm, irregularity: float, sigma_m
     offsets : ndarray int, shape (k, 3): voxel offsets (z, y, x) from the centre where the
         blurred weight >= ``min_weight``.
     weights : ndarray float32, shape (k,): the blurred indicator there, in (0, 1].
-    halo : ndarray int, shape (h, 3): the offsets and their face neighbours (a lesion kept off
-        another's halo stays a separate 6-connected cluster).
+    halo : ndarray int, shape (h, 3): the core offsets (weight >= 0.5) grown by ``CORE_GAP_VOX``
+        (an ellipsoid): a lesion whose halo holds no other lesion's core stays, noise apart, a
+        separate 6-connected LAA cluster.
     """
     sp = np.asarray(spacing_zyx_mm, dtype=np.float64)
     sig = np.asarray(sigma_mm, dtype=np.float64)
@@ -119,7 +124,11 @@ def blob_template(radius_mm: float, spacing_zyx_mm, irregularity: float, sigma_m
     blurred = ndi.gaussian_filter(inside, sig / sp, truncate=2.5) if sig.any() else inside
     keep = blurred >= min_weight
     offsets = np.stack([g[keep] for g in grids], axis=1)
-    halo = np.argwhere(ndi.binary_dilation(np.pad(keep, 1))) - (half + 1)
+    g = np.asarray(CORE_GAP_VOX)
+    ball = sum((a / k) ** 2 for a, k in zip(np.ogrid[-g[0]:g[0] + 1, -g[1]:g[1] + 1, -g[2]:g[2] + 1], g)) <= 1.0
+    core = np.pad(blurred >= 0.5, [(k, k) for k in g])
+    core[tuple(half + g)] = True
+    halo = np.argwhere(ndi.binary_dilation(core, ball)) - (half + g)
     return offsets, np.minimum(blurred[keep], 1.0).astype(np.float32), halo
 
 
