@@ -21,9 +21,11 @@ MAX_PASSES = 16
 NO_OWNER = np.iinfo(np.int32).max
 #: Lesions are kept apart until a pass accepts fewer than this fraction of its lesions (the lung
 #: then holds no more separate ones; merged lesions would read as one large LAA cluster).
-MERGE_BELOW = 0.15
+MERGE_BELOW = 0.2
 #: At most this many candidates per lesion needed in a pass that keeps lesions apart.
 MAX_OVERSAMPLE = 6.0
+#: The last passes may merge lesions whatever the acceptance (the severity is reached).
+MERGE_PASSES = 3
 
 
 def first_claims(idx: np.ndarray, scratch: np.ndarray) -> np.ndarray:
@@ -84,8 +86,8 @@ class Canvas:
         returns (core voxels (weight >= 0.5) of the lesions accepted, lesions accepted)."""
         flat_change, flat_cov, flat_core = self.change.reshape(-1), self.covered.reshape(-1), self.core.reshape(-1)
         touched, n_core, n_accepted = [], 0, 0
-        for b in np.unique(bins):
-            for t in range(len(templates[b])):
+        for b in np.unique(bins)[::-1]:         # large lesions first: small ones fill the gaps, and
+            for t in range(len(templates[b])):  # separation does not refuse large ones more often
                 sel = (bins == b) & (which == t)
                 if not sel.any():
                     continue
@@ -142,11 +144,11 @@ class Canvas:
 def place_lesions(canvas: Canvas, plan, d_s: float, goal_vox: float, rng) -> int:
     """Add lesions in passes until ``goal_vox`` LAA voxels are added (from below); returns those added.
 
-    ``plan`` (dict): grid, weights, templates, radii, core_vox (bins x shapes), n_shapes, spec,
+    ``plan`` (dict): grid, weights (per radius bin a list of stages' arrays), templates, radii, core_vox (bins x shapes), n_shapes, spec,
     voxel_mm3, fallback_hu, target_hu, n_lung. Sizes follow the power law of exponent ``d_s``
     (``sample_volumes_mm3``). Passes keep lesions apart; once a pass accepts fewer than
     ``MERGE_BELOW`` of its lesions the favoured cells are full, and the centres are drawn with
-    flatter weights (square root, then every allowed cell); after that, lesions may merge.
+    the next stage's weights (flatter, then wider); after the last stage, lesions may merge.
     """
     spec, grid, templates, radii = plan["spec"], plan["grid"], plan["templates"], plan["radii"]
     core_vox, n_shapes, n_lung = plan["core_vox"], plan["n_shapes"], plan["n_lung"]
@@ -157,10 +159,9 @@ def place_lesions(canvas: Canvas, plan, d_s: float, goal_vox: float, rng) -> int
     # Where the pattern's favoured cells hold no more separate lesions, spread them over its other
     # cells (flatter weights) before letting them merge: the zone predominance stays (favoured cells
     # fill first), and lesions stay distinct clusters as long as the lung has room for them.
-    w = plan["weights"]
-    stages = [w, np.sqrt(w), (w > 0).astype(np.float64)]
+    stages = plan["weights"]                # per radius bin, per stage
     stage, separate, added, accept = 0, True, 0, 1.0
-    for _ in range(MAX_PASSES):
+    for i_pass in range(MAX_PASSES):
         # Aim a little short, then top up: approach the severity from below.
         need_vox = 0.9 * (goal_vox - added) / efficiency
         # Candidates for the need, more where the last pass refused many (kept apart).
@@ -174,7 +175,13 @@ def place_lesions(canvas: Canvas, plan, d_s: float, goal_vox: float, rng) -> int
         bins, which, size = bins[fits], which[fits], size[fits]
         n = int(np.searchsorted(np.cumsum(size), want_vox)) + 1
         bins, which = bins[:n], which[:n]
-        centres = sample_centres(grid, stages[stage], len(bins), rng).clip(0, shape - 1)
+        order = np.argsort(bins, kind="stable")
+        bins, which = bins[order], which[order]
+        parts = [sample_centres(grid, stages[b][stage], int(np.count_nonzero(bins == b)), rng) for b in np.unique(bins)]
+        placed = np.concatenate([[len(c) > 0] * int(np.count_nonzero(bins == b)) for c, b in zip(parts, np.unique(bins))]
+                                ).astype(bool) if len(bins) else np.zeros(0, bool)
+        bins, which = bins[placed], which[placed]
+        centres = (np.concatenate(parts) if parts else np.zeros((0, 3), int)).clip(0, shape - 1)
         ok = canvas.lung[tuple(centres.T)]
         centres, bins, which = centres[ok], bins[ok], which[ok]
         cell = tuple((centres // np.asarray(grid.factor)).clip(0, np.asarray(grid.paren_mean_hu.shape) - 1).T)
@@ -187,8 +194,10 @@ def place_lesions(canvas: Canvas, plan, d_s: float, goal_vox: float, rng) -> int
             break
         if separate:
             accept = float(np.clip(n_accepted / max(len(bins), 1), 1.0 / MAX_OVERSAMPLE, 1.0))
-        if separate and n_accepted < MERGE_BELOW * max(len(bins), 1):
-            if stage + 1 < len(stages):
+        if i_pass + 1 >= MAX_PASSES - MERGE_PASSES:
+            separate = False                    # the last passes reach the severity whatever it takes
+        elif separate and n_accepted < MERGE_BELOW * max(len(bins), 1):
+            if stage + 1 < len(stages[0]):
                 stage += 1                      # the favoured cells are full: spread out
             else:
                 separate = False                # the lung is full of separate lesions: let them merge

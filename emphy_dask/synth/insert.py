@@ -68,6 +68,14 @@ def _templates(spec, spacing_zyx_mm, sigma_mm, rng):
                     for _ in range(TEMPLATES_PER_BIN if r < FEW_TEMPLATES_MM else 2)] for r in radii]
 
 
+def _stage_weights(grid, spec, radius_mm: float) -> list:
+    """Placement weights of a lesion of ``radius_mm``, one array per stage of ``place_lesions``:
+    the pattern's own, flatter (square root), then every allowed cell up to three times the
+    pattern's distance to the pleura (deeper subpleural rows once the first is full)."""
+    w = placement_weights(grid, spec, radius_mm)
+    return [w, np.sqrt(w), (placement_weights(grid, spec, radius_mm, reach=3.0) > 0).astype(np.float64)]
+
+
 def _next_exponent(tries, d_aim: float) -> float:
     """The exponent of the next try from the (sampled, read) pairs so far: one step of the
     read-back's miss, then secant steps (slope floored: the read-back responds weakly where
@@ -172,7 +180,7 @@ def insert_emphysema(hu, lung_labels, spacing_zyx_mm, pattern: str, added_laa950
         core_vox = np.zeros((len(templates), TEMPLATES_PER_BIN), np.int64)
         for i, row in enumerate(templates):
             core_vox[i, :len(row)] = [np.count_nonzero(w >= 0.5) for _, w, _ in row]
-        plan = dict(spec=spec, grid=grid, weights=placement_weights(grid, spec), templates=templates, radii=radii,
+        plan = dict(spec=spec, grid=grid, weights=[_stage_weights(grid, spec, r) for r in radii], templates=templates, radii=radii,
                     core_vox=core_vox, n_shapes=np.array([len(row) for row in templates]), n_lung=n_lung,
                     voxel_mm3=float(np.prod(sp)), target_hu=spec.target_hu,
                     fallback_hu=float(np.nanmean(grid.paren_mean_hu)) if np.isfinite(grid.paren_mean_hu).any()

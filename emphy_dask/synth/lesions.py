@@ -27,6 +27,8 @@ VESSEL_MIN_HU = -600
 #: their blurred fringes may overlap, the cores stay two voxels apart in-plane, so that the
 #: scan's noise rarely bridges two lesions into one 6-connected LAA cluster.
 CORE_GAP_VOX = (1, 2, 2)
+#: A lesion's centre lies at least this fraction of its radius away from the lung mask's edge.
+INSIDE_FRACTION = 0.8
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,12 @@ PATTERNS: dict[str, PatternSpec] = {
                               irregularity=0.45),
     # One row of subpleural lucencies, 5-20 mm, abutting the pleura.
     "paraseptal": PatternSpec("paraseptal", (5.0, 20.0), 1.5, -990.0, 0.5, (0.0, 5.0), irregularity=0.25),
-    # A few large thin-walled spaces, > 10 mm, apical and subpleural.
-    "bullous": PatternSpec("bullous", (12.0, 70.0), 1.1, -995.0, 1.5, (0.0, 20.0), irregularity=0.15),
+    # Large thin-walled spaces (> 10 mm, up to 70 mm) among the smaller subpleural cysts they arise
+    # from (5-10 mm), apical and subpleural. The small cysts are part of the pattern's size law:
+    # without them the lesion mask's LAA clusters are a few hundred bullae plus the fragments the
+    # scan's vessels and noise cut from their edges, and those fragments, far below the smallest
+    # bulla, steer the fitted D to 0.3-0.5 whatever the bullae's own law (docs/real-anatomy.md).
+    "bullous": PatternSpec("bullous", (5.0, 70.0), 1.1, -995.0, 1.5, (0.0, 20.0), irregularity=0.15),
 }
 
 
@@ -181,12 +187,19 @@ def cell_grid(hu: np.ndarray, lung: np.ndarray, spacing_zyx_mm, superior_is_high
                     paren_mean.astype(np.float32), pleura.astype(np.float32), rank.astype(np.float32))
 
 
-def placement_weights(grid: CellGrid, spec: PatternSpec) -> np.ndarray:
-    """Relative probability of a lesion centre per cell, shape of ``grid.lung_frac``."""
+def placement_weights(grid: CellGrid, spec: PatternSpec, radius_mm: float = 0.0, reach: float = 1.0) -> np.ndarray:
+    """Relative probability of a lesion centre per cell, shape of ``grid.lung_frac``.
+
+    ``radius_mm``: the lesion's radius. Its centre lies at least ``INSIDE_FRACTION`` of it deep
+    (the pleura does not cut the lesion, which would turn a lesion into a random cap and flatten
+    the size law at its small end), and its near edge within the pattern's distance to the pleura
+    (times ``reach``: deeper rows once the subpleural ones are full).
+    """
     rank = grid.rank[:, None, None]
     zone = (1.0 - rank) ** spec.zone_power if spec.zone_power >= 0 else rank ** (-spec.zone_power)
     w = grid.lung_frac * (0.15 + zone)
     lo, hi = spec.pleura_mm
+    lo, hi = max(lo, INSIDE_FRACTION * radius_mm), reach * hi + radius_mm
     w = w * ((grid.pleura_mm >= lo) & (grid.pleura_mm <= hi) & (grid.lung_frac > 0.5))
     if spec.vessel_bundle:
         # Lobular cores: cells holding a little vessel (the centrilobular artery), not hila.
