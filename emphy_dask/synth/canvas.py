@@ -17,7 +17,7 @@ from emphy_dask.synth.lesions import mean_volume_mm3, sample_centres, sample_vol
 LAA_HU = -950
 #: Stop adding lesions once the added LAA% is this close to the aim (percentage points).
 TOLERANCE_PCT = 0.25
-MAX_PASSES = 16
+MAX_PASSES = 20
 NO_OWNER = np.iinfo(np.int32).max
 #: Lesions are kept apart until a pass accepts fewer than this fraction of its lesions (the lung
 #: then holds no more separate ones; merged lesions would read as one large LAA cluster).

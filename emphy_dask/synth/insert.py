@@ -193,9 +193,12 @@ def insert_emphysema(hu, lung_labels, spacing_zyx_mm, pattern: str, added_laa950
             d_read = canvas.lesion_d(sp) if fit_d else math.nan
             tries.append((d_s, d_read))
             miss = abs(d_read - d_aim) if math.isfinite(d_read) else math.inf
-            if best is None or miss < best[0]:
-                best = (miss, k, added, canvas.state() if fit_d and k + 1 < D_TRIES else None)
-            if miss <= D_TOLERANCE or not math.isfinite(d_read):      # on target, or nothing to steer by
+            # A try that reached the severity beats one that did not; then the nearer D wins.
+            short = added < goal - TOLERANCE_PCT / 100.0 * n_lung
+            rank = (short, -added if short else miss)
+            if best is None or rank < best[0]:
+                best = (rank, k, added, canvas.state() if fit_d and k + 1 < D_TRIES else None)
+            if not math.isfinite(d_read) or (miss <= D_TOLERANCE and not short):   # nothing to steer by, or done
                 break
             d_s = _next_exponent(tries, d_aim)
         if best[1] != len(tries) - 1:
