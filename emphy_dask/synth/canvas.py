@@ -46,9 +46,9 @@ class Canvas:
 
     ``change`` (float32, HU) holds per voxel the most negative ``delta * weight`` of the
     lesions covering it; ``covered`` marks covered voxels and ``core`` those of weight >= 0.5, so
-    that a pass may refuse lesions whose halo (core plus a gap) would hold another's core: kept apart, lesions stay separate
-    clusters and the size law survives into the LAA clusters. Later passes let them merge
-    (confluent emphysema) when the lung holds no more separate lesions.
+    that a pass may refuse lesions whose halo (core plus a gap) would hold another's core: kept
+    apart, lesions stay separate clusters and the size law survives into the LAA clusters.
+    Later passes let them merge (confluent emphysema) when the lung holds no more separate ones.
     """
 
     def __init__(self, hu_b, lung_b, paren_b, floor_hu):
@@ -144,7 +144,8 @@ class Canvas:
 def place_lesions(canvas: Canvas, plan, d_s: float, goal_vox: float, rng) -> int:
     """Add lesions in passes until ``goal_vox`` LAA voxels are added (from below); returns those added.
 
-    ``plan`` (dict): grid, weights (per radius bin a list of stages' arrays), templates, radii, core_vox (bins x shapes), n_shapes, spec,
+    ``plan`` (dict): grid, weights (per radius bin a list of stages' arrays), templates, radii,
+    core_vox (bins x shapes), n_shapes, spec,
     voxel_mm3, fallback_hu, target_hu, n_lung. Sizes follow the power law of exponent ``d_s``
     (``sample_volumes_mm3``). Passes keep lesions apart; once a pass accepts fewer than
     ``MERGE_BELOW`` of its lesions the favoured cells are full, and the centres are drawn with
@@ -178,8 +179,9 @@ def place_lesions(canvas: Canvas, plan, d_s: float, goal_vox: float, rng) -> int
         order = np.argsort(bins, kind="stable")
         bins, which = bins[order], which[order]
         parts = [sample_centres(grid, stages[b][stage], int(np.count_nonzero(bins == b)), rng) for b in np.unique(bins)]
-        placed = np.concatenate([[len(c) > 0] * int(np.count_nonzero(bins == b)) for c, b in zip(parts, np.unique(bins))]
-                                ).astype(bool) if len(bins) else np.zeros(0, bool)
+        placed = (np.concatenate([[len(c) > 0] * int(np.count_nonzero(bins == b))
+                                  for c, b in zip(parts, np.unique(bins))]).astype(bool)
+                  if len(bins) else np.zeros(0, bool))      # a size no allowed cell takes is dropped
         bins, which = bins[placed], which[placed]
         centres = (np.concatenate(parts) if parts else np.zeros((0, 3), int)).clip(0, shape - 1)
         ok = canvas.lung[tuple(centres.T)]

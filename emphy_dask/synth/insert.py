@@ -180,7 +180,8 @@ def insert_emphysema(hu, lung_labels, spacing_zyx_mm, pattern: str, added_laa950
         core_vox = np.zeros((len(templates), TEMPLATES_PER_BIN), np.int64)
         for i, row in enumerate(templates):
             core_vox[i, :len(row)] = [np.count_nonzero(w >= 0.5) for _, w, _ in row]
-        plan = dict(spec=spec, grid=grid, weights=[_stage_weights(grid, spec, r) for r in radii], templates=templates, radii=radii,
+        plan = dict(spec=spec, grid=grid, weights=[_stage_weights(grid, spec, r) for r in radii],
+                    templates=templates, radii=radii,
                     core_vox=core_vox, n_shapes=np.array([len(row) for row in templates]), n_lung=n_lung,
                     voxel_mm3=float(np.prod(sp)), target_hu=spec.target_hu,
                     fallback_hu=float(np.nanmean(grid.paren_mean_hu)) if np.isfinite(grid.paren_mean_hu).any()
