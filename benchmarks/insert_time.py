@@ -3,8 +3,9 @@
     OMP_NUM_THREADS=1 python benchmarks/insert_time.py [BASE_FOLDER] [--severity 20] [--repeats 2]
 
 Reports wall and CPU seconds (``time.process_time``: less sensitive to a shared machine's load)
-of the insertion alone (lesions, change field, truth LAA and thirds; the base is read and
-segmented once beforehand), and of the cluster-D read-back (``measure_d``) separately.
+of the insertion alone (lesions with the closed loop on cluster D, change field, truth LAA and
+thirds; the base is read and segmented once beforehand), and of the extra D measurements
+(``measure_d``: base, lesions and whole lung) separately.
 Target (issue 13): <= 3 s per full-size scan on one core.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ from scipy import ndimage as ndi
 from emphy_dask.io.dicom_index import find_files, index_files
 from emphy_dask.io.image_io import load_ct
 from emphy_dask.io.metadata import PHI_TAGS
-from emphy_dask.phenotypes.clusters import power_law_exponent
+from emphy_dask.phenotypes.clusters import laa_cluster_exponent_d, power_law_exponent
 from emphy_dask.phenotypes.parenchyma import parenchyma_phenotypes
 from emphy_dask.synth import make_phantom, synth_patient
 from emphy_dask.synth.insert import insert_emphysema
@@ -69,7 +69,8 @@ def test_zones_and_pleura_follow_the_pattern(base, inserted):
     assert np.median(depth_mm[para]) < np.median(depth_mm[lung])                  # subpleural
     assert np.median(depth_mm[centri]) > np.median(depth_mm[para]) + 3.0          # away from the pleura
     bullous = inserted["bullous"][2]
-    assert bullous["n_lesions"] < cle["n_lesions"] / 10                           # a few large spaces
+    # Large spaces: the bullous lesions are on average more than twice as large as centrilobular ones.
+    assert bullous["lesion_volume_ml"] / bullous["n_lesions"] > 2 * cle["lesion_volume_ml"] / cle["n_lesions"]
 
 
 def test_severity_zero_and_seeds(base):
@@ -170,3 +171,41 @@ def test_cli_insert_refuses_a_slab_with_exit_1(cohort, tmp_path, capsys):
     assert "refused thin:" in printed and "a slab of 8 slices (40 mm)" in printed
     assert not any((tmp_path / "o").rglob("*.dcm"))
     assert main(["insert", "--base", str(root / "slab"), "-o", str(tmp_path / "p"), "--severities", "50"]) == 2
+
+
+# Read-back of the cluster exponent D: a finer phantom (2.5 x 1.5 x 1.5 mm) with the scanner's noise
+# (about 65 HU in the parenchyma), where lesions span several voxels.
+FINE = (2.5, 1.5, 1.5)
+
+
+@pytest.fixture(scope="module")
+def fine_base():
+    ph = make_phantom((64, 160, 160), FINE, 0.0, "none", np.random.default_rng(5))
+    return ph.hu, ph.lung_labels
+
+
+@pytest.mark.parametrize("pattern,severity", [("centrilobular", 5.0), ("centrilobular", 20.0), ("panlobular", 5.0),
+                                              ("paraseptal", 5.0), ("bullous", 5.0), ("bullous", 20.0)])
+def test_inserted_lesions_read_back_the_aimed_d(fine_base, pattern, severity):
+    """D of the LAA clusters inside the lesion mask (the evaluator's quantity: written HU + lesion
+    mask, the project's estimator) is within 0.2 of the pattern's aim, noise and all."""
+    hu, labels = fine_base
+    new, lesion, truth = insert_emphysema(hu, labels, FINE, pattern, severity, 11)
+    d_read = laa_cluster_exponent_d(new, lesion, FINE)
+    assert truth["d_lesions"] == d_read
+    assert truth["d_aimed"] == PATTERNS[pattern].d_aim
+    assert abs(d_read - truth["d_aimed"]) <= 0.2
+    assert severity - 0.25 <= truth["added_laa950_pct"] <= severity + 2.0       # the severity still holds
+    assert np.array_equal(lesion, new != hu) and np.array_equal(new[labels == 0], hu[labels == 0])
+
+
+def test_the_closed_loop_steers_the_sampled_exponent(fine_base):
+    """Without the loop the read-back misses (merged lesions, noise fragments); the loop samples
+    another exponent and lands nearer the aim."""
+    hu, labels = fine_base
+    _, _, open_loop = insert_emphysema(hu, labels, FINE, "centrilobular", 20.0, 11, fit_d=False)
+    _, _, closed = insert_emphysema(hu, labels, FINE, "centrilobular", 20.0, 11)
+    assert open_loop["d_tries"] == 1 and open_loop["d_sampled"] == 1.5
+    assert abs(open_loop["d_lesions"] - 1.5) > 0.2
+    assert closed["d_tries"] > 1 and closed["d_sampled"] != 1.5
+    assert abs(closed["d_lesions"] - 1.5) < abs(open_loop["d_lesions"] - 1.5)

@@ -27,15 +27,14 @@ import numpy as np
 
 from emphy_dask.phenotypes.clusters import laa_cluster_exponent_d
 from emphy_dask.phenotypes.regions import THIRDS, slice_thirds
-from emphy_dask.synth.lesions import (PATTERNS, VESSEL_MIN_HU, blob_template, cell_grid, mean_volume_mm3,
-                                      placement_weights, sample_centres, sample_volumes_mm3)
+from emphy_dask.synth.canvas import LAA_HU, TOLERANCE_PCT, Canvas, place_lesions
+from emphy_dask.synth.lesions import PATTERNS, VESSEL_MIN_HU, blob_template, cell_grid, placement_weights
 from emphy_dask.volume import bounding_box, craniocaudal_axis
 
-LAA_HU = -950
-#: Stop adding lesions once the added LAA% is this close to the aim (percentage points).
-TOLERANCE_PCT = 0.25
-MAX_PASSES = 12
-NO_OWNER = np.iinfo(np.int32).max
+#: Closed loop on D: at most this many tries; stop once the read-back is within ``D_TOLERANCE``.
+D_TRIES, D_TOLERANCE = 4, 0.1
+#: Range of the sampled exponent the loop may use.
+D_SAMPLED_RANGE = (0.3, 5.0)
 #: Templates per radius bin and radius bins per pattern (shapes are reused, flipped).
 TEMPLATES_PER_BIN, RADIUS_BINS = 6, 12
 FEW_TEMPLATES_MM = 8.0
@@ -69,86 +68,24 @@ def _templates(spec, spacing_zyx_mm, sigma_mm, rng):
                     for _ in range(TEMPLATES_PER_BIN if r < FEW_TEMPLATES_MM else 2)] for r in radii]
 
 
-def _first_claims(idx: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """Lesions (rows of flat voxel indices, (m, k)) that share no voxel with an earlier row.
-    ``scratch``: int32 flat array of the canvas' size holding ``NO_OWNER`` (restored)."""
-    m, k = idx.shape
-    flat = idx.ravel()
-    lid = np.repeat(np.arange(m, dtype=np.int32), k)
-    np.minimum.at(scratch, flat, lid)          # each voxel: its first claimant
-    keep = np.ones(m, bool)
-    keep[lid[scratch[flat] != lid]] = False
-    scratch[flat] = NO_OWNER
-    return keep
+def _stage_weights(grid, spec, radius_mm: float) -> list:
+    """Placement weights of a lesion of ``radius_mm``, one array per stage of ``place_lesions``:
+    the pattern's own, flatter (square root), then every allowed cell up to three times the
+    pattern's distance to the pleura (deeper subpleural rows once the first is full)."""
+    w = placement_weights(grid, spec, radius_mm)
+    return [w, np.sqrt(w), (placement_weights(grid, spec, radius_mm, reach=3.0) > 0).astype(np.float64)]
 
 
-class _Canvas:
-    """The change field of one variant on the (padded) lung box, built lesion group by group.
-
-    ``change`` (float32, HU) holds per voxel the most negative ``delta * weight`` of the
-    lesions covering it; ``owner`` marks covered voxels, so that a pass may refuse lesions
-    that would touch others (kept apart, lesions stay separate clusters and the size law
-    survives into the LAA clusters); later passes let them merge (confluent emphysema).
-    """
-
-    def __init__(self, hu_b, lung_b, paren_b, floor_hu):
-        self.hu, self.lung, self.paren, self.floor = hu_b, lung_b, paren_b, floor_hu
-        self.change = np.zeros(hu_b.shape, np.float32)
-        self.covered = np.zeros(hu_b.shape, bool)
-        self.laa = lung_b & (hu_b < LAA_HU)
-        self.scratch = np.full(hu_b.size, NO_OWNER, np.int32)
-        self.n_lesions = 0
-
-    def add(self, centres, bins, which, deltas, templates, separate: bool) -> tuple[int, int]:
-        """Add lesions (centres (n, 3) in box voxels, template ``templates[bins][which]``);
-        returns (core voxels (weight >= 0.5) of the lesions accepted, lesions accepted)."""
-        flat_change, flat_cov = self.change.reshape(-1), self.covered.reshape(-1)
-        touched, n_core, n_accepted = [], 0, 0
-        for b in np.unique(bins):
-            for t in range(len(templates[b])):
-                sel = (bins == b) & (which == t)
-                if not sel.any():
-                    continue
-                off, w, halo = templates[b][t]
-                c, d = centres[sel], deltas[sel]
-                if separate:
-                    # Refuse lesions touching covered voxels, and all but one of a group that touch.
-                    near = np.ravel_multi_index((c[:, None, :] + halo[None]).transpose(2, 0, 1), self.change.shape)
-                    free = ~flat_cov[near].any(axis=1)
-                    c, d, near = c[free], d[free], near[free]
-                    if len(c) > 1:
-                        keep = _first_claims(near, self.scratch)
-                        c, d = c[keep], d[keep]
-                idx = np.ravel_multi_index((c[:, None, :] + off[None]).transpose(2, 0, 1), self.change.shape)
-                if not len(idx):
-                    continue
-                vals = (d[:, None] * w[None]).astype(np.float32)
-                np.minimum.at(flat_change, idx.ravel(), vals.ravel())
-                flat_cov[idx.ravel()] = True
-                touched.append(idx.ravel())
-                self.n_lesions += len(idx)
-                n_core += len(idx) * int(np.count_nonzero(w >= 0.5))
-                n_accepted += len(idx)
-        if touched:
-            mark = np.zeros(self.change.size, bool)
-            for t in touched:
-                mark[t] = True
-            t = np.flatnonzero(mark)
-            self.laa.reshape(-1)[t] = self.lung.reshape(-1)[t] & (self._values(t) < LAA_HU)
-        return n_core, n_accepted
-
-    def _values(self, t):
-        hu = self.hu.reshape(-1)[t].astype(np.int32)
-        step = np.rint(self.change.reshape(-1)[t]).astype(np.int32)
-        moved = self.paren.reshape(-1)[t] & (step <= -1)
-        return np.where(moved, np.maximum(hu + step, self.floor), hu)
-
-    def result(self):
-        """(new HU of the box, changed voxels of the box)."""
-        t = np.flatnonzero(self.covered)
-        out = self.hu.astype(np.int32)
-        out.reshape(-1)[t] = self._values(t)
-        return out, out != self.hu
+def _next_exponent(tries, d_aim: float) -> float:
+    """The exponent of the next try from the (sampled, read) pairs so far: one step of the
+    read-back's miss, then secant steps (slope floored: the read-back responds weakly where
+    lesions merge), within ``D_SAMPLED_RANGE``."""
+    pts = [(d, r) for d, r in tries if math.isfinite(r)]
+    d, r = pts[-1]
+    slope = 1.0
+    if len(pts) > 1 and pts[-2][0] != d:
+        slope = float(np.clip((r - pts[-2][1]) / (d - pts[-2][0]), 0.25, 2.0))
+    return float(np.clip(d + (d_aim - r) / slope, *D_SAMPLED_RANGE))
 
 
 def _third_rows(labels, lung, hu, new_hu, lesion, direction_xyz) -> dict:
@@ -173,7 +110,7 @@ def _third_rows(labels, lung, hu, new_hu, lesion, direction_xyz) -> dict:
 def insert_emphysema(hu, lung_labels, spacing_zyx_mm, pattern: str, added_laa950_pct: float, seed, *,
                      psf_mm: float = 0.6, slice_thickness_mm: float | None = None,
                      direction_xyz=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), d_aim: float | None = None,
-                     measure_d: bool = True):
+                     measure_d: bool = True, fit_d: bool = True):
     """Insert emphysema of one pattern and severity into a CT.
 
     Parameters
@@ -192,6 +129,9 @@ def insert_emphysema(hu, lung_labels, spacing_zyx_mm, pattern: str, added_laa950
     direction_xyz : ITK direction of the grid (which end is the head).
     d_aim : power-law exponent of lesion volumes (default: the pattern's).
     measure_d : also measure cluster D (base lung, inserted lesions, result lung).
+    fit_d : closed loop on D: re-place the lesions (at most ``D_TRIES`` times), steering the
+        sampled exponent until D of the LAA inside the lesion mask is within ``D_TOLERANCE`` of
+        ``d_aim``; the try nearest the aim is kept. False: one try with the aim as exponent.
 
     Returns
     -------
@@ -232,48 +172,39 @@ def insert_emphysema(hu, lung_labels, spacing_zyx_mm, pattern: str, added_laa950
     lung_b = np.pad(lung[box], widths)
     paren_b = lung_b & (hu_b < VESSEL_MIN_HU)
     floor_hu = int(hu_b[lung_b].min())          # the scanner's floor (e.g. -1024): never go below it
-    canvas = _Canvas(hu_b, lung_b, paren_b, floor_hu)
+    canvas = Canvas(hu_b, lung_b, paren_b, floor_hu)
     goal = float(added_laa950_pct) / 100.0 * n_lung
-    added = 0
+    added, tries = 0, []
     if goal > 0:
         grid = cell_grid(hu_b, lung_b, sp, inc_sup)
-        weights = placement_weights(grid, spec)
-        fallback_hu = float(np.nanmean(grid.paren_mean_hu)) if np.isfinite(grid.paren_mean_hu).any() else -850.0
-        voxel_mm3 = float(np.prod(sp))
-        efficiency = 0.8                        # new LAA voxels per core voxel; measured after each pass
-        mean_mm3 = mean_volume_mm3(d_aim, spec.diameter_mm)
         core_vox = np.zeros((len(templates), TEMPLATES_PER_BIN), np.int64)
         for i, row in enumerate(templates):
             core_vox[i, :len(row)] = [np.count_nonzero(w >= 0.5) for _, w, _ in row]
-        n_shapes = np.array([len(row) for row in templates])
-        separate = True
-        for _ in range(MAX_PASSES):
-            # Aim a little short, then top up: approach the severity from below.
-            need_vox = 0.9 * (goal - added) / efficiency
-            vols = sample_volumes_mm3(int(math.ceil(1.5 * need_vox * voxel_mm3 / mean_mm3)) + 4, d_aim,
-                                      spec.diameter_mm, rng)
-            bins = np.clip(np.searchsorted(radii, np.cbrt(vols * 3.0 / (4.0 * np.pi))), 0, len(radii) - 1)
-            which = rng.integers(0, n_shapes[bins])
-            size = core_vox[bins, which]
-            fits = size <= max(1.5 * need_vox, size.min())        # no single lesion far past the aim
-            bins, which, size = bins[fits], which[fits], size[fits]
-            n = int(np.searchsorted(np.cumsum(size), need_vox)) + 1
-            bins, which = bins[:n], which[:n]
-            centres = sample_centres(grid, weights, len(bins), rng).clip(0, np.asarray(hu_b.shape) - 1)
-            ok = lung_b[tuple(centres.T)]
-            centres, bins, which = centres[ok], bins[ok], which[ok]
-            cell = tuple((centres // np.asarray(grid.factor)).clip(0, np.asarray(grid.paren_mean_hu.shape) - 1).T)
-            local = np.nan_to_num(grid.paren_mean_hu[cell], nan=fallback_hu)
-            deltas = np.minimum(spec.target_hu + rng.normal(0, 8, len(bins)) - local, 0.0).astype(np.float32)
-            before = added
-            n_core, n_accepted = canvas.add(centres, bins, which, deltas, templates, separate)
-            added = int(np.count_nonzero(canvas.laa)) - base_laa
-            if added >= goal - TOLERANCE_PCT / 100.0 * n_lung:
+        plan = dict(spec=spec, grid=grid, weights=[_stage_weights(grid, spec, r) for r in radii],
+                    templates=templates, radii=radii,
+                    core_vox=core_vox, n_shapes=np.array([len(row) for row in templates]), n_lung=n_lung,
+                    voxel_mm3=float(np.prod(sp)), target_hu=spec.target_hu,
+                    fallback_hu=float(np.nanmean(grid.paren_mean_hu)) if np.isfinite(grid.paren_mean_hu).any()
+                    else -850.0)
+        d_s, best = d_aim, None
+        for k in range(D_TRIES if fit_d else 1):
+            if k:
+                canvas.reset()
+            added = place_lesions(canvas, plan, d_s, goal, rng)
+            d_read = canvas.lesion_d(sp) if fit_d else math.nan
+            tries.append((d_s, d_read))
+            miss = abs(d_read - d_aim) if math.isfinite(d_read) else math.inf
+            # A try that reached the severity beats one that did not; then the nearer D wins.
+            short = added < goal - TOLERANCE_PCT / 100.0 * n_lung
+            rank = (short, -added if short else miss)
+            if best is None or rank < best[0]:
+                best = (rank, k, added, canvas.state() if fit_d and k + 1 < D_TRIES else None)
+            if not math.isfinite(d_read) or (miss <= D_TOLERANCE and not short):   # nothing to steer by, or done
                 break
-            if n_accepted < 0.5 * max(len(bins), 1):
-                separate = False                    # the lung is full of separate lesions: let them merge
-            if n_core and added > before:
-                efficiency = float(np.clip((added - before) / n_core, 0.1, 1.5))
+            d_s = _next_exponent(tries, d_aim)
+        if best[1] != len(tries) - 1:
+            canvas.restore(best[3])
+            added = best[2]
     out_b, moved_b = canvas.result()
     crop = tuple(slice(lo, n - hi) for (lo, hi), n in zip(widths, out_b.shape))
     out_b, moved_b = out_b[crop], moved_b[crop]
@@ -282,6 +213,7 @@ def insert_emphysema(hu, lung_labels, spacing_zyx_mm, pattern: str, added_laa950
     lesion = np.zeros(hu.shape, bool)
     lesion[box] = moved_b
     n_lesions = canvas.n_lesions
+    kept = tries[best[1]] if goal > 0 else (d_aim, math.nan)
     truth = {
         "pattern": pattern, "severity_aimed_pct": float(added_laa950_pct), "seed": str(seed),
         "base_laa950_pct": 100.0 * base_laa / n_lung,
@@ -290,6 +222,7 @@ def insert_emphysema(hu, lung_labels, spacing_zyx_mm, pattern: str, added_laa950
         "lesion_fraction_pct": 100.0 * np.count_nonzero(lesion) / n_lung,
         "lesion_volume_ml": float(np.count_nonzero(lesion) * np.prod(sp) / 1000.0),
         "n_lesions": int(n_lesions), "psf_sigma_mm": float(psf_mm), "d_aimed": d_aim,
+        "d_sampled": float(kept[0]), "d_tries": len(tries),
     }
     truth.update(_third_rows(lung_labels, lung, hu, new_hu, lesion, direction_xyz))
     if measure_d:

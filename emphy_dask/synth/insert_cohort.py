@@ -49,7 +49,7 @@ TRUTH_COLUMNS = (["scan_key", "base_key", "base_id", "pattern", "severity_aimed_
                   "lesion_fraction_pct", "lesion_volume_ml", "n_lesions", "d_aimed", "d_base", "d_lesions", "d_after",
                   "psf_sigma_mm", "kernel", "lung_volume_l"]
                  + [f"{what}_{z}_pct" for z in ZONES for what in ("base_laa950", "added_laa950", "lesion_fraction")]
-                 + ["lesion_mask", "lung_mask", "n_slices", "t_insert_s"])
+                 + ["lesion_mask", "lung_mask", "n_slices", "t_insert_s", "d_sampled", "d_tries"])
 
 
 def base_id(base_key: str) -> str:

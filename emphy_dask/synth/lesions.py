@@ -23,6 +23,12 @@ from scipy import ndimage as ndi
 CELL_MM = 4.0
 #: Parenchyma (not vessel, not wall): HU below this inside the lung mask.
 VESSEL_MIN_HU = -600
+#: Gap kept between lesion cores (weight >= 0.5) while lesions are placed apart, voxels (z, y, x):
+#: their blurred fringes may overlap, the cores stay two voxels apart in-plane, so that the
+#: scan's noise rarely bridges two lesions into one 6-connected LAA cluster.
+CORE_GAP_VOX = (1, 2, 2)
+#: A lesion's centre lies at least this fraction of its radius away from the lung mask's edge.
+INSIDE_FRACTION = 0.8
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,12 @@ PATTERNS: dict[str, PatternSpec] = {
                               irregularity=0.45),
     # One row of subpleural lucencies, 5-20 mm, abutting the pleura.
     "paraseptal": PatternSpec("paraseptal", (5.0, 20.0), 1.5, -990.0, 0.5, (0.0, 5.0), irregularity=0.25),
-    # A few large thin-walled spaces, > 10 mm, apical and subpleural.
-    "bullous": PatternSpec("bullous", (12.0, 70.0), 1.1, -995.0, 1.5, (0.0, 20.0), irregularity=0.15),
+    # Large thin-walled spaces (> 10 mm, up to 70 mm) among the smaller subpleural cysts they arise
+    # from (5-10 mm), apical and subpleural. The small cysts are part of the pattern's size law:
+    # without them the lesion mask's LAA clusters are a few hundred bullae plus the fragments the
+    # scan's vessels and noise cut from their edges, and those fragments, far below the smallest
+    # bulla, steer the fitted D to 0.3-0.5 whatever the bullae's own law (docs/real-anatomy.md).
+    "bullous": PatternSpec("bullous", (5.0, 70.0), 1.1, -995.0, 1.5, (0.0, 20.0), irregularity=0.15),
 }
 
 
@@ -98,8 +108,9 @@ def blob_template(radius_mm: float, spacing_zyx_mm, irregularity: float, sigma_m
     offsets : ndarray int, shape (k, 3): voxel offsets (z, y, x) from the centre where the
         blurred weight >= ``min_weight``.
     weights : ndarray float32, shape (k,): the blurred indicator there, in (0, 1].
-    halo : ndarray int, shape (h, 3): the offsets and their face neighbours (a lesion kept off
-        another's halo stays a separate 6-connected cluster).
+    halo : ndarray int, shape (h, 3): the core offsets (weight >= 0.5) grown by ``CORE_GAP_VOX``
+        (an ellipsoid): a lesion whose halo holds no other lesion's core stays, noise apart, a
+        separate 6-connected LAA cluster.
     """
     sp = np.asarray(spacing_zyx_mm, dtype=np.float64)
     sig = np.asarray(sigma_mm, dtype=np.float64)
@@ -119,7 +130,11 @@ def blob_template(radius_mm: float, spacing_zyx_mm, irregularity: float, sigma_m
     blurred = ndi.gaussian_filter(inside, sig / sp, truncate=2.5) if sig.any() else inside
     keep = blurred >= min_weight
     offsets = np.stack([g[keep] for g in grids], axis=1)
-    halo = np.argwhere(ndi.binary_dilation(np.pad(keep, 1))) - (half + 1)
+    g = np.asarray(CORE_GAP_VOX)
+    ball = sum((a / k) ** 2 for a, k in zip(np.ogrid[-g[0]:g[0] + 1, -g[1]:g[1] + 1, -g[2]:g[2] + 1], g)) <= 1.0
+    core = np.pad(blurred >= 0.5, [(k, k) for k in g])
+    core[tuple(half + g)] = True
+    halo = np.argwhere(ndi.binary_dilation(core, ball)) - (half + g)
     return offsets, np.minimum(blurred[keep], 1.0).astype(np.float32), halo
 
 
@@ -172,12 +187,19 @@ def cell_grid(hu: np.ndarray, lung: np.ndarray, spacing_zyx_mm, superior_is_high
                     paren_mean.astype(np.float32), pleura.astype(np.float32), rank.astype(np.float32))
 
 
-def placement_weights(grid: CellGrid, spec: PatternSpec) -> np.ndarray:
-    """Relative probability of a lesion centre per cell, shape of ``grid.lung_frac``."""
+def placement_weights(grid: CellGrid, spec: PatternSpec, radius_mm: float = 0.0, reach: float = 1.0) -> np.ndarray:
+    """Relative probability of a lesion centre per cell, shape of ``grid.lung_frac``.
+
+    ``radius_mm``: the lesion's radius. Its centre lies at least ``INSIDE_FRACTION`` of it deep
+    (the pleura does not cut the lesion, which would turn a lesion into a random cap and flatten
+    the size law at its small end), and its near edge within the pattern's distance to the pleura
+    (times ``reach``: deeper rows once the subpleural ones are full).
+    """
     rank = grid.rank[:, None, None]
     zone = (1.0 - rank) ** spec.zone_power if spec.zone_power >= 0 else rank ** (-spec.zone_power)
     w = grid.lung_frac * (0.15 + zone)
     lo, hi = spec.pleura_mm
+    lo, hi = max(lo, INSIDE_FRACTION * radius_mm), reach * hi + radius_mm
     w = w * ((grid.pleura_mm >= lo) & (grid.pleura_mm <= hi) & (grid.lung_frac > 0.5))
     if spec.vessel_bundle:
         # Lobular cores: cells holding a little vessel (the centrilobular artery), not hila.
