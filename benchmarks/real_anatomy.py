@@ -240,8 +240,9 @@ def fit_summary(m: dict) -> dict:
     for name, path in {"auc": ("full_cohort", "nested_cv", "auc"),
                        "shuffled_auc": ("full_cohort", "nested_cv", "shuffled_control", "auc"),
                        "ridge_r2": ("ridge_laa950", "r2"), "shuffled_ridge_r2": ("ridge_laa950", "shuffled_control", "r2"),
-                       "pattern_accuracy": ("target", "accuracy"),
-                       "shuffled_pattern_accuracy": ("target", "shuffled_control", "accuracy"),
+                       "pattern_accuracy": ("target", "embeddings", "accuracy"),
+                       "shuffled_pattern_accuracy": ("target", "embeddings", "shuffled_control", "accuracy"),
+                       "pattern_density_accuracy": ("target", "density_baseline", "accuracy"),
                        "phenotypes_auc": ("phenotypes_only", "auc")}.items():
         cur = m
         for k in path:
@@ -259,7 +260,7 @@ def compare(work: Path) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for f in sorted(work.glob("results-*.json")):
         r = json.loads(f.read_text())
-        e, pe, fit = r["embeddings"], r["pattern_embeddings"], r.get("emphy_fit", {})
+        e, pe, fit = r["embeddings"], r["pattern_embeddings"], r.get("emphy_fit") or {}
         lines.append(f"| {r.get('recipe', 'upstream')} | {r.get('hu_source', 'raw')} | {e['r2']:.2f} ({e['shuffled_r2']:.2f}) | "
                      f"{e['auc']:.3f} ({e['shuffled_auc']:.3f}) | {e['pr_auc']:.3f} | {e['accuracy']:.2f} | "
                      f"{pe['accuracy']:.2f} ({pe['shuffled_accuracy']:.2f}) | "

@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..scan_state import artifact_stem
 from . import cohort as C
+from .evidence import real_anatomy_note
 from .html import ci, esc, fmt, img, link, page, rel, table
 from .scan_pages import MapModel, scan_page, scan_page_path
 
@@ -169,6 +170,7 @@ def _models_section(d: C.RunData, report: Path) -> list[str]:
                f"largest {g['largest_group']} scans): no group is in a training fold and its test fold, inner loops "
                "included.</p>" if g.get("by") else f"<p><b>Grouping:</b> {esc(g.get('reason', 'none'))}.</p>")
     out.append(f'<p class="note">{esc(m.get("shuffled_control_note", ""))}</p>')
+    out.append(real_anatomy_note())
     out.append('<p class="warn">The paper protocol selects its features with a t-test on every scan, test folds '
                "included: its figures are optimistic (on pure noise they read far above 0.5). The honest rows "
                "refit scaling, selection and model inside each training fold.</p>")
