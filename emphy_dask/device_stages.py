@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .embed.weights import worker_weights
+from .heap import trim_heap
 from .io.atomic import atomic_write
 from .scan_state import ScanState, StageClock, artifact_stem
 
@@ -74,6 +75,7 @@ def embed_states(states: list[ScanState], config, out_dir, device: str = "cpu",
                                       e.precision, e.batch_size if device.startswith("cuda") else 1)
         except Exception as exc:  # noqa: BLE001 - e.g. weights missing on this worker: every scan says so
             weights, maps = None, [exc] * len(todo)
+        trim_heap(collect=False)       # the forward's activations are freed: their pages go back now
         share = (time.perf_counter() - t0) / len(todo)
         name = device_name(device)
         for state, fmap in zip(todo, maps):

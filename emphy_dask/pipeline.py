@@ -21,8 +21,15 @@ import numpy as np
 
 from . import __version__
 from .errors import ScanError
+from .heap import trim_heap
 from .io.atomic import atomic_write
 from .scan_state import STAGES, ScanState, ScanTask, StageClock, artifact_stem
+
+
+def _trim() -> None:
+    """After each stage: its freed temporaries go back to the OS (glibc keeps them otherwise, and
+    the next stage's peak would stack on them: -0.25 GB peak RSS on a full-size scan)."""
+    trim_heap(collect=False)
 
 
 def _meta_columns(meta: dict) -> dict:
@@ -69,7 +76,7 @@ def prepare_scan(task: ScanTask, config, out_dir, worker: str | None = None) -> 
            "emphy_version": __version__, "worker": worker, **task.selection,
            **{f"t_{s}_s": None for s in STAGES}, "t_total_s": 0.0}
     state = ScanState({"scans": row, "phenotypes": [], "slices": [], "embeddings": [], "errors": []})
-    run = StageClock(state, config)
+    run = StageClock(state, config, after_stage=_trim)
     t0 = time.perf_counter()
     try:
         volume = run("ingest", _load, task)
@@ -104,12 +111,11 @@ def finish_scan(state: ScanState, raw_labels, config, out_dir) -> ScanState:
     ``raw_labels`` is what ``device_stages.lungmask_on_device`` returned for this scan (a
     ``DeviceOutput``: the U-Net's labels or the exception that stopped it, seconds, device).
     """
-    from .segment import airway_out
     from .segment.lungmask import lungmask_postprocess
 
     if not state.ok:
         return state
-    run = StageClock(state, config)
+    run = StageClock(state, config, after_stage=_trim)
     run.stage = "segment"
     t0 = time.perf_counter()
     try:
@@ -122,7 +128,7 @@ def finish_scan(state: ScanState, raw_labels, config, out_dir) -> ScanState:
                      config.segment.model)
         volume = state.volume
         state.volume = state.lungmask_input = None
-        labels, airway = run("segment", airway_out, volume, labels)      # lungmask's R231 keeps bronchi
+        labels, airway = run("segment", _airway_out, volume, labels)     # lungmask's R231 keeps bronchi
         return _measure(state, run, state.row["scan_key"], volume, labels, config, Path(out_dir), airway)
     except Exception as exc:  # noqa: BLE001
         return run.fail(exc)
@@ -134,7 +140,7 @@ def _measure(state: ScanState, run: StageClock, key: str, volume, labels, config
              airway=None) -> ScanState:
     row, h = state.row, config.config_hash
     if airway is not None:          # trachea and bronchi kept out of the lungs (segment/airway.py)
-        row["airway_ml_removed"] = round(float(np.count_nonzero(airway)) * volume.voxel_volume_mm3 / 1000.0, 2)
+        row["airway_ml_removed"] = round(float(airway.count) * volume.voxel_volume_mm3 / 1000.0, 2)
     lobes = config.segment.name == "lungmask" and config.segment.model == "LTRCLobes"
     pheno = run("phenotypes", _phenotypes, volume, labels, config, "ltrc-lobes" if lobes else None)
     if lobes:                       # lobes measured; the mask file and model inputs keep the sides
@@ -203,7 +209,35 @@ def _run_qc(volume, config):
 def _segment(volume, config):
     from .segment import segment_lungs
 
-    return segment_lungs(volume, config.segment.name, with_airway=True)
+    labels, airway = segment_lungs(volume, config.segment.name, with_airway=True)
+    return labels, BitMask.pack(airway)
+
+
+def _airway_out(volume, labels):
+    from .segment import airway_out
+
+    labels, airway = airway_out(volume, labels)
+    return labels, BitMask.pack(airway)
+
+
+class BitMask:
+    """A bool volume packed 8 voxels to a byte (``np.packbits``), with its voxel count.
+
+    The airway mask is kept from the segmentation to the QC montage; packed, it holds 1/8 of a
+    bool array's memory while the phenotypes, the scan's peak, run. ``unpack`` gives it back exactly.
+    """
+
+    def __init__(self, bits: np.ndarray, shape: tuple, count: int):
+        self.bits, self.shape, self.count = bits, tuple(shape), int(count)
+
+    @classmethod
+    def pack(cls, mask: np.ndarray) -> "BitMask":
+        mask = np.asarray(mask, bool)
+        return cls(np.packbits(mask, axis=None), mask.shape, np.count_nonzero(mask))
+
+    def unpack(self) -> np.ndarray:
+        """The bool array, shape ``self.shape``."""
+        return np.unpackbits(self.bits, count=int(np.prod(self.shape))).view(bool).reshape(self.shape)
 
 
 
@@ -256,6 +290,7 @@ def _artifacts(key: str, volume, labels, pheno, config, out_dir: Path, airway=No
         paths["mask_path"] = rel
     if config.output.write_qc_png:
         rel_m, rel_c = f"qc/{name}_montage.png", f"qc/{name}_laa_curve.png"
+        airway = None if airway is None else airway.unpack()
         atomic_write(out_dir / rel_m, lambda p: qc_montage_png(volume.hu, labels, volume.direction_xyz, p,
                                                                airway=airway))
         atomic_write(out_dir / rel_c, lambda p: laa_curve_png(pheno["slices"], p, title=key))

@@ -2,6 +2,11 @@
 
 Everything runs on the CT's native grid (no resampling), so the numbers are those
 SlicerCIP's parenchyma analysis gives for the same CT and label map.
+
+The terminal shows the result only. What the libraries say on the way (pydicom on an odd header,
+a Python warning) is recorded with the scan as in ``emphy extract``: each distinct message once,
+``<stage>: <message>`` (``scan_state.scan_warnings``), in the output's ``warnings`` and in a log
+file (``RunLogs``: beside ``-o`` as ``OUT.log``, else under the temporary folder), never printed.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +26,7 @@ from emphy_dask.io import load_ct, write_label_image
 from emphy_dask.io.image_io import read_label_map
 from emphy_dask.phenotypes import PHENOTYPE_COLUMNS, fov_columns, measure_lungs, parenchyma_phenotypes
 from emphy_dask.phenotypes.labelmaps import ENCODING_TEXT
+from emphy_dask.scan_state import scan_warnings
 
 FOV_WARNING = ("the lung runs into the edge of the field of view ({pct:.1f} % of its border): part of it is "
                "cut away, so volume, mass and percentages describe the imaged part only")
@@ -118,7 +125,8 @@ def quantify_path(ct_path, mask_path=None, save_mask_path=None, segmenter: str =
         ``cluster_d`` (Mishima D of the whole lung), ``mask_source`` ("file" or
         "segment:<name>"), ``mask_encoding`` and ``mask_notes`` (how the mask was read),
         ``fov_truncated`` and ``lung_border_at_fov_edge_pct``, ``series_uid`` (DICOM; None
-        for an image file).
+        for an image file), ``library_warnings`` (list of ``<stage>: <message>``: what pydicom,
+        SimpleITK's readers or a Python warning said, each once; not printed).
 
     Raises
     ------
@@ -128,39 +136,61 @@ def quantify_path(ct_path, mask_path=None, save_mask_path=None, segmenter: str =
     for path in (ct_path, mask_path):
         if path is not None and not os.path.exists(path):
             raise ScanError(path, "no such file or folder")
+    notes = {"scan_key": scan_key_of(ct_path)}     # library warnings, as a scans row's
+    with scan_warnings(notes, "ingest"):
+        volume, labels = _read_inputs(ct_path, mask_path)
+    with scan_warnings(notes, "segment"):
+        labels, source = _lung_labels(volume, labels, ct_path, mask_path, segmenter)
+    with scan_warnings(notes, "phenotypes"):
+        table, extras = _measure(volume, labels, ct_path, mask_path, save_mask_path, mask_encoding, harmonize)
+    extras["library_warnings"] = notes["warnings"].split("; ") if notes.get("warnings") else []
+    extras["mask_source"] = source
+    return table, extras
+
+
+def _read_inputs(ct_path, mask_path):
+    """(CTVolume, the mask's labels or None); unreadable files as one-line ``ScanError``s."""
     try:
         volume = load_ct(ct_path)
     except ScanError:
         raise
     except Exception as exc:  # SimpleITK / pydicom errors -> one actionable line
         raise _read_failure(ct_path, exc, "CT") from exc
+    if mask_path is None:
+        return volume, None
+    try:
+        return volume, read_label_map(mask_path, like=volume)
+    except ScanError:
+        raise
+    except Exception as exc:
+        raise _read_failure(mask_path, exc, "mask") from exc
 
-    if mask_path is not None:
-        try:
-            labels = read_label_map(mask_path, like=volume)
-        except ScanError:
-            raise
-        except Exception as exc:
-            raise _read_failure(mask_path, exc, "mask") from exc
+
+def _lung_labels(volume, labels, ct_path, mask_path, segmenter: str):
+    """(labels without the airway, where they came from): the given mask's, or the segmenter's."""
+    if labels is not None:
         if np.shape(labels) != volume.shape:
             raise ScanError(mask_path, f"mask grid {np.shape(labels)} differs from CT grid {volume.shape}",
                             stage="quantify")
         from emphy_dask.segment import airway_out
 
         labels, _ = airway_out(volume, labels)     # a given mask may hold the trachea and bronchi
-        source = "file"
-    else:
-        from emphy_dask.segment import SEGMENTERS, segment_lungs
-        if segmenter not in SEGMENTERS:
-            raise ScanError(ct_path, f"unknown segmenter {segmenter!r}; known: {', '.join(sorted(SEGMENTERS))}",
-                            stage="segment")
-        try:
-            labels = segment_lungs(volume, name=segmenter)
-        except ScanError as exc:
-            # segmenters only see arrays ("<array>"); name the file the user passed
-            raise ScanError(ct_path, exc.reason, stage=exc.stage) from exc
-        source = f"segment:{segmenter}"
-    labels = np.asarray(labels)
+        return np.asarray(labels), "file"
+    from emphy_dask.segment import SEGMENTERS, segment_lungs
+
+    if segmenter not in SEGMENTERS:
+        raise ScanError(ct_path, f"unknown segmenter {segmenter!r}; known: {', '.join(sorted(SEGMENTERS))}",
+                        stage="segment")
+    try:
+        labels = segment_lungs(volume, name=segmenter)
+    except ScanError as exc:
+        # segmenters only see arrays ("<array>"); name the file the user passed
+        raise ScanError(ct_path, exc.reason, stage=exc.stage) from exc
+    return np.asarray(labels), f"segment:{segmenter}"
+
+
+def _measure(volume, labels, ct_path, mask_path, save_mask_path, mask_encoding, harmonize: bool):
+    """The table and extras of ``quantify_path`` (``mask_source`` and ``library_warnings`` aside)."""
     try:
         m = measure_lungs(volume.hu, labels, volume.spacing_zyx_mm, volume.direction_xyz,
                           encoding=mask_encoding)
@@ -191,7 +221,6 @@ def quantify_path(ct_path, mask_path=None, save_mask_path=None, segmenter: str =
         "hu_source": "raw" if harmonized is None else "harmonized",
         "warnings": warnings,
         "cluster_d": cluster_d,
-        "mask_source": source,
         "mask_encoding": m.mask.encoding,
         "mask_notes": list(m.mask.notes) if mask_path is not None else [],
         "series_uid": (volume.meta or {}).get("series_uid"),
@@ -261,12 +290,16 @@ def run_quantify_cli(argv=None) -> int:
         return 2
     from emphy_dask.embed.weights import WeightsMissing, resolve_lungmask_weights
 
+    from emphy_dask.job.logs import RunLogs
+
+    log = log_path(args.ct, args.output)
     try:
         if args.segmenter == "lungmask" and not args.mask:
             resolve_lungmask_weights("R231")      # a missing weight file stops here, before reading the CT
-        table, extras = quantify_path(args.ct, mask_path=args.mask, save_mask_path=args.save_mask,
-                                      segmenter=args.segmenter, mask_encoding=args.mask_encoding,
-                                      harmonize=args.harmonize)
+        with RunLogs(log.parent, log.name):        # library records and warnings: the file, not the terminal
+            table, extras = quantify_path(args.ct, mask_path=args.mask, save_mask_path=args.save_mask,
+                                          segmenter=args.segmenter, mask_encoding=args.mask_encoding,
+                                          harmonize=args.harmonize)
     except (ScanError, WeightsMissing) as exc:
         print(f"emphy quantify: {exc}", file=sys.stderr)
         return 2
@@ -274,6 +307,9 @@ def run_quantify_cli(argv=None) -> int:
         print(f"note: {note}", file=sys.stderr)
     for w in extras["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
+    if extras["library_warnings"] and args.output is None:     # with -o the file and summary line say so
+        print(f"note: {len(extras['library_warnings'])} warning(s) from reading the input, in {log}",
+              file=sys.stderr)
 
     if args.output is None:
         print(_display_table(table))
@@ -300,24 +336,37 @@ def run_quantify_cli(argv=None) -> int:
                "mask_source": extras["mask_source"], "mask_encoding": extras["mask_encoding"],
                "mask_notes": extras["mask_notes"], "fov_truncated": extras["fov_truncated"],
                "lung_border_at_fov_edge_pct": extras["lung_border_at_fov_edge_pct"],
-               "warnings": extras["warnings"]}
+               "warnings": extras["warnings"], "library_warnings": extras["library_warnings"]}
         out.write_text(json.dumps(_json_safe(doc), indent=2) + "\n")
     print(summary_line(out, table, extras))
     return 0
 
 
-def scan_columns(ct_path, extras: dict) -> dict:
-    """The scan-level columns that lead every row of ``quantify -o``: ``scan_key`` (the CT's
-    name without suffix), ``input`` (the path given), series UID, label, kernel, kernel class,
-    and the warnings joined by "; "."""
+def scan_key_of(ct_path) -> str:
+    """The CT's name without its image suffix (a DICOM folder's name as it is)."""
     name = Path(ct_path).name
     for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
         if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return {"scan_key": name, "input": str(ct_path), "series_uid": extras.get("series_uid"),
+            return name[: -len(suffix)]
+    return name
+
+
+def log_path(ct_path, output=None) -> Path:
+    """Where ``emphy quantify`` keeps what the libraries said: ``OUT.log`` beside ``-o OUT.csv``
+    (or ``.json``); without ``-o``, ``quantify-<scan key>.log`` under the temporary folder."""
+    if output is not None:
+        return Path(output).with_suffix(".log")
+    key = scan_key_of(ct_path)
+    return Path(tempfile.gettempdir()) / "emphy-logs" / f"quantify-{key}.log"
+
+
+def scan_columns(ct_path, extras: dict) -> dict:
+    """The scan-level columns that lead every row of ``quantify -o``: ``scan_key`` (the CT's
+    name without suffix), ``input`` (the path given), series UID, label, kernel, kernel class,
+    and the warnings (ours, then the libraries') joined by "; "."""
+    return {"scan_key": scan_key_of(ct_path), "input": str(ct_path), "series_uid": extras.get("series_uid"),
             "label": extras["label"], "kernel": extras["kernel"], "kernel_class": extras["kernel_class"],
-            "warnings": "; ".join(extras["warnings"])}
+            "warnings": "; ".join([*extras.get("warnings", []), *extras.get("library_warnings", [])])}
 
 
 def summary_line(out: Path, table: pd.DataFrame, extras: dict) -> str:
@@ -325,6 +374,7 @@ def summary_line(out: Path, table: pd.DataFrame, extras: dict) -> str:
     whole = table[(table["region"] == "WholeLung") & (table.get("hu_source", "raw") == extras["hu_source"])]
     laa = whole["laa950_pct"].iloc[0] if len(whole) else float("nan")
     mld = whole["hu_mean"].iloc[0] if len(whole) else float("nan")
-    warn = f", {len(extras['warnings'])} warning(s)" if extras["warnings"] else ""
+    n_warn = len(extras["warnings"]) + len(extras.get("library_warnings", []))
+    warn = f", {n_warn} warning(s)" if n_warn else ""
     return (f"{out}: {len(table)} rows; WholeLung LAA%-950 {laa:.2f} %, MLD {mld:.1f} HU, label {extras['label']} "
             f"({extras['hu_source']} HU), kernel {extras['kernel'] or '?'} [{extras['kernel_class']}]{warn}")

@@ -98,17 +98,25 @@ def artifact_stem(scan_key: str) -> str:
 
 
 class StageClock:
-    """Runs stages of one scan: times them into its row, turns an exception into a failed row."""
+    """Runs stages of one scan: times them into its row, turns an exception into a failed row.
 
-    def __init__(self, state: ScanState, config):
+    ``after_stage``: called (no arguments) after each stage that returned, within its time; the
+    pipeline gives ``heap.trim_heap`` so that a stage's freed temporaries leave the process
+    before the next stage allocates its own.
+    """
+
+    def __init__(self, state: ScanState, config, after_stage=None):
         self.state, self.config = state, config
         self.stage = "ingest"
+        self.after_stage = after_stage
 
     def __call__(self, name, fn, *args, **kwargs):
         self.stage = name
         t0 = time.perf_counter()
         with scan_warnings(self.state.row, name):
             value = fn(*args, **kwargs)
+        if self.after_stage is not None:
+            self.after_stage()
         key = f"t_{name}_s"
         self.state.row[key] = round((self.state.row.get(key) or 0.0) + time.perf_counter() - t0, 4)
         return value

@@ -1,6 +1,7 @@
 """`emphy quantify`: files in, phenotype table / CSV / JSON out, clean failures."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -239,3 +240,72 @@ def test_unknown_segmenter_exit_2(tmp_path, capsys):
     ct, _ = write_case(tmp_path, vol, lab)
     assert run_quantify_cli(["--ct", str(ct), "--segmenter", "no-such-model"]) == 2
     assert "no-such-model" in capsys.readouterr().err
+
+
+def odd_dicom_series(folder, vol):
+    """``vol`` as a DICOM series whose SeriesNumber is "1.5" (not a valid IS): pydicom warns on every file."""
+    import warnings
+
+    import pydicom
+    from pydicom import config as pydicom_config
+
+    from emphy_dask.synth.dicom_write import write_dicom_series
+
+    files = write_dicom_series(vol.hu, vol.spacing_zyx_mm, folder, seed=1, patient_id="P1")
+    mode = pydicom_config.settings.writing_validation_mode
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for f in files:
+                ds = pydicom.dcmread(f)
+                ds["SeriesNumber"].value = "1.5"
+                ds.save_as(f)
+    finally:
+        pydicom_config.settings.writing_validation_mode = mode
+
+
+def test_cli_keeps_pydicom_warnings_off_the_terminal_and_records_them(tmp_path, capfd, monkeypatch):
+    """pydicom's warnings on an odd header go into the output (each once) and OUT.log, never to
+    the terminal; the phenotypes are those of the same CT read as NIfTI."""
+    vol, _ = phantom(shape=(48, 96, 112), spacing=(4.0, 2.5, 2.5))
+    folder = tmp_path / "P1"
+    odd_dicom_series(folder, vol)
+    out = tmp_path / "r.json"
+    assert run_quantify_cli(["--ct", str(folder), "-o", str(out)]) == 0
+    captured = capfd.readouterr()
+    assert "VR IS" not in captured.out + captured.err and "Warning" not in captured.err
+    assert captured.out.startswith(f"{out}: ") and "2 warning(s)" in captured.out
+    doc = json.loads(out.read_text())
+    assert doc["library_warnings"] == [
+        "ingest: Invalid value for VR IS: '1.5'. Please see "
+        "<https://dicom.nema.org/medical/dicom/current/output/html/part05.html#table_6.2-1> for allowed "
+        "values for each VR.", 'ingest: Value "1.5" is not valid for elements with a VR of IS']
+    log = (tmp_path / "r.log").read_text()
+    assert log.count("scan P1: ingest: Invalid value for VR IS: '1.5'") == 1     # + pydicom's own records
+    # the same voxels read from NIfTI, without the odd header: the same numbers
+    from emphy_dask.io import load_ct
+
+    ct = tmp_path / "ct.nii.gz"
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:    # the library itself, outside the CLI, warns
+        warnings.simplefilter("always")
+        sitk.WriteImage(load_ct(folder).to_sitk(), str(ct))
+    assert any("VR IS" in str(w.message) for w in caught)
+    table, extras = quantify_path(ct)
+    whole = table.set_index("region").loc["WholeLung"]
+    got = next(r for r in doc["regions"] if r["region"] == "WholeLung")
+    assert extras["library_warnings"] == [] and got["n_voxels"] == whole["n_voxels"] > 10_000
+    assert got["laa950_pct"] == pytest.approx(whole["laa950_pct"], abs=1e-9)
+    # without -o: the table on stdout, one note on stderr naming the log file (in the temporary folder)
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert run_quantify_cli(["--ct", str(folder)]) == 0
+    captured = capfd.readouterr()
+    assert "WholeLung" in captured.out and "VR IS" not in captured.out + captured.err
+    note = [line for line in captured.err.splitlines() if line]
+    log = tmp_path / "tmp" / "emphy-logs" / "quantify-P1.log"
+    assert note == [f"note: 2 warning(s) from reading the input, in {log}"]
+    assert "scan P1: ingest: Invalid value for VR IS" in log.read_text()

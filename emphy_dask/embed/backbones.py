@@ -70,21 +70,39 @@ def build_module(name: str):
     return module.eval()
 
 
-def load_state(name: str, weights: WeightsFile):
-    """Plain module with its weights loaded strictly from ``weights`` (or seeded random)."""
+def load_state(name: str, weights: WeightsFile, keep_dtype: bool = False):
+    """Plain module with its weights loaded strictly from ``weights`` (or seeded random).
+
+    The module is built on the ``meta`` device (no random initialisation of 117 M parameters to
+    be overwritten) and takes the file's tensors themselves (``assign=True``), read through a
+    memory map: no copy of the weights is made here. The parameters are float32 unless
+    ``keep_dtype`` (then as stored: the CT backbone's file is bfloat16, and ``_I3Inference``
+    widens one convolution at a time to fold its batch norm, so no float32 copy of the whole
+    network is ever held).
+    """
     import torch
 
     if weights.is_random:
         torch.manual_seed(0)
         return build_module(name)
-    module = build_module(name)
-    state = torch.load(weights.path, map_location="cpu", weights_only=True)
+    with torch.device("meta"):
+        module = build_module(name)
+    state = torch.load(weights.path, map_location="cpu", weights_only=True, mmap=True)
     if isinstance(state, dict) and "state_dict" in state:       # the astra file: {"meta", "state_dict"}
         state = state["state_dict"]
     if name == "resnet152":                                     # torchvision file carries the fc head
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
+    if not keep_dtype:
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
     return module.eval()
+
+
+def _fused(conv, bn, dtype):
+    """``conv`` with ``bn`` folded in: computed in float32 (as from a float32 module), then cast."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    return fuse_conv_bn_eval(conv.float(), bn.float()).to(dtype)
 
 
 class _I3Inference:
@@ -92,23 +110,23 @@ class _I3Inference:
 
     def __init__(self, module, dtype):
         import torch
-        from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-        stem = fuse_conv_bn_eval(module.conv1, module.bn1)
+        stem = _fused(module.conv1, module.bn1, torch.float32)
         # in: 3 identical channels -> sum them; the 3 depth taps become the 2D conv's channels
         self.stem_w = stem.weight.detach().sum(1).to(dtype).contiguous(memory_format=torch.channels_last)
         # in: 3 different channels (multiwindow): (channel, depth tap) pairs become the 2D conv's 9 channels
         w = stem.weight.detach()                                            # (64, 3, 3, 7, 7)
         self.stem_w3 = w.reshape(w.shape[0], 9, *w.shape[3:]).to(dtype).contiguous(memory_format=torch.channels_last)
         self.stem_b = stem.bias.detach().to(dtype)
+        # block by block: one convolution at a time is float32, the rest stays as loaded
         for block in (b for layer in (module.layer1, module.layer2, module.layer3, module.layer4) for b in layer):
             for i in (1, 2, 3):
-                setattr(block, f"conv{i}", fuse_conv_bn_eval(getattr(block, f"conv{i}"), getattr(block, f"bn{i}")))
+                setattr(block, f"conv{i}", _fused(getattr(block, f"conv{i}"), getattr(block, f"bn{i}"), dtype))
                 setattr(block, f"bn{i}", torch.nn.Identity())
             if block.downsample is not None:
-                block.downsample = fuse_conv_bn_eval(block.downsample[0], block.downsample[1])
+                block.downsample = _fused(block.downsample[0], block.downsample[1], dtype)
+            block.to(memory_format=torch.channels_last_3d)
         self.layers = torch.nn.Sequential(module.layer1, module.layer2, module.layer3, module.layer4)
-        self.layers.to(dtype).to(memory_format=torch.channels_last_3d)
         self.maxpool = module.maxpool
         self.dtype = dtype
 
@@ -156,11 +174,17 @@ class _ResNet2dInference:
 
 @lru_cache(maxsize=4)
 def _cached_model(name: str, path: str | None, sha256: str, device: str, precision: str):
+    from ..heap import trim_heap
+
     weights = WeightsFile(path, sha256, "cache")
-    module = load_state(name, weights)
     dtype = _torch_dtype(precision)
-    model = _I3Inference(module, dtype) if name == "ct-i3resnet152" else _ResNet2dInference(module, dtype)
-    return model.to(device)
+    if name == "ct-i3resnet152":
+        model = _I3Inference(load_state(name, weights, keep_dtype=True), dtype)
+    else:
+        model = _ResNet2dInference(load_state(name, weights), dtype)
+    model = model.to(device)
+    trim_heap()             # the folding's float32 temporaries and the file's pages: back to the OS
+    return model
 
 
 def load_model(name: str, weights: WeightsFile, device: str = "cpu", precision: str = "bf16"):

@@ -214,8 +214,9 @@ def volume_input(hu_1mm: np.ndarray, labels_1mm: np.ndarray, direction_xyz, *, m
     onehot = np.stack([zone_crop == z for z in (1, 2, 3)])
     grid = tuple(s // f for s, f in zip(size, FEATURE_STRIDE))
     # fraction of each layer4 cell's input voxels that are lung of each zone (area pooling
-    # straight to the cell grid: the cells tile the resized input exactly)
-    cells = _area_resize(onehot, grid)                                  # (3, 10, 7, 7)
+    # straight to the cell grid: the cells tile the resized input exactly); zone by zone, so one
+    # float32 copy of the crop is held at a time, not three
+    cells = np.stack([_area_resize(onehot[i], grid) for i in range(3)])    # (3, 10, 7, 7)
     per_zone = np.concatenate([cells.sum(0, keepdims=True), cells])     # whole, upper, middle, lower
     if zone_pooling == "slab":
         rows = cells.sum(axis=(2, 3))                                   # (3, depth rows)

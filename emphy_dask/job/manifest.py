@@ -14,59 +14,25 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
-import uuid
-from collections import Counter, deque
+from collections import Counter
 from pathlib import Path
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..errors import ScanError
 from ..io import storage
-from ..scan_state import ScanTask, selection_columns
-from ..tables import arrow_schema, to_arrow
+from ..scan_state import ScanTask
 from .fingerprint import with_fingerprints
+from .manifest_csv import read_manifest_file, row_task_stream
+from .manifest_file import (MANIFEST_FILE, PSEUDONYMIZED, SELECTION_KEYS, ManifestWriter, iter_manifest_file,
+                            manifest_summary, write_manifest)
+from .manifest_tasks import (IMAGE_SUFFIXES, PASSED_OVER, _dicom_candidates, _image_key, _image_task, _is_image,
+                             _passed_over_task, _tasks_from_choices, ordered_map, scan_tasks, tasks_from_index,
+                             unique_keys)
 
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-MANIFEST_FILE = "manifest.parquet"
-
-
-def _is_image(path: Path) -> bool:
-    return path.name.lower().endswith(IMAGE_SUFFIXES)
-
-
-def _image_key(path: Path, root: Path) -> str:
-    rel = path.relative_to(root).as_posix()
-    for suffix in IMAGE_SUFFIXES:
-        if rel.lower().endswith(suffix):
-            return rel[: -len(suffix)]
-    return rel
-
-
-def tasks_from_index(files: list[Path], records: list[dict], root: Path) -> list[ScanTask]:
-    """One task per scan key of a whole tree (``io.scans_from_index``): the picked series, or
-    the reason none could be picked. The streamed manifest gives the same tasks unit by unit."""
-    from ..io import scans_from_index
-
-    return _tasks_from_choices(scans_from_index(files, records, root))
-
-
-def _tasks_from_choices(choices: dict) -> list[ScanTask]:
-    tasks = []
-    for key, choice in choices.items():
-        if isinstance(choice, ScanError):
-            tasks.append(ScanTask(key, "error", error=choice.reason, error_path=choice.path))
-            continue
-        tasks.append(ScanTask(key, "dicom", tuple(str(p) for p in choice.picked.files),
-                              selection_columns(choice.n_candidates, choice.not_picked, choice.multi_kernel_kernels,
-                                                choice.picked.patient_ref,
-                                                study_date_shifted=choice.picked.study_date_shifted)))
-    return tasks
-
-
-def _dicom_candidates(files: list[Path]) -> list[Path]:
-    return [f for f in files if not _is_image(f) and not f.name.lower().endswith((".raw", ".zraw"))]
+#: the names other modules and tests import from here (the manifest's parts live beside it)
+__all__ = ["IMAGE_SUFFIXES", "MANIFEST_FILE", "PASSED_OVER", "PSEUDONYMIZED", "SELECTION_KEYS", "ManifestWriter",
+           "build_manifest", "index_unit", "iter_dicomweb", "iter_manifest", "iter_manifest_file", "iter_tree",
+           "manifest_summary", "ordered_map", "read_manifest_file", "row_task_stream", "scan_tasks",
+           "tasks_from_index", "unique_keys", "write_manifest", "_image_key", "_image_task", "_is_image"]
 
 
 def index_unit(unit: str, root: str) -> tuple[list[ScanTask], int]:
@@ -108,13 +74,6 @@ def index_unit(unit: str, root: str) -> tuple[list[ScanTask], int]:
     return with_fingerprints(unique_keys(tasks + skipped), root_p), len(dicom)
 
 
-def _passed_over_task(path, reason: str, root: Path) -> ScanTask:
-    """A ``skipped`` manifest row for what the folder walk passed over (link loop, unreadable folder,
-    dangling link), keyed by its path under INPUT: listed with the reason, never processed."""
-    key = Path(path).relative_to(root).as_posix()
-    return ScanTask(key, "skipped", error=f"{PASSED_OVER} {reason}", error_path=str(path))
-
-
 def _root_files(files: list[Path], root: Path, beside_scans: bool) -> list[ScanTask]:
     """Tasks of the files directly in INPUT: a series dropped in the root (key = its name), image files."""
     from ..io import index_files
@@ -128,43 +87,6 @@ def _root_files(files: list[Path], root: Path, beside_scans: bool) -> list[ScanT
     tasks = _tasks_from_choices(dict(sorted(out.items())))
     tasks += [_image_task(_image_key(f, root), f, label_image_reason(f)) for f in files if _is_image(f)]
     return with_fingerprints(tasks, root)
-
-
-def ordered_map(client, fn, items, *, in_flight: int = 32, name: str = "index", **kwargs):
-    """``fn(item, **kwargs)`` for each item, on the workers with at most ``in_flight`` at once,
-    results yielded in item order (in-process without a client). A unit whose task fails (e.g.
-    its worker died) yields the exception instead of stopping the manifest."""
-    items = iter(items)
-    if client is None:
-        for item in items:
-            try:
-                yield item, fn(item, **kwargs)
-            except Exception as exc:  # noqa: BLE001
-                yield item, exc
-        return
-    token = uuid.uuid4().hex[:8]
-    pending: deque = deque()
-    n = 0
-    while True:
-        while len(pending) < in_flight:
-            item = next(items, None)
-            if item is None:
-                break
-            pending.append((item, client.submit(fn, item, **kwargs, key=f"{name}-{n}-{token}", pure=False)))
-            n += 1
-        if not pending:
-            return
-        item, fut = pending.popleft()
-        try:
-            result = fut.result()
-        except Exception as exc:  # noqa: BLE001 - e.g. KilledWorker on a pathological file
-            if fut.status == "cancelled":
-                from .flow import SchedulerLost
-
-                raise SchedulerLost(f"lost the scheduler while indexing ({exc!r}): rerun the same command") from exc
-            result = exc
-        fut.release()
-        yield item, result
 
 
 def iter_tree(root: Path, client=None, in_flight: int = 32):
@@ -285,192 +207,3 @@ def iter_dicomweb(url: str, client=None, in_flight: int = 32):
                 yield dataclasses.replace(t, kind="dicomweb") if t.kind == "dicom" else t
 
     return Path("/"), tasks()
-
-
-def _image_task(key: str, path: Path, label_reason: str | None) -> ScanTask:
-    """An ``image`` task, or a ``skipped`` one (listed in the manifest, never processed) for a label map."""
-    if label_reason is not None:
-        return ScanTask(key, "skipped", (str(path),), error=label_reason, error_path=str(path))
-    return ScanTask(key, "image", (str(path),), selection_columns(1, [], ()))
-
-
-def scan_tasks(tasks: list[ScanTask]) -> tuple[list[ScanTask], list[ScanTask]]:
-    """(tasks to process, ``skipped`` ones: files that are not scans, e.g. label maps)."""
-    return [t for t in tasks if t.kind != "skipped"], [t for t in tasks if t.kind == "skipped"]
-
-
-def unique_keys(tasks: list[ScanTask]) -> list[ScanTask]:
-    """Sorted by key; a key met again (a DICOM scan and an image file of the same name, a CSV
-    listing a key twice) becomes ``key~2``, ``key~3``: never two scans under one key."""
-    seen, unique = {}, []
-    for t in sorted(tasks, key=lambda t: t.scan_key):
-        n = seen.get(t.scan_key, 0)
-        seen[t.scan_key] = n + 1
-        unique.append(t if n == 0 else dataclasses.replace(t, scan_key=f"{t.scan_key}~{n + 1}"))
-    return unique
-
-
-PSEUDONYMIZED = b"emphy.pseudonymized"
-#: the series-selection facts (``scan_state.selection_columns``) a manifest row carries to the scans table
-SELECTION_KEYS = ("n_candidate_series", "not_picked", "multi_kernel", "kernels_in_study", "input_fingerprint",
-                  "patient_key", "study_date_shifted")
-#: Reason prefix of a ``skipped`` row the folder walk passed over (vs. a file that is not a scan).
-PASSED_OVER = "folder walk:"
-
-
-def read_manifest_file(path: Path, client=None, in_flight: int = 32):
-    """(root, iterator of ScanTask) of a manifest: our own ``manifest.parquet`` or a CSV with
-    columns ``scan_key,path``.
-
-    In a CSV, ``path`` (or ``url``) is a series folder, a patient folder or an image file, relative
-    to the CSV's folder or absolute, or an object-store URL (``s3://bucket/series/``); each row is
-    indexed on a worker. A key listed twice becomes ``key~2``.
-    """
-    if path.suffix == ".parquet":
-        meta = storage.parquet_file(path).schema_arrow.metadata or {}
-        if meta.get(PSEUDONYMIZED) == b"true":
-            raise ScanError(path, "the manifest of a --pseudonymize run holds no paths; give the original INPUT",
-                            stage="index")
-        return Path(meta.get(b"emphy.input_root", b".").decode()), iter_manifest_file(path)
-    import csv
-
-    import io
-
-    root = path.parent if storage.is_url(path) else path.parent.resolve()
-    text = storage.read_bytes(path).decode("utf-8-sig")
-    fields = csv.DictReader(io.StringIO(text)).fieldnames or []
-    column = "path" if "path" in fields else "url"
-    if not {"scan_key", column} <= set(fields):
-        raise ScanError(path, "manifest CSV needs the columns scan_key,path (or scan_key,url)", stage="index")
-
-    def rows():
-        for row in csv.DictReader(io.StringIO(text)):
-            target = row[column].strip()
-            yield row["scan_key"], (target if storage.is_url(target) else str((root / target).resolve()))
-
-    return root, row_task_stream(rows(), root, client, in_flight)
-
-
-def row_task_stream(rows, root: Path, client=None, in_flight: int = 32):
-    """The tasks of (scan key, path or URL) rows, each indexed on a worker (``_row_tasks``), in row
-    order; a row whose indexing failed becomes an error task, a repeated key gets ``~2``, ``~3``."""
-    seen: Counter = Counter()
-    for (key, target), result in ordered_map(client, _row_tasks, rows, in_flight=in_flight, root=str(root)):
-        if isinstance(result, BaseException):
-            result = [ScanTask(key, "error", error=f"indexing failed: {type(result).__name__}: {result}",
-                               error_path=target)]
-        for t in result:
-            n = seen[t.scan_key]
-            seen[t.scan_key] += 1
-            yield t if n == 0 else dataclasses.replace(t, scan_key=f"{t.scan_key}~{n + 1}")
-
-
-def _row_tasks(row: tuple[str, str], root: str) -> list[ScanTask]:
-    """Tasks of one CSV row (on a worker): one, or ``key#1``, ``key#2`` when the folder holds several patients."""
-    from ..io import find_files, index_files
-    from ..io.image_io import label_image_reason
-
-    key, target = row[0], Path(row[1])
-    if storage.is_url(target):              # a series folder URL (``.../*`` as IDC's manifests write it)
-        target = Path(storage.as_url(target).removesuffix("*").rstrip("/"))
-        files = _dicom_candidates(find_files(target))
-        records = [dict(r, scan_key=key) for r in index_files(files, Path(root))]
-        tasks = (tasks_from_index([], records, Path(root)) if records else
-                 [ScanTask(key, "error", error="listed in the manifest but not found (no DICOM object under this URL)",
-                           error_path=storage.as_url(target))])
-    elif target.is_file() and _is_image(target):
-        tasks = [_image_task(key, target, label_image_reason(target))]
-    elif not target.exists():
-        tasks = [ScanTask(key, "error", error="listed in the manifest but not found", error_path=str(target))]
-    else:
-        files = [target] if target.is_file() else find_files(target)
-        records = [dict(r, scan_key=key) for r in index_files(files, Path(root))]
-        tasks = (tasks_from_index([], records, Path(root)) if records else
-                 [ScanTask(key, "error", error="no DICOM files found", error_path=str(target))])
-    return with_fingerprints(tasks, root)
-
-
-def iter_manifest_file(path: Path, batch_rows: int = 128):
-    """The ScanTasks of a ``manifest.parquet``, read in batches."""
-    source = storage.parquet_file(path)
-    root = Path((source.schema_arrow.metadata or {}).get(b"emphy.input_root", b".").decode())
-    for batch in source.iter_batches(batch_size=batch_rows):
-        for row in batch.to_pylist():
-            sel = {k: row.get(k) for k in SELECTION_KEYS}      # manifests older than patient_key: None
-            paths = tuple(p if row["kind"] == "dicomweb" or storage.is_url(p) else str(root / p)
-                          for p in row["paths"] or ())
-            yield ScanTask(row["scan_key"], row["kind"], paths,
-                           sel, row["error"], row["error_path"])
-
-
-class ManifestWriter:
-    """Writes ScanTasks to a manifest Parquet file as they come (batches of ``batch_rows``),
-    atomically: the file appears under its name only on ``close``.
-
-    ``drop_paths``: the public manifest of a ``--pseudonymize`` run (no paths under INPUT).
-    """
-
-    def __init__(self, final: Path, root: Path, drop_paths: bool = False, batch_rows: int = 512):
-        self.final, self.root, self.drop_paths, self.batch_rows = Path(final), Path(root), drop_paths, batch_rows
-        meta = {b"emphy.input_root": str(root).encode()}
-        if drop_paths:
-            meta[PSEUDONYMIZED] = b"true"
-        schema = arrow_schema("manifest")
-        self.schema = schema.with_metadata({**(schema.metadata or {}), **meta})
-        # an object store has no rename: the file is written locally and uploaded whole on close
-        self.tmp = (Path(tempfile.mkdtemp(prefix="emphy-manifest-")) / self.final.name if storage.is_url(self.final)
-                    else self.final.with_name(".tmp-" + self.final.name))
-        self.writer = pq.ParquetWriter(self.tmp, self.schema)
-        self.rows: list[dict] = []
-        self.kinds: Counter = Counter()
-
-    def add(self, t: ScanTask) -> None:
-        rel = []
-        if not self.drop_paths:
-            for p in t.paths:
-                try:
-                    rel.append(Path(p).relative_to(self.root).as_posix())
-                except ValueError:
-                    rel.append(storage.as_url(p))
-        sel = t.selection
-        self.rows.append({"scan_key": t.scan_key, "kind": t.kind, "paths": None if self.drop_paths else rel, "error": t.error,
-                          "error_path": t.error_path,
-                          **{k: sel.get(k) for k in SELECTION_KEYS}})
-        self.kinds[t.kind] += 1
-        if len(self.rows) >= self.batch_rows:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.rows:
-            self.writer.write_table(pa.Table.from_batches(to_arrow("manifest", self.rows).to_batches(),
-                                                          schema=self.schema))
-            self.rows = []
-
-    def close(self) -> Path:
-        self._flush()
-        self.writer.close()
-        if storage.is_url(self.final):
-            storage.write_via_file(self.final, lambda p: os.replace(self.tmp, p))
-            self.tmp.parent.rmdir()
-        else:
-            os.replace(self.tmp, self.final)
-        return self.final
-
-    def abort(self) -> None:
-        self.writer.close()
-        self.tmp.unlink(missing_ok=True)
-        if storage.is_url(self.final):
-            self.tmp.parent.rmdir()
-
-
-def write_manifest(out_dir: Path, root: Path, tasks) -> Path:
-    """Save the manifest (paths relative to ``root``) atomically as OUT/manifest.parquet."""
-    w = ManifestWriter(Path(out_dir) / MANIFEST_FILE, root)
-    for t in tasks:
-        w.add(t)
-    return w.close()
-
-
-def manifest_summary(tasks) -> dict:
-    """Scan count per kind (dicom / image / error / skipped)."""
-    return dict(Counter(t.kind for t in tasks))

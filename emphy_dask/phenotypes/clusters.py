@@ -46,8 +46,12 @@ def cluster_sizes_mm3(hu, lung_mask, spacing_zyx_mm, threshold_hu: float = -950,
     comp, n = ndimage.label(laa, structure=structure)
     if n == 0:
         return np.zeros(0)
-    sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:]
-    return sizes.astype(np.float64) * voxel_mm3
+    # counted slab by slab: bincount widens its input to int64, a second copy of the whole box
+    sizes = np.zeros(n + 1, np.int64)
+    step = max(1, (1 << 22) // max(1, comp[0].size))                  # ~4 M voxels per slab
+    for z0 in range(0, comp.shape[0], step):
+        sizes += np.bincount(comp[z0:z0 + step].ravel(), minlength=n + 1)
+    return sizes[1:].astype(np.float64) * voxel_mm3
 
 
 def power_law_exponent(sizes, min_clusters: int = 10, min_tail_clusters: int = 5) -> float:

@@ -51,6 +51,22 @@ def lung_border_at_fov_edge_pct(lung, fov_mask=None, direction_xyz=(1, 0, 0, 0, 
             lo, hi = max(lo - 1, 0), min(hi + 1, lung.shape[a])
         bb.append(slice(lo, hi))
     bb = tuple(bb)
+    # in-plane neighbours never cross the head-feet axis: counted in slabs along it, so the
+    # padded copies and neighbour masks are a slab's, not the whole box's
+    n_border = n_edge = 0
+    n = bb[axis].stop - bb[axis].start
+    step = max(1, (1 << 22) // max(1, lung[bb].size // max(1, n)))
+    for k0 in range(bb[axis].start, bb[axis].stop, step):
+        slab = list(bb)
+        slab[axis] = slice(k0, min(k0 + step, bb[axis].stop))
+        b, e = _border_counts(lung, fov_mask, tuple(slab), inplane)
+        n_border += b
+        n_edge += e
+    return 100.0 * n_edge / n_border if n_border else math.nan
+
+
+def _border_counts(lung, fov_mask, bb, inplane) -> tuple[int, int]:
+    """(lung border voxels, of those on the image edge or FOV boundary) in the box ``bb``."""
     pad = [(1, 1) if a in inplane else (0, 0) for a in range(3)]
     lp = np.pad(lung[bb], pad, constant_values=False)
     outside = np.zeros(lung[bb].shape, bool) if fov_mask is None else ~np.asarray(fov_mask, bool)[bb]
@@ -67,8 +83,7 @@ def lung_border_at_fov_edge_pct(lung, fov_mask=None, direction_xyz=(1, 0, 0, 0, 
             not_lung_nb |= ~lp[sl]
             off_nb |= off[sl]
     border = lung_c & not_lung_nb
-    n_border = int(np.count_nonzero(border))
-    return 100.0 * int(np.count_nonzero(border & off_nb)) / n_border if n_border else math.nan
+    return int(np.count_nonzero(border)), int(np.count_nonzero(border & off_nb))
 
 
 def fov_columns(lung, fov_mask=None, direction_xyz=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> dict:

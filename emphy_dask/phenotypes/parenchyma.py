@@ -266,8 +266,16 @@ def region_phenotypes(hu, regions: LungRegions, spacing_zyx_mm) -> list[dict]:
     if np.issubdtype(lung_hu.dtype, np.integer) and lung_hu.size:
         lo, hi = int(lung_hu.min()), int(lung_hu.max())
         width = hi - lo + 1
-        key = regions.code.astype(np.int64) * width + (lung_hu.astype(np.int64) - lo)
-        hist = np.bincount(key, minlength=N_CODES * width).reshape(N_CODES, width)
+        # key = code * width + (hu - lo), built in place in int32 (N_CODES * 65536 fits) and
+        # counted in slices: bincount widens its input to int64, a copy per slice only
+        key = regions.code.astype(np.int32)
+        key *= width
+        key += lung_hu
+        key -= lo
+        hist = np.zeros(N_CODES * width, np.int64)
+        for i in range(0, key.size, 1 << 22):
+            hist += np.bincount(key[i:i + (1 << 22)], minlength=N_CODES * width)
+        hist = hist.reshape(N_CODES, width)
         for name, sel in selectors:
             m = _nan_metrics() if sel is None else metrics_from_histogram(hist[sel].sum(axis=0), voxel_mm3, lo)
             rows.append({"region": name, **m})

@@ -45,7 +45,15 @@ def laa_per_slice(hu, labels, direction_xyz, threshold_hu: float = -950,
     axis, inc_sup = craniocaudal_axis(direction_xyz)
     other = tuple(a for a in range(hu.ndim) if a != axis)
     n_lung = lung.sum(axis=other, dtype=np.int64)
-    n_laa = (lung & (hu < threshold_hu)).sum(axis=other, dtype=np.int64)
+    n_laa = np.zeros_like(n_lung)
+    # slab by slab along axis 0: two bool temporaries of a slab, not of the whole scan
+    step = max(1, (1 << 22) // max(1, hu[0].size))
+    for z0 in range(0, hu.shape[0], step):
+        part = (lung[z0:z0 + step] & (hu[z0:z0 + step] < threshold_hu)).sum(axis=other, dtype=np.int64)
+        if axis == 0:
+            n_laa[z0:z0 + step] = part
+        else:
+            n_laa += part
     idx = np.arange(hu.shape[axis], dtype=np.int64)
     if inc_sup:                      # larger index = more superior: reverse
         idx = idx[::-1].copy()
