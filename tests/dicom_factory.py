@@ -83,3 +83,23 @@ def write_series(folder, n: int = 4, step_mm: float = 2.0, z0_mm: float = 0.0, *
         out.append(make_slice(Path(folder) / names[i], z_mm=z0_mm + i * step_mm, series_uid=series_uid,
                               study_uid=study_uid, for_uid=for_uid, raw=raw, instance_number=i + 1, **kw))
     return out
+
+
+def invalidate_series_number(files) -> None:
+    """Rewrite each file's SeriesNumber as "1.5" (not a valid IS): pydicom then warns on every read."""
+    import warnings
+
+    import pydicom
+    from pydicom import config as pydicom_config
+
+    mode = pydicom_config.settings.writing_validation_mode
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for f in files:
+                ds = pydicom.dcmread(f)
+                ds["SeriesNumber"].value = "1.5"
+                ds.save_as(f)
+    finally:
+        pydicom_config.settings.writing_validation_mode = mode

@@ -244,25 +244,11 @@ def test_unknown_segmenter_exit_2(tmp_path, capsys):
 
 def odd_dicom_series(folder, vol):
     """``vol`` as a DICOM series whose SeriesNumber is "1.5" (not a valid IS): pydicom warns on every file."""
-    import warnings
-
-    import pydicom
-    from pydicom import config as pydicom_config
-
     from emphy_dask.synth.dicom_write import write_dicom_series
 
-    files = write_dicom_series(vol.hu, vol.spacing_zyx_mm, folder, seed=1, patient_id="P1")
-    mode = pydicom_config.settings.writing_validation_mode
-    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for f in files:
-                ds = pydicom.dcmread(f)
-                ds["SeriesNumber"].value = "1.5"
-                ds.save_as(f)
-    finally:
-        pydicom_config.settings.writing_validation_mode = mode
+    from .dicom_factory import invalidate_series_number
+
+    invalidate_series_number(write_dicom_series(vol.hu, vol.spacing_zyx_mm, folder, seed=1, patient_id="P1"))
 
 
 def test_cli_keeps_pydicom_warnings_off_the_terminal_and_records_them(tmp_path, capfd, monkeypatch):

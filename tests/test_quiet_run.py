@@ -5,9 +5,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
-from pydicom import config as pydicom_config
 
 from emphy_dask.job.cluster import PAUSE_FRACTION, SCAN_PEAK_BYTES, worker_memory_limit
 from emphy_dask.job.config import config_from_dict
@@ -15,6 +13,8 @@ from emphy_dask.job.logs import RunLogs
 from emphy_dask.pipeline import prepare_scan
 from emphy_dask.scan_state import ScanTask
 from emphy_dask.synth.dicom_write import write_dicom_series
+
+from .dicom_factory import invalidate_series_number
 
 GiB = 2**30
 
@@ -27,17 +27,7 @@ def odd_series(tmp_path_factory) -> list[Path]:
     hu[:, 6:42, 6:42] = 40
     write_dicom_series(hu, (2.0, 1.0, 1.0), folder, seed=1, patient_id="P1")
     files = sorted(folder.iterdir())
-    mode = pydicom_config.settings.writing_validation_mode
-    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for f in files:
-                ds = pydicom.dcmread(f)
-                ds["SeriesNumber"].value = "1.5"
-                ds.save_as(f)
-    finally:
-        pydicom_config.settings.writing_validation_mode = mode
+    invalidate_series_number(files)
     return files
 
 
