@@ -255,13 +255,13 @@ def fit_summary(m: dict) -> dict:
 
 def compare(work: Path) -> str:
     """One row per evaluated run (input recipe x HU source) of ``WORK/results-*.json``."""
-    lines = ["| recipe | HU | R² LAA%-950 (shuffled) | AUC label (shuffled) | PR-AUC | accuracy | "
+    lines = ["| recipe | HU | scans | R² LAA%-950 (shuffled) | AUC label (shuffled) | PR-AUC | accuracy | "
              "pattern accuracy (shuffled) | `emphy fit` AUC (shuffled) | pattern, `emphy fit` |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for f in sorted(work.glob("results-*.json")):
         r = json.loads(f.read_text())
         e, pe, fit = r["embeddings"], r["pattern_embeddings"], r.get("emphy_fit") or {}
-        lines.append(f"| {r.get('recipe', 'upstream')} | {r.get('hu_source', 'raw')} | {e['r2']:.2f} ({e['shuffled_r2']:.2f}) | "
+        lines.append(f"| {r.get('recipe', 'upstream')} | {r.get('hu_source', 'raw')} | {r['n_model']} | {e['r2']:.2f} ({e['shuffled_r2']:.2f}) | "
                      f"{e['auc']:.3f} ({e['shuffled_auc']:.3f}) | {e['pr_auc']:.3f} | {e['accuracy']:.2f} | "
                      f"{pe['accuracy']:.2f} ({pe['shuffled_accuracy']:.2f}) | "
                      f"{fit.get('auc', float('nan')):.3f} ({fit.get('shuffled_auc', float('nan')):.3f}) | "

@@ -110,7 +110,8 @@ def test_report_pages_and_files(real_run):
     for key in scans["scan_key"]:
         assert f">{key}</a>" in index
     for needle in ("paper protocol: OPTIMISTIC", "honest", "Top 10 LAA%-950", "Discordant labels",
-                   "circularity check", "Most confident positives", "Misclassified"):
+                   "circularity check", "Most confident positives", "Misclassified",
+                   "On real anatomy with inserted emphysema"):
         assert needle in index, needle
     assert "http://" not in index and "https://" not in index and "<script" not in index
     # every image a page names exists on disk; the scan pages show maps of the model
