@@ -1,7 +1,10 @@
 """Real anatomy, known truth: emphysema inserted into the real chests of ../shared/data, through
 `emphy extract`, then evaluated leave-one-anatomy-out (issue 13, part 3).
 
-    python benchmarks/real_anatomy.py [--work DIR] [--severities 5 20] [--seed 0] [--workers 2]
+    python benchmarks/real_anatomy.py [--work DIR] [--severities 5 10 20 30] [--seed 0] [--workers 2]
+    python benchmarks/real_anatomy.py --recipe multiwindow --hu-source harmonized --subset-severities 0 10 30
+    python benchmarks/real_anatomy.py --evaluate-only --restrict-severities 0 10 30   # the default run, same scans
+    python benchmarks/real_anatomy.py --compare                                      # one table of every run
 
 Steps (each skipped when its output exists, so a rerun resumes):
 1. `emphy insert`: every full real chest (LIDC-IDRI-0013, LIDC-IDRI-0002, RIDER-1225316081,
