@@ -250,8 +250,7 @@ def fit_summary(m: dict) -> dict:
         cur = m
         for k in path:
             cur = cur.get(k) if isinstance(cur, dict) else None
-        out[name] = float(cur["value"] if isinstance(cur, dict) and "value" in cur else cur) \
-            if isinstance(cur, (int, float)) or (isinstance(cur, dict) and "value" in cur) else float("nan")
+        out[name] = float(cur) if isinstance(cur, (int, float)) else float("nan")
     out["grouping"] = m.get("grouping")
     return out
 

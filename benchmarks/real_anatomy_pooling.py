@@ -8,7 +8,8 @@ last ReLU, so non-negative) and the per-zone position weights that ``[embed].zon
 averages with. The network is not run again: every pooling below is a function of those two arrays,
 
 - ``lung mean``: the product's pooling (checked equal to the run's stored embeddings);
-- ``slab mean``: every position of the zone's depth rows alike (``zone_pooling = "slab"``);
+- ``slab mean``: every position of the depth rows that hold any of the zone's lung, alike (close
+  to, not the same as, ``zone_pooling = "slab"``, which gives each row to one zone);
 - ``lung GeM p=3``: generalised mean, (sum w x^3)^(1/3): leans towards the strongest positions;
 - ``lung mean + std``: the weighted mean and the weighted standard deviation, concatenated;
 - ``lung max``: the largest response over the zone's positions,
