@@ -22,7 +22,9 @@ Steps (each skipped when its output exists, so a rerun resumes):
      grouped folds' bias), and from density phenotypes only;
    - the pattern (4 classes) from embeddings vs from phenotypes that know location and size
      (per-third LAA%-950 and Perc15, whole-lung cluster D).
-Results: WORK/results.json and a Markdown table on stdout (copied into benchmarks/README.md).
+Results: WORK/results-RUN.json and a Markdown table on stdout (copied into benchmarks/README.md);
+``--record`` also writes the run's headline figures to ``emphy_dask/report/real_anatomy.json``,
+which every report quotes beside its own scores (``report/evidence.py``).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ sys.path.insert(0, str(REPO))
 DATA = Path(os.environ.get("EMPHY_SHARED_DATA", REPO.parent / "shared" / "data"))
 LUNG_DX = DATA / "lung-pet-ct-dx" / "Lung_Dx-A0001"
 PAPER = {"auc": 0.939, "pr_auc": 0.935, "accuracy": 0.91}
+RECORD = REPO / "emphy_dask" / "report" / "real_anatomy.json"
 ALPHAS = np.logspace(-1, 5, 13)
 CS = np.logspace(-4, 1, 6)          # C > 10 on standardised 6,144 columns: no penalty left, lbfgs crawls
 
@@ -224,6 +227,18 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def record_of(res: dict, date: str) -> dict:
+    """The shipped record (``report/evidence.RECORD_KEYS``) of a full run's results."""
+    e, pe, pp = res["embeddings"], res["pattern_embeddings"], res["pattern_phenotypes"]
+    return {"date": date, "n_scans": res["n_model"], "n_anatomies": res["n_groups"],
+            "recipe": res["recipe"], "hu_source": res["hu_source"],
+            "r2_laa950": round(e["r2"], 2), "r2_laa950_shuffled": round(e["shuffled_r2"], 2),
+            "auc_label": round(e["auc"], 3), "auc_label_shuffled": round(e["shuffled_auc"], 3),
+            "pattern_accuracy": round(pe["accuracy"], 2), "pattern_accuracy_shuffled": round(pe["shuffled_accuracy"], 2),
+            "pattern_accuracy_phenotypes": round(pp["accuracy"], 2),
+            "laa950_max_error_pts": round(max(r["max_abs"] for r in res["laa_vs_truth"]), 2)}
+
+
 def subset_links(work: Path, severities) -> Path:
     """A folder of links to the cohort's variants of ``severities`` (the walk follows linked folders)."""
     truth = pd.read_csv(work / "cohort" / "truth.csv")
@@ -275,7 +290,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/emphy-real-anatomy")
     ap.add_argument("--severities", nargs="+", type=float, default=[5.0, 10.0, 20.0, 30.0])
-    ap.add_argument("--recipe", default="upstream", help="[embed].input_recipe of this run (upstream, lung, multiwindow)")
+    ap.add_argument("--recipe", default="upstream", help="[embed].input_recipe of this run (upstream, lung, multiwindow, laamap)")
     ap.add_argument("--hu-source", default="raw", choices=("raw", "harmonized"), help="[embed].hu_source of this run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
@@ -289,6 +304,8 @@ def main(argv=None) -> int:
                     help="with --evaluate-only: score only these severities' variants (compare a full run with "
                          "a --subset-severities one); no emphy fit")
     ap.add_argument("--no-fit", action="store_true", help="skip `emphy fit` on the run (recipe comparisons)")
+    ap.add_argument("--record", action="store_true",
+                    help=f"write this full run's headline figures to {RECORD.relative_to(REPO)} (the reports quote them)")
     ap.add_argument("--compare", action="store_true", help="print one table of every evaluated run in WORK")
     ap.add_argument("--evaluate-only", action="store_true", help="evaluate the run as it stands (e.g. a partial one)")
     a = ap.parse_args(argv)
@@ -336,6 +353,10 @@ def main(argv=None) -> int:
     truth = pd.read_csv(work / "cohort" / "truth.csv")
     res["t_insert_s"] = {"median": float(truth["t_insert_s"].median()), "max": float(truth["t_insert_s"].max())}
     (work / f"results-{run_name}.json").write_text(json.dumps(res, indent=1, default=str))
+    if a.record:
+        if a.subset_severities:
+            raise SystemExit("--record takes a full run, not a --subset-severities one")
+        RECORD.write_text(json.dumps(record_of(res, time.strftime("%Y-%m-%d")), indent=1) + "\n")
     print(json.dumps(res, indent=1, default=str))
     print(markdown(res))
     return 0

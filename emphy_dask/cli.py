@@ -19,7 +19,7 @@ def _add_extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", help="embedding backbone: ct-i3resnet152, resnet152 or none (overrides [embed].backbone)")
     p.add_argument("--weights", help="the backbone's weight file (overrides [embed].weights)")
     p.add_argument("--input-recipe", dest="input_recipe",
-                   help="HU windows of the backbone's input: upstream, lung or multiwindow (overrides "
+                   help="HU windows of the backbone's input: upstream, lung, multiwindow or laamap (overrides "
                         "[embed].input_recipe; see docs/models.md)")
     p.add_argument("--limit", type=int, help="process only the first N scans of the manifest")
     p.add_argument("--overwrite", action="store_true",

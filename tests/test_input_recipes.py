@@ -10,7 +10,8 @@ import torch
 
 from emphy_dask.embed import inputs_for
 from emphy_dask.embed.backbones import feature_maps, load_model, load_state
-from emphy_dask.embed.inputs import INPUT_RECIPES, ModelInput, apply_windows, recipe_windows, volume_input
+from emphy_dask.embed.inputs import (INPUT_RECIPES, LungBelowFraction, ModelInput, apply_windows, recipe_windows,
+                                    volume_input)
 from emphy_dask.embed.weights import WeightsFile
 from emphy_dask.job.config import ConfigError, EmbedSettings, JobConfig, config_from_dict
 
@@ -59,6 +60,36 @@ def test_volume_input_stacks_one_channel_per_window():
         inputs_for(EmbedSettings(backbone="resnet152", input_recipe="multiwindow"), hu, labels, direction)
 
 
+def test_laamap_channel_is_the_lungs_local_laa_fraction_thresholded_at_1mm():
+    # Lung parenchyma at -870 HU with sharp-kernel-like noise (sd 60 HU): ~9 % of its 1 mm voxels
+    # fall below -950 HU. Averaging the HU first (the windows' order) would hide them; the map keeps them.
+    rng = np.random.default_rng(0)
+    hu = np.full((64, 64, 64), -1024.0, np.float32)       # air outside: below -950 but not lung
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[8:56, 8:56, 8:56] = 1
+    hu[8:56, 8:56, 8:56] = -870.0 + rng.normal(0.0, 60.0, (48, 48, 48))
+    direction = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    size = (32, 64, 64)
+    got = volume_input(hu, labels, direction, size=size, windows=INPUT_RECIPES["laamap"])
+    multi = volume_input(hu, labels, direction, size=size, windows=INPUT_RECIPES["multiwindow"])
+    assert got.array.shape == (3, *size)
+    np.testing.assert_array_equal(got.array[:2], multi.array[:2])             # upstream and lung windows
+    lung_in = volume_input(labels.astype(np.float32), labels, direction, size=size, windows=[(0.0, 1.0)]).array
+    laa_1mm = np.count_nonzero((labels > 0) & (hu < -950)) / np.count_nonzero(labels)
+    assert 0.05 < laa_1mm < 0.15
+    # the map's sum over the input is the lung's LAA-950 voxel count on the same grid (float16 rounding)
+    ratio = got.array[2].astype(np.float64).sum() / lung_in.astype(np.float64).sum()
+    assert ratio == pytest.approx(laa_1mm, rel=2e-3)
+    assert got.array[2].max() <= 1.0 and got.array[2][:, :2].max() == 0        # no air outside the lung
+    averaged_first = volume_input(hu, labels, direction, size=size, windows=[(-1024.0, -950.0)]).array
+    inside = lung_in == 1
+    assert np.count_nonzero((averaged_first < 1) & inside) < 0.5 * np.count_nonzero((got.array[2] > 0) & inside)
+    assert got.meta["windows_hu"][2] == {"lung_below_hu": -950.0}
+    assert INPUT_RECIPES["laamap"][2] == LungBelowFraction(-950.0)
+    with pytest.raises(ValueError, match="three channels are three slices"):
+        inputs_for(EmbedSettings(backbone="resnet152", input_recipe="laamap"), hu[:40], labels[:40], direction)
+
+
 def test_three_window_channels_through_the_inference_form_equal_the_plain_module():
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -79,8 +110,9 @@ def test_recipe_enters_config_hash_only_when_not_upstream_and_is_checked():
     assert config_from_dict({"embed": {"input_recipe": "multiwindow"}}).embed.input_recipe == "multiwindow"
     with pytest.raises(ConfigError, match=r"\[embed\].input_recipe must be one of upstream, lung, multiwindow"):
         config_from_dict({"embed": {"input_recipe": "bone"}}, "job.toml")
-    with pytest.raises(ConfigError, match="needs the 3D backbone"):
-        config_from_dict({"embed": {"input_recipe": "multiwindow", "backbone": "resnet152"}}, "job.toml")
+    for recipe in ("multiwindow", "laamap"):
+        with pytest.raises(ConfigError, match=f'input_recipe = "{recipe}" needs the 3D backbone'):
+            config_from_dict({"embed": {"input_recipe": recipe, "backbone": "resnet152"}}, "job.toml")
 
 
 def test_predict_refuses_embeddings_of_another_recipe(tmp_path):

@@ -160,3 +160,30 @@ def test_report_of_a_fabricated_run_shows_exclusions_and_discordant_labels(tmp_p
     ok = scans[scans["status"] == "ok"]
     assert n_disc == int(((ok["laa950_pct"] >= 6) & (ok["label"] == 0)).sum()) and n_disc > 0
     assert len(list((out / "report" / "scans").rglob("*.html"))) == 35
+
+
+def test_real_anatomy_note_quotes_the_record_the_benchmark_writes(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from emphy_dask.report.evidence import RECORD_KEYS, real_anatomy_note, recorded_benchmark
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from real_anatomy import record_of
+
+    shipped = recorded_benchmark()
+    note = real_anatomy_note()
+    for needle in (f"{shipped['n_scans']} scans", f"AUC {shipped['auc_label']:.3f}",
+                   f"R&sup2; {shipped['r2_laa950']:.2f}", f"input recipe {shipped['recipe']}"):
+        assert needle in note, needle
+    res = {"n_model": 12, "n_groups": 3, "recipe": "lung", "hu_source": "raw",
+           "embeddings": {"r2": 0.5, "shuffled_r2": -0.1, "auc": 0.81234, "shuffled_auc": 0.4},
+           "pattern_embeddings": {"accuracy": 0.9, "shuffled_accuracy": 0.2},
+           "pattern_phenotypes": {"accuracy": 0.7}, "laa_vs_truth": [{"max_abs": 0.1}, {"max_abs": 0.3}]}
+    rec = record_of(res, "2026-01-02")
+    assert set(rec) == set(RECORD_KEYS)                    # what the benchmark writes, the report reads
+    assert "AUC 0.812" in real_anatomy_note(rec) and "0.30 points" in real_anatomy_note(rec)
+    partial = tmp_path / "real_anatomy.json"
+    partial.write_text(json.dumps({k: v for k, v in rec.items() if k != "recipe"}))
+    with pytest.raises(ValueError, match="lacks recipe: rewrite it with benchmarks/real_anatomy.py --record"):
+        recorded_benchmark(partial)

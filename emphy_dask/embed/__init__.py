@@ -18,7 +18,7 @@ def inputs_for(settings, hu_1mm, labels_1mm, direction_xyz, clip_hu=(-1000.0, 40
     ``clip_hu`` is the paper's model-input window ([qc] clip_min_hu/clip_max_hu), used by the
     2.5D ``resnet152`` recipe; the 3D backbone keeps the window it was trained with (-1000..200).
     ``settings.input_recipe`` (``inputs.INPUT_RECIPES``) replaces those windows: ``lung``, or
-    ``multiwindow`` (3D backbone only: three windows as three channels).
+    ``multiwindow`` or ``laamap`` (3D backbone only: three channels).
     """
     recipe = BACKBONES[settings.backbone].recipe
     input_recipe = getattr(settings, "input_recipe", "upstream")
@@ -26,7 +26,7 @@ def inputs_for(settings, hu_1mm, labels_1mm, direction_xyz, clip_hu=(-1000.0, 40
         return volume_input(hu_1mm, labels_1mm, direction_xyz, margin_mm=settings.margin_mm,
                             zone_pooling=settings.zone_pooling, windows=recipe_windows(input_recipe, VOLUME_WINDOW_HU))
     windows = recipe_windows(input_recipe, clip_hu)
-    if len(windows) != 1:
+    if len(windows) != 1 or not isinstance(windows[0], tuple):
         raise ValueError(f"input recipe {input_recipe!r} needs a backbone with free input channels; "
                          f"{settings.backbone}'s three channels are three slices")
     return slab_inputs(hu_1mm, labels_1mm, direction_xyz, margin_mm=settings.margin_mm, window_hu=windows[0])

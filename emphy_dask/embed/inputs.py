@@ -20,6 +20,12 @@ network's 0..1 input. ``upstream`` (default): the backbone's own window (ct-i3re
 ``lung``: -1024..-600 HU, the parenchyma spread over the whole range. ``multiwindow`` (3D backbone
 only): three windows as the input's three channels (upstream, lung, low attenuation
 -1024..-850 HU); the 2.5D backbone's channels are its three slices, so it takes one window.
+``laamap`` (3D backbone only): the upstream and lung windows, and as third channel the lung's
+low-attenuation map (``LungBelowFraction``): each input voxel holds the fraction of its 1 mm voxels
+that are lung below -950 HU, thresholded *before* the resize. Windows are applied after the area
+resize, which averages a sharp kernel's noise away; the threshold at 1 mm keeps what LAA%-950
+itself counts (small lesions and noise-driven low attenuation alike), so the network sees the
+measured quantity's local map beside the anatomy.
 
 Zones are the phenotypes' equal-volume cranio-caudal thirds (``phenotypes.regions.slice_thirds``),
 applied on the 1 mm grid.
@@ -41,9 +47,24 @@ VOLUME_WINDOW_HU = (-1000.0, 200.0)    # upstream chest CT window of the 3D back
 SLAB_SIZE = 224
 LUNG_WINDOW_HU = (-1024.0, -600.0)     # parenchyma only: -950 vs -850 HU is 24 % of the range, not 8 %
 LOW_ATTENUATION_WINDOW_HU = (-1024.0, -850.0)   # emphysema and air trapping below the normal lung
-#: [embed].input_recipe -> the HU windows of the input's channels (None: the backbone's own window)
+
+
+@dataclass(frozen=True)
+class LungBelowFraction:
+    """An input channel: per input voxel, the fraction of its 1 mm voxels that are lung below ``threshold_hu``.
+
+    Thresholded on the 1 mm grid, then area-resized with the volume: the resized channel is a
+    local LAA% map (0..1), whose lung-weighted mean is the scan's LAA% on the input grid.
+    """
+
+    threshold_hu: float = -950.0
+
+
+#: [embed].input_recipe -> the input's channels, each a HU window (low, high) or a
+#: ``LungBelowFraction`` (None: the backbone's own window)
 INPUT_RECIPES = {"upstream": None, "lung": (LUNG_WINDOW_HU,),
-                 "multiwindow": (VOLUME_WINDOW_HU, LUNG_WINDOW_HU, LOW_ATTENUATION_WINDOW_HU)}
+                 "multiwindow": (VOLUME_WINDOW_HU, LUNG_WINDOW_HU, LOW_ATTENUATION_WINDOW_HU),
+                 "laamap": (VOLUME_WINDOW_HU, LUNG_WINDOW_HU, LungBelowFraction(-950.0))}
 
 
 def recipe_windows(recipe: str, upstream_hu) -> tuple:
@@ -52,6 +73,13 @@ def recipe_windows(recipe: str, upstream_hu) -> tuple:
         raise ValueError(f"input recipe must be one of {', '.join(INPUT_RECIPES)}, got {recipe!r}")
     windows = INPUT_RECIPES[recipe]
     return (tuple(float(v) for v in upstream_hu),) if windows is None else windows
+
+
+def channel_meta(channel):
+    """JSON form of one input channel: [low, high] HU, or {"lung_below_hu": t}."""
+    if isinstance(channel, LungBelowFraction):
+        return {"lung_below_hu": channel.threshold_hu}
+    return list(channel)
 
 
 def apply_windows(hu: np.ndarray, windows) -> np.ndarray:
@@ -193,8 +221,9 @@ def volume_input(hu_1mm: np.ndarray, labels_1mm: np.ndarray, direction_xyz, *, m
         rows whose lung mostly belongs to the zone (``whole``: all positions, global average).
     size : (depth, H, W)
     window_hu : (low, high): HU mapped to 0 and 1
-    windows : sequence of (low, high) or None
-        Several windows (``recipe_windows``): one input channel each; None = ``(window_hu,)``.
+    windows : sequence of (low, high) or ``LungBelowFraction``, or None
+        The input channels (``recipe_windows``): a window maps the area-resized HU to 0..1; a
+        ``LungBelowFraction`` is thresholded on the 1 mm lung, then resized. None = ``(window_hu,)``.
 
     Returns
     -------
@@ -205,12 +234,16 @@ def volume_input(hu_1mm: np.ndarray, labels_1mm: np.ndarray, direction_xyz, *, m
     zones_sra = to_ras(zone_labels(labels_1mm, direction_xyz), direction_xyz)
     box = _lung_box(zones_sra > 0, int(round(margin_mm)))
     crop = tuple(slice(a, b) for a, b in box)
-    hu = _area_resize(to_ras(hu_1mm, direction_xyz)[crop], size)
+    hu_crop = to_ras(hu_1mm, direction_xyz)[crop]
+    hu = _area_resize(hu_crop, size)
+    zone_crop = zones_sra[crop]
     windows = tuple(windows) if windows else (tuple(window_hu),)
-    array = apply_windows(hu, windows).astype(np.float16)
+    chans = [_area_resize((zone_crop > 0) & (hu_crop < np.float32(w.threshold_hu)), size)
+             if isinstance(w, LungBelowFraction) else apply_windows(hu, (w,)) for w in windows]
+    array = (chans[0] if len(chans) == 1 else np.stack(chans)).astype(np.float16)
+    del chans, hu_crop
     first = array if array.ndim == 3 else array[0]          # the QC picture shows the first window
 
-    zone_crop = zones_sra[crop]
     onehot = np.stack([zone_crop == z for z in (1, 2, 3)])
     grid = tuple(s // f for s, f in zip(size, FEATURE_STRIDE))
     # fraction of each layer4 cell's input voxels that are lung of each zone (area pooling
@@ -243,7 +276,7 @@ def volume_input(hu_1mm: np.ndarray, labels_1mm: np.ndarray, direction_xyz, *, m
     depth_of["whole"] = int(np.round((lung_rows.sum(0) * np.arange(size[0])).sum() / lung_rows.sum()))
     png = {z: radiological(first[d].astype(np.float32)) for z, d in depth_of.items()}
     meta = {"crop_sra_1mm": [list(b) for b in box], "input_size": list(size), "window_hu": list(windows[0]),
-            "windows_hu": [list(w) for w in windows],
+            "windows_hu": [channel_meta(w) for w in windows],
             "zone_pooling": zone_pooling, "png_depth": depth_of, "axes": "S,R,A"}
     return ModelInput(array, "volume", zones, weights, feature_depth, {}, png, meta)
 

@@ -53,7 +53,8 @@ class EmbedSettings:
     save_feature_maps: bool = True  # layer4 maps in featuremaps/ (for exact class-activation maps)
     hu_source: str = "raw"          # "raw", or "harmonized": inputs cut from kernel-harmonised HU ([harmonize].method)
     input_recipe: str = "upstream"  # HU windows of the input (embed.inputs.INPUT_RECIPES): "upstream" (the backbone's
-    #                                 own), "lung" (-1024..-600 HU), "multiwindow" (3 windows as channels; 3D only)
+    #                                 own), "lung" (-1024..-600 HU), "multiwindow" (3 windows as channels; 3D only),
+    #                                 "laamap" (upstream + lung windows + the lung's LAA-950 map; 3D only)
 
 
 @dataclass(frozen=True)
@@ -211,8 +212,8 @@ def _check_models(cfg: JobConfig, source: str) -> None:
     if e.input_recipe not in INPUT_RECIPES:
         raise ConfigError(f"{source}: [embed].input_recipe must be one of {', '.join(INPUT_RECIPES)}, "
                           f"got {e.input_recipe!r}")
-    if e.input_recipe == "multiwindow" and e.backbone == "resnet152":
-        raise ConfigError(f"{source}: [embed].input_recipe = \"multiwindow\" needs the 3D backbone; resnet152's "
+    if len(INPUT_RECIPES[e.input_recipe] or ()) > 1 and e.backbone == "resnet152":
+        raise ConfigError(f"{source}: [embed].input_recipe = \"{e.input_recipe}\" needs the 3D backbone; resnet152's "
                           "three input channels are three slices (use \"upstream\" or \"lung\")")
     if e.zone_pooling not in ("lung", "slab"):
         raise ConfigError(f"{source}: [embed].zone_pooling must be \"lung\" or \"slab\", got {e.zone_pooling!r}")
