@@ -103,10 +103,23 @@ def test_three_window_channels_through_the_inference_form_equal_the_plain_module
 
 
 def test_recipe_enters_config_hash_only_when_not_upstream_and_is_checked():
-    base = JobConfig()
+    base = JobConfig(embed=EmbedSettings(input_recipe="upstream", hu_source="raw"))
     assert "input_recipe" not in base.result_settings()["embed"]          # old runs keep their hash
-    lung = dataclasses.replace(base, embed=EmbedSettings(input_recipe="lung"))
+    assert "hu_source" not in base.result_settings()["embed"]
+    lung = dataclasses.replace(base, embed=EmbedSettings(input_recipe="lung", hu_source="raw"))
     assert lung.result_settings()["embed"]["input_recipe"] == "lung" and lung.config_hash != base.config_hash
+    # the default ("auto"): the benchmark's choice for the 3D backbone, the paper's own for resnet152
+    default = JobConfig()
+    assert (default.embed.input_recipe, default.embed.hu_source) == ("multiwindow", "harmonized")
+    assert default.result_settings()["embed"]["harmonize_method"] == default.harmonize.method
+    assert default.config_hash not in (base.config_hash, lung.config_hash)
+    paper = config_from_dict({"embed": {"backbone": "resnet152"}}).embed
+    assert (paper.input_recipe, paper.hu_source) == ("upstream", "raw")
+    auto = config_from_dict({"embed": {"input_recipe": "auto", "hu_source": "auto"}}).embed
+    assert (auto.input_recipe, auto.hu_source) == ("multiwindow", "harmonized")
+    # the harmonisation method enters the hash with harmonised inputs, whatever the recipe
+    up_h = JobConfig(embed=EmbedSettings(input_recipe="upstream", hu_source="harmonized"))
+    assert up_h.result_settings()["embed"]["harmonize_method"] == up_h.harmonize.method
     assert config_from_dict({"embed": {"input_recipe": "multiwindow"}}).embed.input_recipe == "multiwindow"
     with pytest.raises(ConfigError, match=r"\[embed\].input_recipe must be one of upstream, lung, multiwindow"):
         config_from_dict({"embed": {"input_recipe": "bone"}}, "job.toml")

@@ -51,10 +51,20 @@ class EmbedSettings:
     margin_mm: float = 10.0         # margin around the lung box of the model input
     batch_size: int = 8             # scans per forward on a GPU (halved on out-of-memory); 1 on CPU
     save_feature_maps: bool = True  # layer4 maps in featuremaps/ (for exact class-activation maps)
-    hu_source: str = "raw"          # "raw", or "harmonized": inputs cut from kernel-harmonised HU ([harmonize].method)
-    input_recipe: str = "upstream"  # HU windows of the input (embed.inputs.INPUT_RECIPES): "upstream" (the backbone's
+    hu_source: str = "auto"         # "raw", or "harmonized": inputs cut from kernel-harmonised HU ([harmonize].method);
+    #                                 "auto" (both): see __post_init__
+    input_recipe: str = "auto"      # HU windows of the input (embed.inputs.INPUT_RECIPES): "upstream" (the backbone's
     #                                 own), "lung" (-1024..-600 HU), "multiwindow" (3 windows as channels; 3D only),
     #                                 "laamap" (upstream + lung windows + the lung's LAA-950 map; 3D only)
+
+    def __post_init__(self):
+        # "auto": what the real-anatomy benchmark chose for the 3D backbone (multiwindow on harmonised
+        # HU: docs/real-anatomy.md); the 2.5D paper model keeps its own window on raw HU, as published
+        three_d = self.backbone == "ct-i3resnet152"
+        if self.hu_source == "auto":
+            object.__setattr__(self, "hu_source", "harmonized" if three_d else "raw")
+        if self.input_recipe == "auto":
+            object.__setattr__(self, "input_recipe", "multiwindow" if three_d else "upstream")
 
 
 @dataclass(frozen=True)
@@ -110,10 +120,10 @@ class JobConfig:
             out["embed"].pop("zone_pooling")
         if self.embed.hu_source == "raw":             # runs before the option existed keep their hash
             out["embed"].pop("hu_source", None)
+        elif self.embed.backbone != "none":           # harmonised inputs depend on the method that made them
+            out["embed"]["harmonize_method"] = self.harmonize.method
         if self.embed.input_recipe == "upstream":     # likewise: the recipe enters the hash when it is not upstream
             out["embed"].pop("input_recipe", None)
-        elif self.embed.backbone != "none":
-            out["embed"]["harmonize_method"] = self.harmonize.method
         if not self.harmonize.enabled:               # the method matters only when it runs
             out["harmonize"] = {"enabled": False}
         return out
