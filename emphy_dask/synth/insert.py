@@ -28,7 +28,8 @@ import numpy as np
 from emphy_dask.phenotypes.clusters import laa_cluster_exponent_d
 from emphy_dask.phenotypes.regions import THIRDS, slice_thirds
 from emphy_dask.synth.canvas import LAA_HU, TOLERANCE_PCT, Canvas, place_lesions
-from emphy_dask.synth.lesions import PATTERNS, VESSEL_MIN_HU, blob_template, cell_grid, placement_weights
+from emphy_dask.synth.lesions import (PATTERNS, VESSEL_MIN_HU, blob_template, cell_grid, centre_table,
+                                      placement_weights)
 from emphy_dask.volume import bounding_box, craniocaudal_axis
 
 #: Closed loop on D: at most this many tries; stop once the read-back is within ``D_TOLERANCE``.
@@ -69,11 +70,12 @@ def _templates(spec, spacing_zyx_mm, sigma_mm, rng):
 
 
 def _stage_weights(grid, spec, radius_mm: float) -> list:
-    """Placement weights of a lesion of ``radius_mm``, one array per stage of ``place_lesions``:
-    the pattern's own, flatter (square root), then every allowed cell up to three times the
-    pattern's distance to the pleura (deeper subpleural rows once the first is full)."""
+    """Placement weights of a lesion of ``radius_mm``, one ``centre_table`` per stage of
+    ``place_lesions``: the pattern's own, flatter (square root), then every allowed cell up to
+    three times the pattern's distance to the pleura (deeper subpleural rows once the first is full)."""
     w = placement_weights(grid, spec, radius_mm)
-    return [w, np.sqrt(w), (placement_weights(grid, spec, radius_mm, reach=3.0) > 0).astype(np.float64)]
+    return [centre_table(w), centre_table(np.sqrt(w)),
+            centre_table(placement_weights(grid, spec, radius_mm, reach=3.0) > 0)]
 
 
 def _next_exponent(tries, d_aim: float) -> float:
