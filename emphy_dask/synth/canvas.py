@@ -62,31 +62,38 @@ class Canvas:
         self.n_lesions = 0
 
     def reset(self) -> None:
-        """Back to the base (no lesion), for another try."""
-        self.change.fill(0.0)
-        self.covered.fill(False)
-        self.core.fill(False)
-        np.copyto(self.laa, self.base_laa)
+        """Back to the base (no lesion), for another try: only the covered voxels are cleared
+        (every change, core and LAA change lies there)."""
+        t = np.flatnonzero(self.covered)
+        self.change.reshape(-1)[t] = 0.0
+        self.covered.reshape(-1)[t] = False
+        self.core.reshape(-1)[t] = False
+        self.laa.reshape(-1)[t] = self.base_laa.reshape(-1)[t]
         self.n_lesions = 0
 
     def state(self) -> tuple:
-        """A copy of what a try built (``restore`` puts it back)."""
-        return self.change.copy(), self.covered.copy(), self.core.copy(), self.laa.copy(), self.n_lesions
+        """What a try built, on its covered voxels only (``restore`` puts it back): a copy of
+        the whole box's arrays cost more than a try's read-back of D."""
+        t = np.flatnonzero(self.covered)
+        return t, self.change.reshape(-1)[t], self.core.reshape(-1)[t], self.n_lesions
 
     def restore(self, state) -> None:
-        change, covered, core, laa, n = state
-        np.copyto(self.change, change)
-        np.copyto(self.covered, covered)
-        np.copyto(self.core, core)
-        np.copyto(self.laa, laa)
+        t, change, core, n = state
+        self.reset()
+        self.change.reshape(-1)[t] = change
+        self.covered.reshape(-1)[t] = True
+        self.core.reshape(-1)[t] = core
+        self.laa.reshape(-1)[t] = self.lung.reshape(-1)[t] & (self._values(t) < LAA_HU)
         self.n_lesions = n
 
     def flat(self, templates) -> list:
         """Per radius bin, per shape: the template as flat offsets on this canvas (elements):
-        (offsets, weights, halo offsets, core offsets). The box is padded by the largest
+        (offsets, weights, halo offsets, core offsets, the halo's offsets on a lattice of every
+        second voxel: a cheap first refusal). The box is padded by the largest
         template's reach, so a centre inside the lung plus any offset stays inside the box."""
         strides = np.array([self.hu.shape[1] * self.hu.shape[2], self.hu.shape[2], 1], np.int64)
-        return [[(off @ strides, w, halo @ strides, (off @ strides)[w >= 0.5]) for off, w, halo in row]
+        return [[(off @ strides, w, halo @ strides, (off @ strides)[w >= 0.5],
+                  (halo[(halo % 2 == 0).all(axis=1)]) @ strides) for off, w, halo in row]
                 for row in templates]
 
     def add(self, centres, bins, which, deltas, flat_templates, separate: bool) -> tuple[int, int]:
@@ -101,10 +108,14 @@ class Canvas:
                 sel = (bins == b) & (which == t)
                 if not sel.any():
                     continue
-                off, w, halo, core_off = flat_templates[b][t]
+                off, w, halo, core_off, halo_lattice = flat_templates[b][t]
                 c, d = centres[sel], deltas[sel]
                 if separate:
                     # Refuse lesions whose halo holds another's core, and all but one of a group whose halos overlap.
+                    # Most candidates are refused once the lung fills: an eighth of the halo refuses most of
+                    # them (a subset: it never keeps one the whole halo would refuse).
+                    free = ~flat_core[c[:, None] + halo_lattice[None]].any(axis=1)
+                    c, d = c[free], d[free]
                     near = c[:, None] + halo[None]
                     free = ~flat_core[near].any(axis=1)
                     c, d, near = c[free], d[free], near[free]
