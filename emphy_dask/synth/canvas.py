@@ -59,6 +59,7 @@ class Canvas:
         self.base_laa = lung_b & (hu_b < LAA_HU)
         self.laa = self.base_laa.copy()
         self.scratch = np.full(hu_b.size, NO_OWNER, np.int32)
+        self.mark = np.zeros(hu_b.size, bool)
         self.n_lesions = 0
 
     def reset(self) -> None:
@@ -134,8 +135,13 @@ class Canvas:
                 n_core += len(c) * len(core_off)
                 n_accepted += len(c)
         if touched:
-            # Duplicates (overlapping fringes) are recomputed to the same value: cheaper than a mark array.
-            t = np.concatenate(touched)
+            # LAA again on the touched voxels, each once (fringes overlap, many times for panlobular's
+            # wide ones): marked, then read back from the marked span only.
+            lo, hi = min(int(t.min()) for t in touched), max(int(t.max()) for t in touched) + 1
+            for t in touched:
+                self.mark[t] = True
+            t = lo + np.flatnonzero(self.mark[lo:hi])
+            self.mark[t] = False
             self.laa.reshape(-1)[t] = self.lung.reshape(-1)[t] & (self._values(t) < LAA_HU)
         return n_core, n_accepted
 

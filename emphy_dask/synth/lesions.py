@@ -214,16 +214,17 @@ def centre_table(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     every cell of the grid per pass and radius bin was a tenth of the insertion's time)."""
     p = np.asarray(weights, np.float64).ravel()
     cells = np.flatnonzero(p > 0)
-    return cells, np.cumsum(p[cells])
+    cdf = np.cumsum(p[cells])
+    return cells, cdf / cdf[-1] if len(cells) else cdf
 
 
 def sample_centres(grid: CellGrid, table: tuple, n: int, rng) -> np.ndarray:
     """``n`` voxel centres (n, 3) int, cells drawn by weight (``table`` from ``centre_table``),
     uniform within a cell. Draws as ``rng.choice(cells, n, p=weights / sum)`` would."""
     cells, cdf = table
-    if n == 0 or not len(cells) or cdf[-1] <= 0:
+    if n == 0 or not len(cells):
         return np.zeros((0, 3), int)
-    picked = cells[np.searchsorted(cdf / cdf[-1], rng.random(n), side="right")]
+    picked = cells[np.searchsorted(cdf, rng.random(n), side="right")]
     cz, cy, cx = np.unravel_index(picked, grid.lung_frac.shape)
     f = np.asarray(grid.factor)
     jitter = (rng.random((n, 3)) * f).astype(int)
