@@ -34,23 +34,32 @@ def cluster_sizes_mm3(hu, lung_mask, spacing_zyx_mm, threshold_hu: float = -950,
     lung = np.asarray(lung_mask).astype(bool, copy=False)
     if hu.shape != lung.shape:
         raise ValueError(f"HU shape {hu.shape} and mask shape {lung.shape} differ")
-    voxel_mm3 = float(np.prod(np.asarray(spacing_zyx_mm, dtype=np.float64)))
     if not lung.any():
         return np.zeros(0)
     # Crop to the lung's bounding box: labelling allocates an int32 volume.
-    box = tuple(slice(int(i.min()), int(i.max()) + 1)
-                for i in (np.flatnonzero(lung.any(axis=tuple(a for a in range(lung.ndim) if a != ax)))
-                          for ax in range(lung.ndim)))
-    laa = lung[box] & (hu[box] < threshold_hu)
+    box = _box(lung)
+    return mask_cluster_sizes_mm3(lung[box] & (hu[box] < threshold_hu), spacing_zyx_mm, connectivity)
+
+
+def _box(mask: np.ndarray) -> tuple:
+    """The bounding box of a non-empty mask, as slices."""
+    return tuple(slice(int(i.min()), int(i.max()) + 1)
+                 for i in (np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
+                           for ax in range(mask.ndim)))
+
+
+def mask_cluster_sizes_mm3(laa, spacing_zyx_mm, connectivity: int = 1) -> np.ndarray:
+    """Sizes (mm^3) of the connected clusters of a ready LAA mask (bool), shape (n_clusters,)."""
+    laa = np.asarray(laa).astype(bool, copy=False)
+    if not laa.any():
+        return np.zeros(0)
+    laa = laa[_box(laa)]
+    voxel_mm3 = float(np.prod(np.asarray(spacing_zyx_mm, dtype=np.float64)))
     structure = ndimage.generate_binary_structure(laa.ndim, connectivity)
     comp, n = ndimage.label(laa, structure=structure)
-    if n == 0:
-        return np.zeros(0)
-    # counted slab by slab: bincount widens its input to int64, a second copy of the whole box
-    sizes = np.zeros(n + 1, np.int64)
-    step = max(1, (1 << 22) // max(1, comp[0].size))                  # ~4 M voxels per slab
-    for z0 in range(0, comp.shape[0], step):
-        sizes += np.bincount(comp[z0:z0 + step].ravel(), minlength=n + 1)
+    # counted on the LAA voxels only: bincount widens its input to int64, and the whole box's
+    # labels would be a second copy of the box
+    sizes = np.bincount(comp[laa], minlength=n + 1)
     return sizes[1:].astype(np.float64) * voxel_mm3
 
 

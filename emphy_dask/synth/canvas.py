@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from emphy_dask.phenotypes.clusters import laa_cluster_exponent_d
+from emphy_dask.phenotypes.clusters import mask_cluster_sizes_mm3, power_law_exponent
 from emphy_dask.synth.lesions import mean_volume_mm3, sample_centres, sample_volumes_mm3
 
 LAA_HU = -950
@@ -59,64 +59,89 @@ class Canvas:
         self.base_laa = lung_b & (hu_b < LAA_HU)
         self.laa = self.base_laa.copy()
         self.scratch = np.full(hu_b.size, NO_OWNER, np.int32)
+        self.mark = np.zeros(hu_b.size, bool)
         self.n_lesions = 0
 
     def reset(self) -> None:
-        """Back to the base (no lesion), for another try."""
-        self.change.fill(0.0)
-        self.covered.fill(False)
-        self.core.fill(False)
-        np.copyto(self.laa, self.base_laa)
+        """Back to the base (no lesion), for another try: only the covered voxels are cleared
+        (every change, core and LAA change lies there)."""
+        t = np.flatnonzero(self.covered)
+        self.change.reshape(-1)[t] = 0.0
+        self.covered.reshape(-1)[t] = False
+        self.core.reshape(-1)[t] = False
+        self.laa.reshape(-1)[t] = self.base_laa.reshape(-1)[t]
         self.n_lesions = 0
 
     def state(self) -> tuple:
-        """A copy of what a try built (``restore`` puts it back)."""
-        return self.change.copy(), self.covered.copy(), self.core.copy(), self.laa.copy(), self.n_lesions
+        """What a try built, on its covered voxels only (``restore`` puts it back): a copy of
+        the whole box's arrays cost more than a try's read-back of D."""
+        t = np.flatnonzero(self.covered)
+        return t, self.change.reshape(-1)[t], self.core.reshape(-1)[t], self.n_lesions
 
     def restore(self, state) -> None:
-        change, covered, core, laa, n = state
-        np.copyto(self.change, change)
-        np.copyto(self.covered, covered)
-        np.copyto(self.core, core)
-        np.copyto(self.laa, laa)
+        t, change, core, n = state
+        self.reset()
+        self.change.reshape(-1)[t] = change
+        self.covered.reshape(-1)[t] = True
+        self.core.reshape(-1)[t] = core
+        self.laa.reshape(-1)[t] = self.lung.reshape(-1)[t] & (self._values(t) < LAA_HU)
         self.n_lesions = n
 
-    def add(self, centres, bins, which, deltas, templates, separate: bool) -> tuple[int, int]:
-        """Add lesions (centres (n, 3) in box voxels, template ``templates[bins][which]``);
-        returns (core voxels (weight >= 0.5) of the lesions accepted, lesions accepted)."""
+    def flat(self, templates) -> list:
+        """Per radius bin, per shape: the template as flat offsets on this canvas (elements):
+        (offsets, weights, halo offsets, core offsets, the halo's offsets on a lattice of every
+        second voxel: a cheap first refusal). The box is padded by the largest
+        template's reach, so a centre inside the lung plus any offset stays inside the box."""
+        strides = np.array([self.hu.shape[1] * self.hu.shape[2], self.hu.shape[2], 1], np.int64)
+        return [[(off @ strides, w, halo @ strides, (off @ strides)[w >= 0.5],
+                  (halo[(halo % 2 == 0).all(axis=1)]) @ strides) for off, w, halo in row]
+                for row in templates]
+
+    def add(self, centres, bins, which, deltas, flat_templates, separate: bool) -> tuple[int, int]:
+        """Add lesions (centres (n, 3) in box voxels, template ``flat_templates[bins][which]``,
+        from ``flat``); returns (core voxels (weight >= 0.5) of the lesions accepted, lesions accepted)."""
         flat_change, flat_cov, flat_core = self.change.reshape(-1), self.covered.reshape(-1), self.core.reshape(-1)
+        strides = np.array([self.hu.shape[1] * self.hu.shape[2], self.hu.shape[2], 1], np.int64)
+        centres = np.asarray(centres, np.int64) @ strides
         touched, n_core, n_accepted = [], 0, 0
         for b in np.unique(bins)[::-1]:         # large lesions first: small ones fill the gaps, and
-            for t in range(len(templates[b])):  # separation does not refuse large ones more often
+            for t in range(len(flat_templates[b])):  # separation does not refuse large ones more often
                 sel = (bins == b) & (which == t)
                 if not sel.any():
                     continue
-                off, w, halo = templates[b][t]
+                off, w, halo, core_off, halo_lattice = flat_templates[b][t]
                 c, d = centres[sel], deltas[sel]
                 if separate:
                     # Refuse lesions whose halo holds another's core, and all but one of a group whose halos overlap.
-                    near = np.ravel_multi_index((c[:, None, :] + halo[None]).transpose(2, 0, 1), self.change.shape)
+                    # Most candidates are refused once the lung fills: an eighth of the halo refuses most of
+                    # them (a subset: it never keeps one the whole halo would refuse).
+                    free = ~flat_core[c[:, None] + halo_lattice[None]].any(axis=1)
+                    c, d = c[free], d[free]
+                    near = c[:, None] + halo[None]
                     free = ~flat_core[near].any(axis=1)
                     c, d, near = c[free], d[free], near[free]
                     if len(c) > 1:
                         keep = first_claims(near, self.scratch)
                         c, d = c[keep], d[keep]
-                idx = np.ravel_multi_index((c[:, None, :] + off[None]).transpose(2, 0, 1), self.change.shape)
-                if not len(idx):
+                if not len(c):
                     continue
-                vals = (d[:, None] * w[None]).astype(np.float32)
-                np.minimum.at(flat_change, idx.ravel(), vals.ravel())
-                flat_cov[idx.ravel()] = True
-                flat_core[idx[:, w >= 0.5].ravel()] = True
-                touched.append(idx.ravel())
-                self.n_lesions += len(idx)
-                n_core += len(idx) * int(np.count_nonzero(w >= 0.5))
-                n_accepted += len(idx)
+                idx = (c[:, None] + off[None]).ravel()
+                vals = (d[:, None] * w[None]).astype(np.float32).ravel()
+                np.minimum.at(flat_change, idx, vals)
+                flat_cov[idx] = True
+                flat_core[(c[:, None] + core_off[None]).ravel()] = True
+                touched.append(idx)
+                self.n_lesions += len(c)
+                n_core += len(c) * len(core_off)
+                n_accepted += len(c)
         if touched:
-            mark = np.zeros(self.change.size, bool)
+            # LAA again on the touched voxels, each once (fringes overlap, many times for panlobular's
+            # wide ones): marked, then read back from the marked span only.
+            lo, hi = min(int(t.min()) for t in touched), max(int(t.max()) for t in touched) + 1
             for t in touched:
-                mark[t] = True
-            t = np.flatnonzero(mark)
+                self.mark[t] = True
+            t = lo + np.flatnonzero(self.mark[lo:hi])
+            self.mark[t] = False
             self.laa.reshape(-1)[t] = self.lung.reshape(-1)[t] & (self._values(t) < LAA_HU)
         return n_core, n_accepted
 
@@ -135,16 +160,21 @@ class Canvas:
 
     def lesion_d(self, spacing_zyx_mm) -> float:
         """Cluster exponent D of the LAA inside the changed voxels: ``laa_cluster_exponent_d`` of
-        (result, changed voxels). Every changed voxel lies in the box, so this equals D on the
-        whole written volume and its lesion mask; NaN with too few clusters."""
-        out, moved = self.result()
-        return laa_cluster_exponent_d(out, moved, spacing_zyx_mm) if moved.any() else math.nan
+        (result, changed voxels), on the same clusters, built from the covered voxels alone (no
+        copy of the box's HU). Every changed voxel lies in the box, so this equals D on the whole
+        written volume and its lesion mask; NaN with too few clusters."""
+        t = np.flatnonzero(self.covered)
+        v = self._values(t)
+        inside = (v < LAA_HU) & (v != self.hu.reshape(-1)[t])          # LAA among the changed voxels
+        mask = np.zeros(self.hu.shape, bool)
+        mask.reshape(-1)[t[inside]] = True
+        return power_law_exponent(mask_cluster_sizes_mm3(mask, spacing_zyx_mm))
 
 
 def place_lesions(canvas: Canvas, plan, d_s: float, goal_vox: float, rng) -> int:
     """Add lesions in passes until ``goal_vox`` LAA voxels are added (from below); returns those added.
 
-    ``plan`` (dict): grid, weights (per radius bin a list of stages' arrays), templates, radii,
+    ``plan`` (dict): grid, weights (per radius bin a list of stages' ``centre_table``), templates, radii,
     core_vox (bins x shapes), n_shapes, spec,
     voxel_mm3, fallback_hu, target_hu, n_lung. Sizes follow the power law of exponent ``d_s``
     (``sample_volumes_mm3``). Passes keep lesions apart; once a pass accepts fewer than
@@ -161,6 +191,7 @@ def place_lesions(canvas: Canvas, plan, d_s: float, goal_vox: float, rng) -> int
     # cells (flatter weights) before letting them merge: the zone predominance stays (favoured cells
     # fill first), and lesions stay distinct clusters as long as the lung has room for them.
     stages = plan["weights"]                # per radius bin, per stage
+    flat_templates = canvas.flat(templates)
     stage, separate, added, accept = 0, True, 0, 1.0
     for i_pass in range(MAX_PASSES):
         # Aim a little short, then top up: approach the severity from below.
@@ -190,7 +221,7 @@ def place_lesions(canvas: Canvas, plan, d_s: float, goal_vox: float, rng) -> int
         local = np.nan_to_num(grid.paren_mean_hu[cell], nan=plan["fallback_hu"])
         deltas = np.minimum(plan["target_hu"] + rng.normal(0, 8, len(bins)) - local, 0.0).astype(np.float32)
         before = added
-        n_core, n_accepted = canvas.add(centres, bins, which, deltas, templates, separate)
+        n_core, n_accepted = canvas.add(centres, bins, which, deltas, flat_templates, separate)
         added = int(np.count_nonzero(canvas.laa)) - base_laa
         if added >= goal_vox - TOLERANCE_PCT / 100.0 * n_lung:
             break

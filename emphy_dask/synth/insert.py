@@ -28,11 +28,15 @@ import numpy as np
 from emphy_dask.phenotypes.clusters import laa_cluster_exponent_d
 from emphy_dask.phenotypes.regions import THIRDS, slice_thirds
 from emphy_dask.synth.canvas import LAA_HU, TOLERANCE_PCT, Canvas, place_lesions
-from emphy_dask.synth.lesions import PATTERNS, VESSEL_MIN_HU, blob_template, cell_grid, placement_weights
+from emphy_dask.synth.lesions import (PATTERNS, VESSEL_MIN_HU, blob_template, cell_grid, centre_table,
+                                      placement_weights)
 from emphy_dask.volume import bounding_box, craniocaudal_axis
 
 #: Closed loop on D: at most this many tries; stop once the read-back is within ``D_TOLERANCE``.
 D_TRIES, D_TOLERANCE = 4, 0.1
+#: ... and stop once the read-back no longer responds: a try predicted to move it less than this
+#: toward the aim (at 20-30 % severity merged lesions pin the read-back; each try costs a placement).
+D_MIN_GAIN = 0.05
 #: Range of the sampled exponent the loop may use.
 D_SAMPLED_RANGE = (0.3, 5.0)
 #: Templates per radius bin and radius bins per pattern (shapes are reused, flipped).
@@ -69,11 +73,12 @@ def _templates(spec, spacing_zyx_mm, sigma_mm, rng):
 
 
 def _stage_weights(grid, spec, radius_mm: float) -> list:
-    """Placement weights of a lesion of ``radius_mm``, one array per stage of ``place_lesions``:
-    the pattern's own, flatter (square root), then every allowed cell up to three times the
-    pattern's distance to the pleura (deeper subpleural rows once the first is full)."""
+    """Placement weights of a lesion of ``radius_mm``, one ``centre_table`` per stage of
+    ``place_lesions``: the pattern's own, flatter (square root), then every allowed cell up to
+    three times the pattern's distance to the pleura (deeper subpleural rows once the first is full)."""
     w = placement_weights(grid, spec, radius_mm)
-    return [w, np.sqrt(w), (placement_weights(grid, spec, radius_mm, reach=3.0) > 0).astype(np.float64)]
+    return [centre_table(w), centre_table(np.sqrt(w)),
+            centre_table(placement_weights(grid, spec, radius_mm, reach=3.0) > 0)]
 
 
 def _next_exponent(tries, d_aim: float) -> float:
@@ -86,6 +91,18 @@ def _next_exponent(tries, d_aim: float) -> float:
     if len(pts) > 1 and pts[-2][0] != d:
         slope = float(np.clip((r - pts[-2][1]) / (d - pts[-2][0]), 0.25, 2.0))
     return float(np.clip(d + (d_aim - r) / slope, *D_SAMPLED_RANGE))
+
+
+def _stalled(tries, d_next: float, d_aim: float) -> bool:
+    """True when another try would not pay: the last two tries' read-backs (secant slope, not
+    floored) predict that ``d_next`` moves the read-back by less than ``D_MIN_GAIN`` toward the aim."""
+    pts = [(d, r) for d, r in tries if math.isfinite(r)]
+    if len(pts) < 2 or pts[-2][0] == pts[-1][0]:
+        return False
+    (d0, r0), (d1, r1) = pts[-2:]
+    slope = (r1 - r0) / (d1 - d0)
+    gain = slope * (d_next - d1) * math.copysign(1.0, d_aim - r1)
+    return gain < D_MIN_GAIN
 
 
 def _third_rows(labels, lung, hu, new_hu, lesion, direction_xyz) -> dict:
@@ -131,7 +148,8 @@ def insert_emphysema(hu, lung_labels, spacing_zyx_mm, pattern: str, added_laa950
     measure_d : also measure cluster D (base lung, inserted lesions, result lung).
     fit_d : closed loop on D: re-place the lesions (at most ``D_TRIES`` times), steering the
         sampled exponent until D of the LAA inside the lesion mask is within ``D_TOLERANCE`` of
-        ``d_aim``; the try nearest the aim is kept. False: one try with the aim as exponent.
+        ``d_aim`` or another try is predicted to move it less than ``D_MIN_GAIN``; the try nearest
+        the aim is kept. False: one try with the aim as exponent.
 
     Returns
     -------
@@ -202,6 +220,8 @@ def insert_emphysema(hu, lung_labels, spacing_zyx_mm, pattern: str, added_laa950
             if not math.isfinite(d_read) or (miss <= D_TOLERANCE and not short):   # nothing to steer by, or done
                 break
             d_s = _next_exponent(tries, d_aim)
+            if _stalled(tries, d_s, d_aim):         # the read-back no longer responds: a try would be wasted
+                break
         if best[1] != len(tries) - 1:
             canvas.restore(best[3])
             added = best[2]

@@ -208,13 +208,24 @@ def placement_weights(grid: CellGrid, spec: PatternSpec, radius_mm: float = 0.0,
     return np.nan_to_num(w).astype(np.float64)
 
 
-def sample_centres(grid: CellGrid, weights: np.ndarray, n: int, rng) -> np.ndarray:
-    """``n`` voxel centres (n, 3) int, cells drawn by ``weights``, uniform within a cell."""
-    p = weights.ravel()
-    if n == 0 or p.sum() <= 0:
+def centre_table(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The cells of non-zero weight (flat indices) and their cumulative weights, for
+    ``sample_centres``: built once per weight array, not once per draw (a cumulative sum over
+    every cell of the grid per pass and radius bin was a tenth of the insertion's time)."""
+    p = np.asarray(weights, np.float64).ravel()
+    cells = np.flatnonzero(p > 0)
+    cdf = np.cumsum(p[cells])
+    return cells, cdf / cdf[-1] if len(cells) else cdf
+
+
+def sample_centres(grid: CellGrid, table: tuple, n: int, rng) -> np.ndarray:
+    """``n`` voxel centres (n, 3) int, cells drawn by weight (``table`` from ``centre_table``),
+    uniform within a cell. Draws as ``rng.choice(cells, n, p=weights / sum)`` would."""
+    cells, cdf = table
+    if n == 0 or not len(cells):
         return np.zeros((0, 3), int)
-    cells = rng.choice(p.size, size=n, p=p / p.sum())
-    cz, cy, cx = np.unravel_index(cells, weights.shape)
+    picked = cells[np.searchsorted(cdf, rng.random(n), side="right")]
+    cz, cy, cx = np.unravel_index(picked, grid.lung_frac.shape)
     f = np.asarray(grid.factor)
     jitter = (rng.random((n, 3)) * f).astype(int)
     return np.stack([cz, cy, cx], axis=1) * f + jitter
