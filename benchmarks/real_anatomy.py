@@ -2,7 +2,7 @@
 `emphy extract`, then evaluated leave-one-anatomy-out (issue 13, part 3).
 
     python benchmarks/real_anatomy.py [--work DIR] [--severities 5 10 20 30] [--seed 0] [--workers 2]
-    python benchmarks/real_anatomy.py --recipe multiwindow --hu-source harmonized --subset-severities 0 10 30
+    python benchmarks/real_anatomy.py --recipe upstream --hu-source raw --subset-severities 0 10 30
     python benchmarks/real_anatomy.py --evaluate-only --restrict-severities 0 10 30   # the default run, same scans
     python benchmarks/real_anatomy.py --compare                                      # one table of every run
 
@@ -10,8 +10,9 @@ Steps (each skipped when its output exists, so a rerun resumes):
 1. `emphy insert`: every full real chest (LIDC-IDRI-0013, LIDC-IDRI-0002, RIDER-1225316081,
    Lung_Dx-A0001 kernels B and L = 4 anatomies) x the four patterns x severities, plus each
    base unchanged (severity 0).
-2. `emphy extract WORK/cohort/dicom -o WORK/run --job WORK/job.toml` ([qc] max_hu 4000: real
-   chests hold dense bone above the paper's 1600).
+2. `emphy extract WORK/cohort/dicom -o WORK/RUN --job WORK/job-RUN.toml` ([qc] max_hu 4000: real
+   chests hold dense bone above the paper's 1600); RUN = ``run-multiwindow-harmonized`` for the
+   product's default embeddings (``--recipe``/``--hu-source`` auto), ``run`` for upstream on raw HU.
 3. Evaluation on the run's tables (pandas + scikit-learn), grouped by anatomy (the hash id that
    is every variant's PatientID; the two Lung_Dx kernels are one anatomy):
    - measured LAA%-950 (the run's own masks) vs base + inserted truth, per pattern;
@@ -281,8 +282,8 @@ def compare(work: Path) -> str:
         lines.append(f"| {r.get('recipe', 'upstream')} | {r.get('hu_source', 'raw')} | {r['n_model']} | {e['r2']:.2f} ({e['shuffled_r2']:.2f}) | "
                      f"{e['auc']:.3f} ({e['shuffled_auc']:.3f}) | {e['pr_auc']:.3f} | {e['accuracy']:.2f} | "
                      f"{pe['accuracy']:.2f} ({pe['shuffled_accuracy']:.2f}) | "
-                     f"{fit.get('auc', float('nan')):.3f} ({fit.get('shuffled_auc', float('nan')):.3f}) | "
-                     f"{fit.get('pattern_accuracy', float('nan')):.2f} |")
+                     + (f"{fit['auc']:.3f} ({fit['shuffled_auc']:.3f}) | {fit['pattern_accuracy']:.2f} |" if fit
+                        else "- | - |"))          # --no-fit runs
     return "\n".join(lines)
 
 
@@ -290,8 +291,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/emphy-real-anatomy")
     ap.add_argument("--severities", nargs="+", type=float, default=[5.0, 10.0, 20.0, 30.0])
-    ap.add_argument("--recipe", default="upstream", help="[embed].input_recipe of this run (upstream, lung, multiwindow, laamap)")
-    ap.add_argument("--hu-source", default="raw", choices=("raw", "harmonized"), help="[embed].hu_source of this run")
+    ap.add_argument("--recipe", default="auto",
+                    help="[embed].input_recipe of this run (auto = the product's default, upstream, lung, multiwindow, laamap)")
+    ap.add_argument("--hu-source", default="auto", choices=("auto", "raw", "harmonized"),
+                    help="[embed].hu_source of this run (auto = the product's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--group-by", default="base_id", help="truth column of the folds (base_id = anatomy)")
@@ -321,6 +324,11 @@ def main(argv=None) -> int:
               "--seed", a.seed)
     t["insert_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    from emphy_dask.job.config import EmbedSettings
+
+    embed = EmbedSettings(input_recipe=a.recipe, hu_source=a.hu_source)      # "auto" resolved as the product does
+    a.recipe, a.hu_source = embed.input_recipe, embed.hu_source
+    # WORK/run: the first benchmark's recipe (upstream on raw HU); other recipes get their own folder
     run_name = "run" if (a.recipe, a.hu_source) == ("upstream", "raw") else f"run-{a.recipe}-{a.hu_source}"
     dicom = work / "cohort" / "dicom"
     if a.subset_severities:
