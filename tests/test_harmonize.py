@@ -206,13 +206,17 @@ def test_transfer_from_a_known_spectrum_and_edge_is_recovered_and_never_amplifie
 def test_unknown_method_and_config_section():
     with pytest.raises(ValueError, match="unknown harmonisation method"):
         harmonize_kernel(np.zeros((2, 32, 32), np.int16), (1, 1, 1), "sharp", method="gauss")
-    base = JobConfig()
-    on = config_from_dict({"harmonize": {"enabled": True}})
+    raw_inputs = {"embed": {"hu_source": "raw"}}
+    base = config_from_dict(raw_inputs)
+    on = config_from_dict({**raw_inputs, "harmonize": {"enabled": True}})
     assert on.harmonize.enabled and on.config_hash != base.config_hash            # it changes results
     assert on.harmonize.method == "nps_ratio"                                     # the default
-    assert config_from_dict({"harmonize": {"method": "nps_shape"}}).config_hash == base.config_hash
+    # off, and the model inputs raw: the method changes nothing, so not the hash either
+    assert config_from_dict({**raw_inputs, "harmonize": {"method": "nps_shape"}}).config_hash == base.config_hash
+    # the default model inputs are harmonised (ct-i3resnet152): there the method changes results
+    assert config_from_dict({"harmonize": {"method": "nps_shape"}}).config_hash != JobConfig().config_hash
     assert dataclasses.replace(on, harmonize=dataclasses.replace(on.harmonize, method="nps_ratio")) == on
-    old = config_from_dict({"harmonize": {"enabled": True, "method": "nps_shape"}})
+    old = config_from_dict({**raw_inputs, "harmonize": {"enabled": True, "method": "nps_shape"}})
     assert old.config_hash != on.config_hash
     with pytest.raises(ConfigError, match=r"\[harmonize\].method"):
         config_from_dict({"harmonize": {"enabled": True, "method": "gauss"}}, "job.toml")
@@ -289,7 +293,7 @@ def test_model_inputs_from_harmonised_hu(tmp_path):
         assert s.row["status"] == "ok", s.row.get("reason")
         return cfg, s
 
-    raw_cfg, raw = state()
+    raw_cfg, raw = state({"hu_source": "raw"})
     cfg, harm = state({"hu_source": "harmonized"})
     _, harm_on = state({"hu_source": "harmonized"}, {"enabled": True})
     np.testing.assert_array_equal(harm.model_input.array, harm_on.model_input.array)
@@ -299,7 +303,7 @@ def test_model_inputs_from_harmonised_hu(tmp_path):
         return float(np.abs(a[:, :, 2:] - 2 * a[:, :, 1:-1] + a[:, :, :-2]).mean())
     assert fine(harm.model_input.array) < 0.8 * fine(raw.model_input.array)
 
-    assert raw_cfg.config_hash == resolve_weights(config_from_dict(base)).config_hash
+    assert cfg.config_hash == resolve_weights(config_from_dict(base)).config_hash    # harmonised: the default
     assert cfg.config_hash != raw_cfg.config_hash
     with pytest.raises(ConfigError, match=r"\[embed\].hu_source"):
         config_from_dict({"embed": {"hu_source": "smooth"}})
