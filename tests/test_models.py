@@ -241,3 +241,20 @@ def test_fit_reads_each_table_of_the_run_once(tmp_path, monkeypatch):
     assert m["cohort"]["scans_in_run"] == 26 and m["cohort"]["by_status"] == {"ok": 24, "excluded": 2}
     c = load_cohort(out)
     assert m["cohort"]["with_embeddings"] == len(c) and m["cohort"]["positive"] == int(c.y.sum())
+
+
+def test_student_t_is_silent_on_nearly_constant_columns_and_gives_constant_ones_no_evidence():
+    import warnings
+
+    from emphy_dask.models.pipelines import student_t
+
+    X = np.full((6, 3), 0.1234)
+    X[:, 1] = np.arange(6.0)                 # separates the classes
+    X[0, 2] = 0.12340001                      # nearly constant: scipy warns of precision loss
+    y = np.array([1, 1, 1, 0, 0, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # any warning fails the test
+        t, p = student_t(X, y)
+    assert t[0] == 0.0 and p[0] == 1.0        # constant: no evidence, not NaN
+    assert t[1] == pytest.approx(-3 / np.sqrt(2 / 3)) and p[1] < 0.05    # means 1 vs 4, pooled variance 1
+    assert np.isfinite(t[2]) and 0.0 <= p[2] <= 1.0
