@@ -15,7 +15,9 @@ in-plane bounding box made square with a margin, HU clipped to the [-1000, 400] 
 scaled to 0..1 (ImageNet normalisation is applied on the device).
 
 **Input recipes** (``[embed].input_recipe``, ``INPUT_RECIPES``): which HU windows become the
-network's 0..1 input. ``upstream`` (default): the backbone's own window (ct-i3resnet152:
+network's 0..1 input (``[embed].input_recipe = "auto"``: ``multiwindow`` on kernel-harmonised HU
+for the 3D backbone, ``upstream`` for the 2.5D one; chosen by the real-anatomy benchmark,
+``docs/models.md``). ``upstream``: the backbone's own window (ct-i3resnet152:
 -1000..200 HU, where -950 vs -850 HU is 8 % of the range; resnet152: the [qc] clip window).
 ``lung``: -1024..-600 HU, the parenchyma spread over the whole range. ``multiwindow`` (3D backbone
 only): three windows as the input's three channels (upstream, lung, low attenuation
@@ -25,7 +27,8 @@ low-attenuation map (``LungBelowFraction``): each input voxel holds the fraction
 that are lung below -950 HU, thresholded *before* the resize. Windows are applied after the area
 resize, which averages a sharp kernel's noise away; the threshold at 1 mm keeps what LAA%-950
 itself counts (small lesions and noise-driven low attenuation alike), so the network sees the
-measured quantity's local map beside the anatomy.
+measured quantity's local map beside the anatomy. It lost clearly on the real-anatomy benchmark
+(the CT-trained network does not read such a map well) and is kept to reproduce that comparison.
 
 Zones are the phenotypes' equal-volume cranio-caudal thirds (``phenotypes.regions.slice_thirds``),
 applied on the 1 mm grid.
