@@ -22,6 +22,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from emphy_dask.volume import bounding_box
+
 
 def cluster_sizes_mm3(hu, lung_mask, spacing_zyx_mm, threshold_hu: float = -950,
                       connectivity: int = 1) -> np.ndarray:
@@ -42,10 +44,8 @@ def cluster_sizes_mm3(hu, lung_mask, spacing_zyx_mm, threshold_hu: float = -950,
 
 
 def _box(mask: np.ndarray) -> tuple:
-    """The bounding box of a non-empty mask, as slices."""
-    return tuple(slice(int(i.min()), int(i.max()) + 1)
-                 for i in (np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
-                           for ax in range(mask.ndim)))
+    """The bounding box of a non-empty mask, as slices (``volume.bounding_box``)."""
+    return tuple(slice(lo, hi) for lo, hi in bounding_box(mask))
 
 
 def mask_cluster_sizes_mm3(laa, spacing_zyx_mm, connectivity: int = 1) -> np.ndarray:

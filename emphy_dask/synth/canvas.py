@@ -60,6 +60,7 @@ class Canvas:
         self.laa = self.base_laa.copy()
         self.scratch = np.full(hu_b.size, NO_OWNER, np.int32)
         self.mark = np.zeros(hu_b.size, bool)
+        self.strides = np.array([hu_b.shape[1] * hu_b.shape[2], hu_b.shape[2], 1], np.int64)   # (z, y, x) -> flat
         self.n_lesions = 0
 
     def reset(self) -> None:
@@ -92,7 +93,7 @@ class Canvas:
         (offsets, weights, halo offsets, core offsets, the halo's offsets on a lattice of every
         second voxel: a cheap first refusal). The box is padded by the largest
         template's reach, so a centre inside the lung plus any offset stays inside the box."""
-        strides = np.array([self.hu.shape[1] * self.hu.shape[2], self.hu.shape[2], 1], np.int64)
+        strides = self.strides
         return [[(off @ strides, w, halo @ strides, (off @ strides)[w >= 0.5],
                   (halo[(halo % 2 == 0).all(axis=1)]) @ strides) for off, w, halo in row]
                 for row in templates]
@@ -101,8 +102,7 @@ class Canvas:
         """Add lesions (centres (n, 3) in box voxels, template ``flat_templates[bins][which]``,
         from ``flat``); returns (core voxels (weight >= 0.5) of the lesions accepted, lesions accepted)."""
         flat_change, flat_cov, flat_core = self.change.reshape(-1), self.covered.reshape(-1), self.core.reshape(-1)
-        strides = np.array([self.hu.shape[1] * self.hu.shape[2], self.hu.shape[2], 1], np.int64)
-        centres = np.asarray(centres, np.int64) @ strides
+        centres = np.asarray(centres, np.int64) @ self.strides
         touched, n_core, n_accepted = [], 0, 0
         for b in np.unique(bins)[::-1]:         # large lesions first: small ones fill the gaps, and
             for t in range(len(flat_templates[b])):  # separation does not refuse large ones more often
@@ -174,14 +174,15 @@ class Canvas:
 def place_lesions(canvas: Canvas, plan, d_s: float, goal_vox: float, rng) -> int:
     """Add lesions in passes until ``goal_vox`` LAA voxels are added (from below); returns those added.
 
-    ``plan`` (dict): grid, weights (per radius bin a list of stages' ``centre_table``), templates, radii,
+    ``plan`` (dict): grid, weights (per radius bin a list of stages' ``centre_table``), flat_templates
+    (``Canvas.flat`` of the templates, built once for every try), radii,
     core_vox (bins x shapes), n_shapes, spec,
     voxel_mm3, fallback_hu, target_hu, n_lung. Sizes follow the power law of exponent ``d_s``
     (``sample_volumes_mm3``). Passes keep lesions apart; once a pass accepts fewer than
     ``MERGE_BELOW`` of its lesions the favoured cells are full, and the centres are drawn with
     the next stage's weights (flatter, then wider); after the last stage, lesions may merge.
     """
-    spec, grid, templates, radii = plan["spec"], plan["grid"], plan["templates"], plan["radii"]
+    spec, grid, radii = plan["spec"], plan["grid"], plan["radii"]
     core_vox, n_shapes, n_lung = plan["core_vox"], plan["n_shapes"], plan["n_lung"]
     base_laa = int(np.count_nonzero(canvas.base_laa))
     shape = np.asarray(canvas.hu.shape)
@@ -191,7 +192,7 @@ def place_lesions(canvas: Canvas, plan, d_s: float, goal_vox: float, rng) -> int
     # cells (flatter weights) before letting them merge: the zone predominance stays (favoured cells
     # fill first), and lesions stay distinct clusters as long as the lung has room for them.
     stages = plan["weights"]                # per radius bin, per stage
-    flat_templates = canvas.flat(templates)
+    flat_templates = plan["flat_templates"]
     stage, separate, added, accept = 0, True, 0, 1.0
     for i_pass in range(MAX_PASSES):
         # Aim a little short, then top up: approach the severity from below.

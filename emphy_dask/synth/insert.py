@@ -199,7 +199,7 @@ def insert_emphysema(hu, lung_labels, spacing_zyx_mm, pattern: str, added_laa950
         for i, row in enumerate(templates):
             core_vox[i, :len(row)] = [np.count_nonzero(w >= 0.5) for _, w, _ in row]
         plan = dict(spec=spec, grid=grid, weights=[_stage_weights(grid, spec, r) for r in radii],
-                    templates=templates, radii=radii,
+                    flat_templates=canvas.flat(templates), radii=radii,
                     core_vox=core_vox, n_shapes=np.array([len(row) for row in templates]), n_lung=n_lung,
                     voxel_mm3=float(np.prod(sp)), target_hu=spec.target_hu,
                     fallback_hu=float(np.nanmean(grid.paren_mean_hu)) if np.isfinite(grid.paren_mean_hu).any()
