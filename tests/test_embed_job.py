@@ -149,13 +149,9 @@ def test_lungmask_through_extract(tmp_path, thick_cohort, random_unet):
     assert set(emb["scan_key"]) == set(scans.loc[scans["status"] == "ok", "scan_key"])
 
 
-def test_resnet152_with_a_random_weight_file(tmp_path, cohort):
+def test_resnet152_with_a_random_weight_file(tmp_path, cohort, random_resnet152_weights):
     """The paper's backbone: torchvision's module, weights from a file, strict, recorded by hash."""
-    import torchvision
-
-    torch.manual_seed(1)
-    f = tmp_path / "resnet152-random.pth"
-    torch.save(torchvision.models.resnet152(weights=None).state_dict(), f)
+    f = random_resnet152_weights
     cfg = load_job(_job(tmp_path, f'[embed]\nbackbone = "resnet152"\nweights = "{f}"\n'))
     _, tasks = build_manifest(cohort, None)
     result = process_scan(tasks[0], cfg, tmp_path / "out")
