@@ -46,7 +46,6 @@ DATA = Path(os.environ.get("EMPHY_SHARED_DATA", REPO.parent / "shared" / "data")
 LUNG_DX = DATA / "lung-pet-ct-dx" / "Lung_Dx-A0001"
 PAPER = {"auc": 0.939, "pr_auc": 0.935, "accuracy": 0.91}
 RECORD = REPO / "emphy_dask" / "report" / "real_anatomy.json"
-ALPHAS = np.logspace(-1, 5, 13)
 CS = np.logspace(-4, 1, 6)          # C > 10 on standardised 6,144 columns: no penalty left, lbfgs crawls
 
 
@@ -114,16 +113,18 @@ def _grouped_search(estimator, grid, X, y, groups, scoring):
 
 def logo_predict(kind: str, X, y, groups) -> np.ndarray:
     """Out-of-anatomy predictions: outer LeaveOneGroupOut, penalty from inner GroupKFold."""
-    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import LeaveOneGroupOut
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+
+    from emphy_dask.models.pipelines import RIDGE_ALPHAS, ridge_pipeline
 
     out = np.zeros(len(y)) if kind != "pattern" else np.empty(len(y), dtype=object)
     for train, test in LeaveOneGroupOut().split(X, y, groups):
         assert not set(groups[train]) & set(groups[test])       # no anatomy on both sides
         if kind == "ridge":
-            est, grid, scoring = make_pipeline(StandardScaler(), Ridge()), {"ridge__alpha": ALPHAS}, "r2"
+            est, grid, scoring = ridge_pipeline(), {"model__alpha": RIDGE_ALPHAS}, "r2"   # the product's ridge
         else:
             est = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
             grid, scoring = {"logisticregression__C": CS}, ("roc_auc" if kind == "label" else "accuracy")

@@ -45,7 +45,8 @@ def test_grouped_folds_never_share_a_group_outer_or_inner(n_groups, stratify):
 def test_ridge_path_equals_refitting_the_pipeline_per_alpha():
     rng = np.random.default_rng(1)
     X, y = rng.normal(size=(30, 300)), rng.normal(size=30)
-    X[:, 5] = 3.0                                             # a constant column, as StandardScaler keeps it
+    X[:, 5] = 3.0                                             # a constant column
+    X[:, :40] *= 5.0                                          # columns of unequal spread: the common scale keeps it
     alphas = [0.1, 10.0, 1e4]
     P = ridge_path_predictions(X[:22], y[:22], X[22:], alphas)
     for a, p in zip(alphas, P):

@@ -7,7 +7,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.linear_model import Ridge
+from sklearn.metrics import average_precision_score, r2_score, roc_auc_score
+from sklearn.model_selection import GridSearchCV, KFold
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
 
 from emphy_dask.cli import main
 from emphy_dask.errors import ConfigError
@@ -16,7 +20,8 @@ from emphy_dask.models.cohort import CohortError, balanced_subset, load_cohort
 from emphy_dask.models.fabricate import fabricate_run
 from emphy_dask.models.fit import fit_run
 from emphy_dask.models.metrics import ap_score, auc_score, with_intervals
-from emphy_dask.models.pipelines import TTestSelector, l1_pipeline, paper_pipeline, phenotype_pipeline, ridge_pipeline
+from emphy_dask.models.pipelines import (RIDGE_ALPHAS, CommonScaler, TTestSelector, l1_pipeline, paper_pipeline,
+                                        phenotype_pipeline, ridge_pipeline)
 from emphy_dask.models.predict import RunMismatch, predict_run
 from emphy_dask.models.saved import load_models
 from emphy_dask.models.settings import FitSettings
@@ -258,3 +263,25 @@ def test_student_t_is_silent_on_nearly_constant_columns_and_gives_constant_ones_
     assert t[0] == 0.0 and p[0] == 1.0        # constant: no evidence, not NaN
     assert t[1] == pytest.approx(-3 / np.sqrt(2 / 3)) and p[1] < 0.05    # means 1 vs 4, pooled variance 1
     assert np.isfinite(t[2]) and 0.0 <= p[2] <= 1.0
+
+
+def test_common_scaler_keeps_relative_variance_and_ridge_ignores_low_variance_noise():
+    """Ridge of LAA% on commonly scaled columns: 10 strong columns carry the target, 400 weak
+    ones (1/60 of their spread) only noise. Standardising lifts the noise to the signal's variance
+    and ridge spreads its weight there; the common scale leaves the noise small."""
+    rng = np.random.default_rng(0)
+    signal, noise = rng.normal(size=(120, 10)) * 3.0, rng.normal(size=(120, 400)) * 0.05
+    X = np.hstack([signal, noise])
+    y = signal @ rng.normal(size=10) + rng.normal(size=120)
+    scaler = CommonScaler().fit(X[:60])
+    Z = scaler.transform(X[:60])
+    np.testing.assert_allclose(Z.mean(0), 0, atol=1e-12)
+    np.testing.assert_allclose(Z.var(0).mean(), 1.0)                              # the penalty's scale
+    np.testing.assert_allclose(Z.var(0) / Z.var(0)[0], X[:60].var(0) / X[:60].var(0)[0])  # relative kept
+    assert np.unique(scaler.scale_).size == 1 and scaler.scale_.shape == (410,)
+    r2 = {}
+    for name, pipe in (("common", ridge_pipeline()),
+                       ("standardised", Pipeline([("scale", StandardScaler()), ("model", Ridge())]))):
+        grid = GridSearchCV(pipe, {"model__alpha": RIDGE_ALPHAS}, cv=KFold(3)).fit(X[:60], y[:60])
+        r2[name] = r2_score(y[60:], grid.predict(X[60:]))
+    assert r2["common"] > 0.95 and r2["standardised"] < 0.5, r2

@@ -23,6 +23,8 @@ from sklearn.base import clone
 from sklearn.model_selection import (GroupKFold, KFold, LeaveOneGroupOut, RepeatedStratifiedKFold, StratifiedGroupKFold,
                                      StratifiedKFold)
 
+from .pipelines import CommonScaler
+
 CONTROL_NOTE = ("shuffled control: the same protocol with the embeddings permuted across scans (seeded); under "
                 "grouped folds it reads below chance (AUC < 0.5, R2 < 0) because holding out a whole group biases "
                 "a null model against it: read it one-sided (a score is real only well above its control)")
@@ -118,18 +120,16 @@ def tune(pipe, param: str, grid, X: np.ndarray, y: np.ndarray, splits: list, sco
 
 
 def ridge_path_predictions(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, alphas) -> np.ndarray:
-    """Predictions (len(alphas), n_test) of standardise -> ``Ridge(alpha)`` for every alpha at once.
+    """Predictions (len(alphas), n_test) of ``ridge_pipeline(alpha)`` for every alpha at once.
 
     The same numbers as fitting the scikit-learn pipeline once per alpha (tested), from one
-    eigendecomposition of the training rows' Gram matrix K = Z Z^T = U diag(w) U^T (Z: standardised
-    training rows): prediction(alpha) = Z_test Z^T U diag(1 / (w + alpha)) U^T (y - mean y) + mean y
+    eigendecomposition of the training rows' Gram matrix K = Z Z^T = U diag(w) U^T (Z: training
+    rows through the pipeline's ``CommonScaler``): prediction(alpha) = Z_test Z^T U diag(1 / (w + alpha)) U^T (y - mean y) + mean y
     (ridge's dual form). With thousands of embedding columns and tens of scans the n x n Gram
     matrix is tiny: far faster than refitting, or than an SVD of the wide Z.
     """
-    mean = X_train.mean(0)
-    scale = X_train.std(0)
-    scale[scale == 0] = 1.0                                 # StandardScaler's rule for constant columns
-    Z, Zt = (X_train - mean) / scale, (X_test - mean) / scale
+    scaler = CommonScaler().fit(X_train)
+    Z, Zt = scaler.transform(X_train), scaler.transform(X_test)
     y_mean = y_train.mean()
     w, U = np.linalg.eigh(Z @ Z.T)                          # (n,), (n, n)
     w = np.clip(w, 0.0, None)                               # rounding below 0 on the centring's null direction
