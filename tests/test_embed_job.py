@@ -126,9 +126,10 @@ def test_lungmask_split_equals_lminferer(random_unet):
     assert raw.shape == pre.slices.shape and raw.dtype == np.uint8 and raw.max() <= 2
 
 
-def test_lungmask_through_extract(tmp_path, thick_cohort, random_unet):
+def test_lungmask_through_extract(tmp_path, thick_cohort, random_unet, random_resnet152_weights):
     path, _ = random_unet
-    job = _job(tmp_path, f'[segment]\nname = "lungmask"\nweights = "{path}"\n')
+    job = _job(tmp_path, f'[segment]\nname = "lungmask"\nweights = "{path}"\n'     # a cheap backbone: the test
+               f'[embed]\nbackbone = "resnet152"\nweights = "{random_resnet152_weights}"\n')   # is about masks
     out = tmp_path / "lm"
     proc = subprocess.run(extract_cmd(thick_cohort, out, "--job", str(job)), capture_output=True, text=True,
                           timeout=900)

@@ -100,7 +100,8 @@ def synth_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     truth = synth_cohort(root, 2, seed=5, size="small")
     job = root.parent / "job.toml"
-    job.write_text('[cluster]\nworkers = 1\nmemory_limit = "3GiB"\ndashboard_address = "127.0.0.1:0"\n')
+    job.write_text('[cluster]\nworkers = 1\nmemory_limit = "3GiB"\ndashboard_address = "127.0.0.1:0"\n'
+                   '[embed]\nbackbone = "none"\n')                # these tests are about what is a scan
     return root, truth, job
 
 
