@@ -12,6 +12,8 @@ the model input's arrays (after one untimed warm-up scan: imports). ``--profile 
 
 ``python benchmarks/cpu_stages.py compare OLD.pkl NEW.pkl``: masks voxel for voxel (and Dice),
 rows equal, model inputs equal, then CPU seconds per stage side by side.
+``masks OUT.pkl`` / ``compare-masks OLD.pkl NEW.pkl``: the threshold segmenter's labels and
+airway on every real series of ../shared/data (both kernels of Lung_Dx-A0001, the slabs too).
 Run ``run`` with ``PYTHONPATH`` on each checkout, in turn. Results: benchmarks/README.md.
 """
 import argparse
@@ -103,6 +105,40 @@ def run(a) -> None:
         prof.dump_stats(a.profile)
 
 
+def masks(a) -> None:
+    """``masks OUT.pkl``: labels and airway of the threshold segmenter on every real series of
+    ../shared/data (each kernel of a multi-kernel patient, the short slabs too:
+    ``segment_compare.real_series``), for ``compare-masks``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from segment_compare import real_series
+
+    from emphy_dask.io import load_ct
+    from emphy_dask.segment import segment_lungs
+
+    out = {}
+    for name, path in real_series():
+        vol = load_ct(path)
+        labels, airway = segment_lungs(vol, with_airway=True)
+        out[name] = (labels, np.packbits(airway))
+        print(name, vol.shape, flush=True)
+    with open(a.out, "wb") as f:
+        pickle.dump(out, f)
+
+
+def compare_masks(a) -> int:
+    old, new = (pickle.load(open(p, "rb")) for p in (a.old, a.new))
+    bad = 0
+    for name, (lo, ao) in old.items():
+        ln, an = new[name]
+        d = int((lo != ln).sum())
+        dice = 2.0 * int(((lo > 0) & (ln > 0)).sum()) / max(1, int((lo > 0).sum() + (ln > 0).sum()))
+        same_airway = bool(np.array_equal(ao, an))
+        bad += bool(d) or not same_airway
+        print(f"{name}: labels differ {d} voxels, Dice {dice:.6f}, airway equal {same_airway}")
+    print("ALL MASKS IDENTICAL" if bad == 0 else f"{bad} series differ")
+    return 1 if bad else 0
+
+
 def _eq(x, y) -> bool:
     if isinstance(x, dict) and isinstance(y, dict):
         return x.keys() == y.keys() and all(_eq(x[k], y[k]) for k in x)
@@ -151,9 +187,18 @@ def main() -> None:
     c = sub.add_parser("compare")
     c.add_argument("old", type=Path)
     c.add_argument("new", type=Path)
+    m = sub.add_parser("masks")
+    m.add_argument("out", type=Path)
+    cm = sub.add_parser("compare-masks")
+    cm.add_argument("old", type=Path)
+    cm.add_argument("new", type=Path)
     a = ap.parse_args()
     if a.cmd == "run":
         run(a)
+    elif a.cmd == "masks":
+        masks(a)
+    elif a.cmd == "compare-masks":
+        sys.exit(compare_masks(a))
     else:
         sys.exit(compare(a))
 
