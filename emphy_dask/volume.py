@@ -108,6 +108,19 @@ def left_right_axis(direction_xyz) -> tuple[int, bool]:
     return axis, bool(vecs[axis, 0] > 0)
 
 
+def counts_along(mask: np.ndarray, axis: int) -> np.ndarray:
+    """True voxels of a bool array in each index along ``axis`` (int64), as
+    ``mask.sum(axis=others, dtype=np.int64)``.
+
+    Along axis 0 one ``count_nonzero`` per slice (3-4x faster than the multi-axis sum, which
+    widens every voxel to int64 first).
+    """
+    mask = np.asarray(mask)
+    if axis == 0 and mask.dtype == bool:
+        return np.fromiter((np.count_nonzero(s) for s in mask), np.int64, mask.shape[0])
+    return mask.sum(axis=tuple(a for a in range(mask.ndim) if a != axis), dtype=np.int64)
+
+
 def bounding_box(mask: np.ndarray) -> tuple[tuple[int, int], ...] | None:
     """Index range ``(start, stop)`` (stop exclusive) of the nonzero voxels along each axis.
 

@@ -82,8 +82,12 @@ def _touching_edge(mask: np.ndarray) -> np.ndarray:
     lab, n = ndi.label(mask)
     if n == 0:
         return mask
-    edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
-    return np.isin(lab, edge[edge > 0])
+    # a lookup table by label: np.isin sorts the whole slice (4 ms a slice, 1.5 s a scan)
+    edge = np.zeros(n + 1, bool)
+    for side in (lab[0], lab[-1], lab[:, 0], lab[:, -1]):
+        edge[side] = True
+    edge[0] = False
+    return edge[lab]
 
 
 def _read_slice(path: str, src=None):
@@ -105,17 +109,29 @@ def _read_slice(path: str, src=None):
         raise ScanError(path, f"unexpected pixel array shape {raw.shape} in {Path(path).name}")
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    if slope == 1.0 and intercept.is_integer():
-        hu = raw.astype(np.int32) + int(intercept)  # exact integer path (the usual case)
+    fits16 = False
+    if slope == 1.0 and intercept.is_integer() and raw.dtype.kind in "iu" and raw.dtype.itemsize <= 2 \
+            and abs(intercept) < 32768:
+        # HU within int16 (the usual case): add in int16 directly, no int32 copy and no clip;
+        # the int16 wrap-around of a uint16 raw value undoes itself when the sum is in range
+        fits16 = -32768 <= int(raw.min()) + int(intercept) and int(raw.max()) + int(intercept) <= 32767
+    if fits16:
+        hu = raw.astype(np.int16)
+        hu += np.int16(intercept)
+    elif slope == 1.0 and intercept.is_integer():
+        hu = raw.astype(np.int32) + int(intercept)  # exact integer path
     else:
         hu = np.rint(raw.astype(np.float32) * np.float32(slope) + np.float32(intercept))
     pad = hu < PADDING_BELOW_HU
     declared = _padding_raw(ds, raw)
-    if declared is not None:
+    if declared is not None and (declared & ~pad).any():
         # PixelPaddingValue may also be a legitimate value (raw 0 = -1024 HU air): only its
-        # regions that reach the image edge are padding, never air enclosed by the body
+        # regions that reach the image edge are padding, never air enclosed by the body.
+        # (Skipped when every declared voxel is already below PADDING_BELOW_HU, the usual
+        # -2000 / -3024 codes: its edge regions would add nothing to ``pad``.)
         pad |= _touching_edge(declared)
-    hu = np.clip(hu, -32768, 32767).astype(np.int16)
+    if not fits16:
+        hu = np.clip(hu, -32768, 32767).astype(np.int16)
     return hu, pad
 
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from emphy_dask.volume import counts_along
+
 from .regions import REGIONS, THIRDS, slice_thirds
 
 # CIP chest regions (cipChestConventions.h)
@@ -237,11 +239,13 @@ def decode_label_map(labels, spacing_zyx_mm, direction_xyz, encoding: str | None
     thirds_from_map = third_v is not None and bool(np.any(third_v != NO_THIRD))
     if not thirds_from_map:
         axis, third = slice_thirds(lung, direction_xyz)
-        shape = [1] * lung.ndim
-        shape[axis] = -1
-        third_vol = np.broadcast_to(np.where(third < 0, NO_THIRD, third).astype(np.uint8).reshape(shape),
-                                    lung.shape)
-        third_v = third_vol[lung]
+        third = np.where(third < 0, NO_THIRD, third).astype(np.uint8)
+        if axis == 0:       # lung voxels in C order run slice by slice: each slice's third, repeated
+            third_v = np.repeat(third, counts_along(lung, 0))
+        else:
+            shape = [1] * lung.ndim
+            shape[axis] = -1
+            third_v = np.broadcast_to(third.reshape(shape), lung.shape)[lung]
     code = (side_v * np.uint8(4) + third_v.astype(np.uint8)) * np.uint8(6) + lobe_v
     return LungRegions(lung=lung, code=code, encoding=enc, has_sides=bool(np.any(side_v)),
                        has_lobes=bool(np.any(lobe_v)), thirds_from_map=thirds_from_map, notes=notes)

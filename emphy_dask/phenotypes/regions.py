@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from emphy_dask.volume import craniocaudal_axis
+from emphy_dask.volume import counts_along, craniocaudal_axis
 
 #: Region names in report order (rows of the phenotype table).
 REGIONS = ("WholeLung", "RightLung", "LeftLung", "UpperThird", "MiddleThird", "LowerThird",
@@ -69,9 +69,8 @@ def slice_thirds(labels: np.ndarray, direction_xyz) -> tuple[int, np.ndarray]:
         0 upper, 1 middle, 2 lower, -1 for slices without lung.
     """
     axis, inc_sup = craniocaudal_axis(direction_xyz)
-    lung = np.asarray(labels) > 0
-    other = tuple(a for a in range(lung.ndim) if a != axis)
-    per_slice = lung.sum(axis=other, dtype=np.int64)
+    labels = np.asarray(labels)
+    per_slice = counts_along(labels if labels.dtype == bool else labels > 0, axis)
     # Order slices superior -> inferior so "upper" never depends on the array sign.
     order = np.arange(per_slice.size)[::-1] if inc_sup else np.arange(per_slice.size)
     n_sup = per_slice[order]

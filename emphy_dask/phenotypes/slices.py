@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from emphy_dask.volume import craniocaudal_axis
+from emphy_dask.volume import counts_along, craniocaudal_axis
 
 
 def laa_per_slice(hu, labels, direction_xyz, threshold_hu: float = -950,
@@ -39,17 +39,19 @@ def laa_per_slice(hu, labels, direction_xyz, threshold_hu: float = -950,
     Summing ``n_laa_voxels`` gives the whole-lung LAA voxel count.
     """
     hu = np.asarray(hu)
-    lung = np.asarray(labels) > 0
+    labels = np.asarray(labels)
+    lung = labels if labels.dtype == bool else labels > 0
     if hu.shape != lung.shape:
         raise ValueError(f"HU shape {hu.shape} and label shape {lung.shape} differ")
     axis, inc_sup = craniocaudal_axis(direction_xyz)
     other = tuple(a for a in range(hu.ndim) if a != axis)
-    n_lung = lung.sum(axis=other, dtype=np.int64)
+    n_lung = counts_along(lung, axis)
     n_laa = np.zeros_like(n_lung)
     # slab by slab along axis 0: two bool temporaries of a slab, not of the whole scan
     step = max(1, (1 << 22) // max(1, hu[0].size))
     for z0 in range(0, hu.shape[0], step):
-        part = (lung[z0:z0 + step] & (hu[z0:z0 + step] < threshold_hu)).sum(axis=other, dtype=np.int64)
+        laa = lung[z0:z0 + step] & (hu[z0:z0 + step] < threshold_hu)
+        part = counts_along(laa, 0) if axis == 0 else laa.sum(axis=other, dtype=np.int64)
         if axis == 0:
             n_laa[z0:z0 + step] = part
         else:

@@ -46,9 +46,33 @@ def block_mean(a: np.ndarray, f: tuple) -> np.ndarray:
     return out
 
 
-def label_sizes(lab: np.ndarray, n: int) -> np.ndarray:
-    """Voxel count of labels 1..n (``ndi.sum_labels`` of ones, without its float copies: 20x faster)."""
+def label_sizes(lab: np.ndarray, n: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """Voxel count of labels 1..n (``ndi.sum_labels`` of ones, without its float copies: 20x faster).
+
+    ``mask``: the labelled voxels (``lab > 0``), when the caller has it: only they are counted
+    (bincount widens its input to int64; the air is a small part of the grid: 3-5x faster).
+    """
+    if mask is not None:
+        return np.bincount(lab[mask], minlength=n + 1)[1:n + 1]
     return np.bincount(lab.ravel(), minlength=n + 1)[1:]
+
+
+def centroid(mask: np.ndarray) -> np.ndarray:
+    """Centre of mass (voxels, per axis) of a non-empty bool mask, as ``ndi.center_of_mass``.
+
+    From the mask's per-axis voxel counts in its bounding box, in exact integers: scipy's
+    multiplies the whole grid by each axis' coordinates in float64 (three grid-sized
+    temporaries; 0.1-0.2 s a call). Equal to scipy's up to the last bits of the float sum.
+    """
+    box = bbox_slices(mask, (0,) * mask.ndim)
+    m = mask[box]
+    out = np.empty(mask.ndim)
+    total = None
+    for ax in range(mask.ndim):
+        prof = m.sum(axis=tuple(a for a in range(mask.ndim) if a != ax), dtype=np.int64)
+        total = int(prof.sum())
+        out[ax] = int((prof * np.arange(box[ax].start, box[ax].stop, dtype=np.int64)).sum()) / total
+    return out
 
 
 def upsample(a: np.ndarray, f: tuple, shape: tuple) -> np.ndarray:
@@ -166,7 +190,7 @@ def body_air(work: np.ndarray, pad: np.ndarray, thr: float, voxel_ml: float):
     lab_in, n_in = ndi.label(inside)
     if n_in:
         big = np.zeros(n_in + 1, bool)
-        big[1:] = label_sizes(lab_in, n_in) * voxel_ml >= 100.0
+        big[1:] = label_sizes(lab_in, n_in, inside) * voxel_ml >= 100.0
         drop = np.zeros(n_in + 1, bool)
         drop[np.unique(lab_in[_face_neighbours(outside) & inside])] = True
         drop &= ~big
