@@ -213,8 +213,11 @@ def test_unknown_method_and_config_section():
     assert on.harmonize.method == "nps_ratio"                                     # the default
     # off, and the model inputs raw: the method changes nothing, so not the hash either
     assert config_from_dict({**raw_inputs, "harmonize": {"method": "nps_shape"}}).config_hash == base.config_hash
-    # the default model inputs are harmonised (ct-i3resnet152): there the method changes results
-    assert config_from_dict({"harmonize": {"method": "nps_shape"}}).config_hash != JobConfig().config_hash
+    assert config_from_dict({"harmonize": {"method": "nps_shape"}}).config_hash == JobConfig().config_hash  # default: raw
+    # harmonised model inputs: there the method changes results even with [harmonize] off
+    harm_inputs = {"embed": {"hu_source": "harmonized"}}
+    assert (config_from_dict({**harm_inputs, "harmonize": {"method": "nps_shape"}}).config_hash
+            != config_from_dict(harm_inputs).config_hash)
     assert dataclasses.replace(on, harmonize=dataclasses.replace(on.harmonize, method="nps_ratio")) == on
     old = config_from_dict({**raw_inputs, "harmonize": {"enabled": True, "method": "nps_shape"}})
     assert old.config_hash != on.config_hash
@@ -303,7 +306,7 @@ def test_model_inputs_from_harmonised_hu(tmp_path):
         return float(np.abs(a[:, :, 2:] - 2 * a[:, :, 1:-1] + a[:, :, :-2]).mean())
     assert fine(harm.model_input.array) < 0.8 * fine(raw.model_input.array)
 
-    assert cfg.config_hash == resolve_weights(config_from_dict(base)).config_hash    # harmonised: the default
+    assert raw_cfg.config_hash == resolve_weights(config_from_dict(base)).config_hash    # raw: the default
     assert cfg.config_hash != raw_cfg.config_hash
     with pytest.raises(ConfigError, match=r"\[embed\].hu_source"):
         config_from_dict({"embed": {"hu_source": "smooth"}})

@@ -110,13 +110,13 @@ def test_recipe_enters_config_hash_only_when_not_upstream_and_is_checked():
     assert lung.result_settings()["embed"]["input_recipe"] == "lung" and lung.config_hash != base.config_hash
     # the default ("auto"): the benchmark's choice for the 3D backbone, the paper's own for resnet152
     default = JobConfig()
-    assert (default.embed.input_recipe, default.embed.hu_source) == ("multiwindow", "harmonized")
-    assert default.result_settings()["embed"]["harmonize_method"] == default.harmonize.method
+    assert (default.embed.input_recipe, default.embed.hu_source) == ("multiwindow", "raw")
+    assert "harmonize_method" not in default.result_settings()["embed"]         # raw inputs: not a factor
     assert default.config_hash not in (base.config_hash, lung.config_hash)
     paper = config_from_dict({"embed": {"backbone": "resnet152"}}).embed
     assert (paper.input_recipe, paper.hu_source) == ("upstream", "raw")
     auto = config_from_dict({"embed": {"input_recipe": "auto", "hu_source": "auto"}}).embed
-    assert (auto.input_recipe, auto.hu_source) == ("multiwindow", "harmonized")
+    assert (auto.input_recipe, auto.hu_source) == ("multiwindow", "raw")
     # the harmonisation method enters the hash with harmonised inputs, whatever the recipe
     up_h = JobConfig(embed=EmbedSettings(input_recipe="upstream", hu_source="harmonized"))
     assert up_h.result_settings()["embed"]["harmonize_method"] == up_h.harmonize.method

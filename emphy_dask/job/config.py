@@ -52,17 +52,18 @@ class EmbedSettings:
     batch_size: int = 8             # scans per forward on a GPU (halved on out-of-memory); 1 on CPU
     save_feature_maps: bool = True  # layer4 maps in featuremaps/ (for exact class-activation maps)
     hu_source: str = "auto"         # "raw", or "harmonized": inputs cut from kernel-harmonised HU ([harmonize].method);
-    #                                 "auto" (both): see __post_init__
+    #                                 "auto" = "raw" (see __post_init__)
     input_recipe: str = "auto"      # HU windows of the input (embed.inputs.INPUT_RECIPES): "upstream" (the backbone's
     #                                 own), "lung" (-1024..-600 HU), "multiwindow" (3 windows as channels; 3D only),
     #                                 "laamap" (upstream + lung windows + the lung's LAA-950 map; 3D only)
 
     def __post_init__(self):
-        # "auto": what the real-anatomy benchmark chose for the 3D backbone (multiwindow on harmonised
-        # HU: docs/real-anatomy.md); the 2.5D paper model keeps its own window on raw HU, as published
+        # "auto": what the real-anatomy benchmark chose for the 3D backbone (multiwindow on raw HU, the
+        # HU its targets are measured on: docs/real-anatomy.md); the 2.5D paper model keeps its own
+        # window, as published. Both read raw HU.
         three_d = self.backbone == "ct-i3resnet152"
         if self.hu_source == "auto":
-            object.__setattr__(self, "hu_source", "harmonized" if three_d else "raw")
+            object.__setattr__(self, "hu_source", "raw")
         if self.input_recipe == "auto":
             object.__setattr__(self, "input_recipe", "multiwindow" if three_d else "upstream")
 
