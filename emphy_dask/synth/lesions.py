@@ -116,20 +116,28 @@ def blob_template(radius_mm: float, spacing_zyx_mm, irregularity: float, sigma_m
     sig = np.asarray(sigma_mm, dtype=np.float64)
     reach = radius_mm * (1.0 + irregularity) + 2.5 * sig + sp
     half = np.ceil(reach / sp).astype(int)
-    grids = np.meshgrid(*(np.arange(-h, h + 1) for h in half), indexing="ij")
-    pos = np.stack([g * s for g, s in zip(grids, sp)], axis=-1)         # mm, (nz, ny, nx, 3)
-    r = np.linalg.norm(pos, axis=-1)
-    unit = pos / np.maximum(r, 1e-9)[..., None]
-    mod = np.zeros(r.shape)
+    axes = [np.arange(-h, h + 1) * s for h, s in zip(half, sp)]          # mm along z, y, x
+    pz, py, px = np.ix_(*axes)
+    r = np.sqrt(pz * pz + py * py + px * px)        # as np.linalg.norm sums them: (z^2 + y^2) + x^2
+    # The waves move the radius by at most the irregularity (|mod| <= 3): inside the inner sphere
+    # a voxel is in, outside the outer one out, and the waves are evaluated on the shell between
+    # (a fifth to a half of the grid; the same blob as waves on every voxel).
+    lo, hi = radius_mm * (1.0 - irregularity) * (1 - 1e-9), radius_mm * (1.0 + irregularity) * (1 + 1e-9)
+    shell = np.nonzero((r > lo) & (r < hi))
+    r_shell = r[shell]
+    unit = (np.stack([a[i] for a, i in zip(axes, shell)], axis=-1)
+            / np.maximum(r_shell, 1e-9)[:, None])
+    mod = np.zeros(r_shell.shape)
     for _ in range(3):
         w = rng.normal(size=3)
         w *= rng.uniform(1.5, 3.0) / np.linalg.norm(w)
         mod += np.cos(unit @ w + rng.uniform(0, 2 * np.pi))
-    inside = (r <= radius_mm * (1.0 + irregularity * mod / 3.0)).astype(np.float32)
+    inside = (r <= lo).astype(np.float32)
+    inside[shell] = r_shell <= radius_mm * (1.0 + irregularity * mod / 3.0)
     inside[tuple(half)] = 1.0
     blurred = ndi.gaussian_filter(inside, sig / sp, truncate=2.5) if sig.any() else inside
     keep = blurred >= min_weight
-    offsets = np.stack([g[keep] for g in grids], axis=1)
+    offsets = np.argwhere(keep) - half
     g = np.asarray(CORE_GAP_VOX)
     ball = sum((a / k) ** 2 for a, k in zip(np.ogrid[-g[0]:g[0] + 1, -g[1]:g[1] + 1, -g[2]:g[2] + 1], g)) <= 1.0
     core = np.pad(blurred >= 0.5, [(k, k) for k in g])
