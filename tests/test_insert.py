@@ -209,3 +209,31 @@ def test_the_closed_loop_steers_the_sampled_exponent(fine_base):
     assert abs(open_loop["d_lesions"] - 1.5) > 0.2
     assert closed["d_tries"] > 1 and closed["d_sampled"] != 1.5
     assert abs(closed["d_lesions"] - 1.5) < abs(open_loop["d_lesions"] - 1.5)
+
+
+def test_fast_helpers_give_the_plain_answers():
+    """The insertion's shortcuts equal the plain numpy they replace: halo refusal read in growing
+    blocks, deduplication on the touched list, block sums by strided adds, and the loop's first
+    step over the prior slope."""
+    from emphy_dask.synth.canvas import NO_OWNER, halo_free, unique_indices
+    from emphy_dask.synth.insert import D_PRIOR_SLOPE, _next_exponent
+    from emphy_dask.synth.lesions import _block_sum
+
+    rng = np.random.default_rng(3)
+    core = rng.random(50_000) < 0.02
+    centres = rng.integers(500, 49_000, 4_000)
+    halo = rng.integers(-400, 400, 300)
+    assert np.array_equal(halo_free(core, centres, halo), ~core[centres[:, None] + halo[None]].any(axis=1))
+    scratch = np.full(50_000, NO_OWNER, np.int32)
+    idx = rng.integers(0, 50_000, 30_000)
+    assert np.array_equal(np.sort(unique_indices(idx, scratch)), np.unique(idx))
+    assert (scratch == NO_OWNER).all()
+    for f in [(2, 7, 7), (1, 1, 1), (3, 2, 5)]:
+        a = rng.random((13, 29, 31)) < 0.4
+        h = rng.integers(-1024, 3000, a.shape).astype(np.int16)
+        cz, cy, cx = (n // k for n, k in zip(a.shape, f))
+        plain = lambda x: x[:cz * f[0], :cy * f[1], :cx * f[2]].reshape(cz, f[0], cy, f[1], cx, f[2]).sum(  # noqa: E731
+            axis=(1, 3, 5), dtype=np.float64)
+        assert np.array_equal(_block_sum(a, f), plain(a))
+        assert np.array_equal(_block_sum(np.multiply(h, a, dtype=np.int32), f), plain(np.where(a, h, 0)))
+    assert _next_exponent([(1.5, 1.3)], 1.5) == pytest.approx(1.5 + 0.2 / D_PRIOR_SLOPE)

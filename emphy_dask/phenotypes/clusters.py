@@ -48,14 +48,26 @@ def _box(mask: np.ndarray) -> tuple:
     return tuple(slice(lo, hi) for lo, hi in bounding_box(mask))
 
 
-def mask_cluster_sizes_mm3(laa, spacing_zyx_mm, connectivity: int = 1) -> np.ndarray:
-    """Sizes (mm^3) of the connected clusters of a ready LAA mask (bool), shape (n_clusters,)."""
+def mask_cluster_sizes_mm3(laa, spacing_zyx_mm, connectivity: int = 1, *, voxels=None,
+                           output=None) -> np.ndarray:
+    """Sizes (mm^3) of the connected clusters of a ready LAA mask (bool), shape (n_clusters,).
+
+    ``voxels`` (the mask's flat indices) and ``output`` (int32, the mask's shape, overwritten),
+    for a caller that labels many masks of one box: the mask is then labelled uncropped into
+    ``output`` (a fresh label volume per call is paged in anew) and the sizes are counted on
+    ``voxels`` (no scan of the labels). The same sizes either way, maybe in another order."""
     laa = np.asarray(laa).astype(bool, copy=False)
+    voxel_mm3 = float(np.prod(np.asarray(spacing_zyx_mm, dtype=np.float64)))
+    structure = ndimage.generate_binary_structure(laa.ndim, connectivity)
+    if voxels is not None:
+        if not len(voxels):
+            return np.zeros(0)
+        n = ndimage.label(laa, structure=structure, output=output)
+        sizes = np.bincount(output.reshape(-1)[voxels], minlength=n + 1)
+        return sizes[1:].astype(np.float64) * voxel_mm3
     if not laa.any():
         return np.zeros(0)
     laa = laa[_box(laa)]
-    voxel_mm3 = float(np.prod(np.asarray(spacing_zyx_mm, dtype=np.float64)))
-    structure = ndimage.generate_binary_structure(laa.ndim, connectivity)
     comp, n = ndimage.label(laa, structure=structure)
     # counted on the LAA voxels only: bincount widens its input to int64, and the whole box's
     # labels would be a second copy of the box

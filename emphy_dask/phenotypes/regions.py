@@ -71,16 +71,23 @@ def slice_thirds(labels: np.ndarray, direction_xyz) -> tuple[int, np.ndarray]:
     axis, inc_sup = craniocaudal_axis(direction_xyz)
     labels = np.asarray(labels)
     per_slice = counts_along(labels if labels.dtype == bool else labels > 0, axis)
+    return axis, thirds_of_slices(per_slice, inc_sup)
+
+
+def thirds_of_slices(per_slice: np.ndarray, superior_is_high_index: bool) -> np.ndarray:
+    """``slice_thirds`` from the lung voxels of every slice (int, (n_slices,)), for a caller
+    that has counted them: third per slice, int8, -1 without lung."""
+    per_slice = np.asarray(per_slice, dtype=np.int64)
     # Order slices superior -> inferior so "upper" never depends on the array sign.
-    order = np.arange(per_slice.size)[::-1] if inc_sup else np.arange(per_slice.size)
+    order = np.arange(per_slice.size)[::-1] if superior_is_high_index else np.arange(per_slice.size)
     n_sup = per_slice[order]
     total = int(n_sup.sum())
     third = np.full(per_slice.size, -1, dtype=np.int8)
     if total == 0:
-        return axis, third
+        return third
     before = np.cumsum(n_sup) - n_sup
     mid_rank = (before + n_sup / 2.0) / total           # in (0, 1)
     t_sup = np.minimum((3.0 * mid_rank).astype(np.int64), 2).astype(np.int8)
     t_sup[n_sup == 0] = -1
     third[order] = t_sup
-    return axis, third
+    return third

@@ -41,6 +41,35 @@ def first_claims(idx: np.ndarray, scratch: np.ndarray) -> np.ndarray:
     return keep
 
 
+def halo_free(flat_core: np.ndarray, centres: np.ndarray, halo: np.ndarray) -> np.ndarray:
+    """Which candidates (flat centres, (m,)) hold no core voxel in their halo (flat offsets, (h,)), bool (m,).
+
+    Most candidates are refused once the lung fills, most after a few of their halo's voxels:
+    the halo is read in blocks of growing size (1, 2, 4, ... offsets), each on the candidates
+    not yet refused, instead of all m x h voxels at once. The same answer as
+    ``~flat_core[centres[:, None] + halo[None]].any(axis=1)``, in any order of ``halo``."""
+    alive = np.arange(len(centres))
+    start, step = 0, 1
+    while start < len(halo) and len(alive):
+        block = halo[start:start + step]
+        alive = alive[~flat_core[centres[alive, None] + block[None]].any(axis=1)]
+        start, step = start + step, min(2 * step, 256)
+    free = np.zeros(len(centres), bool)
+    free[alive] = True
+    return free
+
+
+def unique_indices(idx: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """The distinct values of ``idx`` (flat voxel indices, any order; fewer than 2^31), in
+    O(len(idx)) rather than a sort or a pass over the canvas. ``scratch``: int32 flat array of
+    the canvas' size holding ``NO_OWNER`` (restored)."""
+    pos = np.arange(len(idx), dtype=np.int32)
+    scratch[idx] = pos                         # of repeated voxels one position wins, whichever
+    first = idx[scratch[idx] == pos]
+    scratch[first] = NO_OWNER
+    return first
+
+
 class Canvas:
     """The change field of one variant on the (padded) lung box, built lesion group by group.
 
@@ -59,9 +88,9 @@ class Canvas:
         self.base_laa = lung_b & (hu_b < LAA_HU)
         self.laa = self.base_laa.copy()
         self.scratch = np.full(hu_b.size, NO_OWNER, np.int32)
-        self.mark = np.zeros(hu_b.size, bool)
         self.strides = np.array([hu_b.shape[1] * hu_b.shape[2], hu_b.shape[2], 1], np.int64)   # (z, y, x) -> flat
         self.n_lesions = 0
+        self.mask = None                    # lesion_d's LAA mask, allocated at its first call
 
     def reset(self) -> None:
         """Back to the base (no lesion), for another try: only the covered voxels are cleared
@@ -90,12 +119,14 @@ class Canvas:
 
     def flat(self, templates) -> list:
         """Per radius bin, per shape: the template as flat offsets on this canvas (elements):
-        (offsets, weights, halo offsets, core offsets, the halo's offsets on a lattice of every
-        second voxel: a cheap first refusal). The box is padded by the largest
-        template's reach, so a centre inside the lung plus any offset stays inside the box."""
+        (offsets, weights, halo offsets, core offsets, the halo's offsets in a fixed shuffled
+        order for ``halo_free``: spread-out voxels first refuse most candidates early). The box is
+        padded by the largest template's reach, so a centre inside the lung plus any offset stays
+        inside the box."""
         strides = self.strides
+        shuffle = np.random.default_rng(0)          # its own stream: the lesions' draws do not move
         return [[(off @ strides, w, halo @ strides, (off @ strides)[w >= 0.5],
-                  (halo[(halo % 2 == 0).all(axis=1)]) @ strides) for off, w, halo in row]
+                  shuffle.permutation(halo @ strides)) for off, w, halo in row]
                 for row in templates]
 
     def add(self, centres, bins, which, deltas, flat_templates, separate: bool) -> tuple[int, int]:
@@ -109,17 +140,13 @@ class Canvas:
                 sel = (bins == b) & (which == t)
                 if not sel.any():
                     continue
-                off, w, halo, core_off, halo_lattice = flat_templates[b][t]
+                off, w, halo, core_off, halo_shuffled = flat_templates[b][t]
                 c, d = centres[sel], deltas[sel]
                 if separate:
                     # Refuse lesions whose halo holds another's core, and all but one of a group whose halos overlap.
-                    # Most candidates are refused once the lung fills: an eighth of the halo refuses most of
-                    # them (a subset: it never keeps one the whole halo would refuse).
-                    free = ~flat_core[c[:, None] + halo_lattice[None]].any(axis=1)
+                    free = halo_free(flat_core, c, halo_shuffled)
                     c, d = c[free], d[free]
                     near = c[:, None] + halo[None]
-                    free = ~flat_core[near].any(axis=1)
-                    c, d, near = c[free], d[free], near[free]
                     if len(c) > 1:
                         keep = first_claims(near, self.scratch)
                         c, d = c[keep], d[keep]
@@ -136,12 +163,9 @@ class Canvas:
                 n_accepted += len(c)
         if touched:
             # LAA again on the touched voxels, each once (fringes overlap, many times for panlobular's
-            # wide ones): marked, then read back from the marked span only.
-            lo, hi = min(int(t.min()) for t in touched), max(int(t.max()) for t in touched) + 1
-            for t in touched:
-                self.mark[t] = True
-            t = lo + np.flatnonzero(self.mark[lo:hi])
-            self.mark[t] = False
+            # wide ones). A pass touches a few % of the box: dedup on the touched list itself (each
+            # voxel keeps the one position whose number it holds), not a scan of the box.
+            t = unique_indices(np.concatenate(touched), self.scratch)
             self.laa.reshape(-1)[t] = self.lung.reshape(-1)[t] & (self._values(t) < LAA_HU)
         return n_core, n_accepted
 
@@ -151,24 +175,32 @@ class Canvas:
         moved = self.paren.reshape(-1)[t] & (step <= -1)
         return np.where(moved, np.maximum(hu + step, self.floor), hu)
 
-    def result(self):
-        """(new HU of the box, int32; changed voxels of the box, bool)."""
+    def changes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The changed voxels of the box (flat indices, ascending) and their new HU (int32)."""
         t = np.flatnonzero(self.covered)
-        out = self.hu.astype(np.int32)
-        out.reshape(-1)[t] = self._values(t)
-        return out, out != self.hu
+        v = self._values(t)
+        moved = v != self.hu.reshape(-1)[t]
+        return t[moved], v[moved]
 
     def lesion_d(self, spacing_zyx_mm) -> float:
         """Cluster exponent D of the LAA inside the changed voxels: ``laa_cluster_exponent_d`` of
         (result, changed voxels), on the same clusters, built from the covered voxels alone (no
         copy of the box's HU). Every changed voxel lies in the box, so this equals D on the whole
-        written volume and its lesion mask; NaN with too few clusters."""
-        t = np.flatnonzero(self.covered)
-        v = self._values(t)
-        inside = (v < LAA_HU) & (v != self.hu.reshape(-1)[t])          # LAA among the changed voxels
-        mask = np.zeros(self.hu.shape, bool)
-        mask.reshape(-1)[t[inside]] = True
-        return power_law_exponent(mask_cluster_sizes_mm3(mask, spacing_zyx_mm))
+        written volume and its lesion mask; NaN with too few clusters. The mask is a bool box
+        kept for every try (cleared on its voxels), the labels go into ``scratch`` (refilled):
+        no box is allocated and paged in per try."""
+        t, v = self.changes()
+        t = t[v < LAA_HU]                                      # LAA among the changed voxels
+        if self.mask is None:
+            self.mask = np.zeros(self.hu.shape, bool)
+        self.mask.reshape(-1)[t] = True
+        try:
+            sizes = mask_cluster_sizes_mm3(self.mask, spacing_zyx_mm, voxels=t,
+                                           output=self.scratch.reshape(self.hu.shape))
+        finally:
+            self.mask.reshape(-1)[t] = False
+            self.scratch.fill(NO_OWNER)
+        return power_law_exponent(sizes)
 
 
 def place_lesions(canvas: Canvas, plan, d_s: float, goal_vox: float, rng) -> int:
@@ -210,10 +242,9 @@ def place_lesions(canvas: Canvas, plan, d_s: float, goal_vox: float, rng) -> int
         bins, which = bins[:n], which[:n]
         order = np.argsort(bins, kind="stable")
         bins, which = bins[order], which[order]
-        parts = [sample_centres(grid, stages[b][stage], int(np.count_nonzero(bins == b)), rng) for b in np.unique(bins)]
-        placed = (np.concatenate([[len(c) > 0] * int(np.count_nonzero(bins == b))
-                                  for c, b in zip(parts, np.unique(bins))]).astype(bool)
-                  if len(bins) else np.zeros(0, bool))      # a size no allowed cell takes is dropped
+        ubins, counts = np.unique(bins, return_counts=True)
+        parts = [sample_centres(grid, stages[b][stage], int(k), rng) for b, k in zip(ubins, counts)]
+        placed = np.repeat(np.array([len(c) > 0 for c in parts], bool), counts)   # a size no allowed cell takes is dropped
         bins, which = bins[placed], which[placed]
         centres = (np.concatenate(parts) if parts else np.zeros((0, 3), int)).clip(0, shape - 1)
         ok = canvas.lung[tuple(centres.T)]
