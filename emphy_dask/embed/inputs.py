@@ -15,8 +15,8 @@ in-plane bounding box made square with a margin, HU clipped to the [-1000, 400] 
 scaled to 0..1 (ImageNet normalisation is applied on the device).
 
 **Input recipes** (``[embed].input_recipe``, ``INPUT_RECIPES``): which HU windows become the
-network's 0..1 input (``[embed].input_recipe = "auto"``: ``multiwindow`` on kernel-harmonised HU
-for the 3D backbone, ``upstream`` for the 2.5D one; chosen by the real-anatomy benchmark,
+network's 0..1 input (``[embed].input_recipe = "auto"``: ``multiwindow`` (on raw HU) for the
+3D backbone, ``upstream`` for the 2.5D one; chosen by the real-anatomy benchmark,
 ``docs/models.md``). ``upstream``: the backbone's own window (ct-i3resnet152:
 -1000..200 HU, where -950 vs -850 HU is 8 % of the range; resnet152: the [qc] clip window).
 ``lung``: -1024..-600 HU, the parenchyma spread over the whole range. ``multiwindow`` (3D backbone
