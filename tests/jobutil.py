@@ -111,15 +111,21 @@ class DaskCLICluster:
             kill_group(p)
 
 
-def executing(client, prefix: str) -> str | None:
-    """Name of a worker now executing a task whose key starts with ``prefix`` (e.g. ``embed-``)."""
-    def running(dask_worker):
-        return [str(ts.key) for ts in dask_worker.state.executing]
-
+def holding(client, prefix: str) -> str | None:
+    """Name of a worker that holds (runs, or has queued to run next) a task whose key starts with
+    ``prefix`` (e.g. ``embed-``): the scheduler's view, one call, no call to the workers (a
+    SIGKILLed worker does not answer). Losing such a worker makes the scheduler reschedule the
+    task, whether it had started or not; a quick stage is caught this way where "executing now"
+    is a window of a second."""
     try:
-        by_worker = client.run(running, on_error="ignore")
-    except Exception:  # noqa: BLE001 - a worker vanishing mid-call
+        by_worker = client.processing()
+    except Exception:  # noqa: BLE001 - the scheduler busy with a lost worker
         return None
+    names = {a: w.get("name") for a, w in client.scheduler_info().get("workers", {}).items()}
+    for address, keys in by_worker.items():
+        if any(str(k).startswith(prefix) for k in keys):
+            return names.get(address)
+    return None
     names = {a: w.get("name") for a, w in client.scheduler_info().get("workers", {}).items()}
     for address, keys in by_worker.items():
         if any(k.startswith(prefix) for k in keys):

@@ -21,7 +21,7 @@ from emphy_dask.phenotypes.regions import REGIONS
 from emphy_dask.tables import TABLES, part_ids, read_frame
 
 from .conftest import REPO, SHARED_DATA
-from .jobutil import (DaskCLICluster, assert_readable, assert_same_tables, executing, extract_cmd, kill_group, popen,
+from .jobutil import (DaskCLICluster, assert_readable, assert_same_tables, extract_cmd, holding, kill_group, popen,
                       wait_for)
 
 N_PATIENTS = 6
@@ -129,7 +129,7 @@ def _same_feature_maps(out, clean) -> None:
 
 
 def test_workers_killed_in_a_cpu_and_in_the_device_stage(clean_run, cohort, job_file, tmp_path):
-    """Real processes: one worker SIGKILLed while it decodes a scan, another while it runs the
+    """Real processes: one worker SIGKILLed while it holds a scan to decode, another while it holds the
     backbone (the device stage, on CPU workers here); replacements join. The tables equal the
     undisturbed run's; the scheduler's Prometheus /metrics show the run; tasks group by stage."""
     from dask.utils import key_split
@@ -143,7 +143,7 @@ def test_workers_killed_in_a_cpu_and_in_the_device_stage(clean_run, cohort, job_
         assert status == 200 and body.strip() == "ok"
         with cluster.client() as watch:
             for prefix, replacement in (("prepare-", "cpu-2"), ("embed-", "cpu-3")):
-                victim = _poll(lambda: executing(watch, prefix))
+                victim = _poll(lambda: holding(watch, prefix), every=0.05)
                 assert victim, f"no {prefix} task seen running"
                 cluster.kill_worker(victim)                        # the process and its nanny die
                 cluster.add_worker(replacement)
