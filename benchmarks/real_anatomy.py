@@ -111,8 +111,9 @@ def _grouped_search(estimator, grid, X, y, groups, scoring):
     return GridSearchCV(estimator, grid, cv=GroupKFold(n_splits=n_inner), scoring=scoring).fit(X, y, groups=groups)
 
 
-def logo_predict(kind: str, X, y, groups) -> np.ndarray:
-    """Out-of-anatomy predictions: outer LeaveOneGroupOut, penalty from inner GroupKFold."""
+def logo_predict(kind: str, X, y, groups, ridge=None) -> np.ndarray:
+    """Out-of-anatomy predictions: outer LeaveOneGroupOut, penalty from inner GroupKFold.
+    ``ridge``: a factory of another ridge pipeline (steps ``scale``, ``model``) than the product's."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import LeaveOneGroupOut
     from sklearn.pipeline import make_pipeline
@@ -124,7 +125,7 @@ def logo_predict(kind: str, X, y, groups) -> np.ndarray:
     for train, test in LeaveOneGroupOut().split(X, y, groups):
         assert not set(groups[train]) & set(groups[test])       # no anatomy on both sides
         if kind == "ridge":
-            est, grid, scoring = ridge_pipeline(), {"model__alpha": RIDGE_ALPHAS}, "r2"   # the product's ridge
+            est, grid, scoring = (ridge or ridge_pipeline)(), {"model__alpha": RIDGE_ALPHAS}, "r2"
         else:
             est = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
             grid, scoring = {"logisticregression__C": CS}, ("roc_auc" if kind == "label" else "accuracy")

@@ -17,23 +17,13 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def r2_logo(make, X, y, groups) -> float:
-    from sklearn.metrics import r2_score
-    from sklearn.model_selection import GridSearchCV, GroupKFold, LeaveOneGroupOut
-
-    from emphy_dask.models.pipelines import RIDGE_ALPHAS
-
-    pred = np.zeros(len(y))
-    for train, test in LeaveOneGroupOut().split(X, y, groups):
-        search = GridSearchCV(make(), {"model__alpha": RIDGE_ALPHAS}, cv=GroupKFold(3), scoring="r2")
-        pred[test] = search.fit(X[train], y[train], groups=groups[train]).predict(X[test])
-    return float(r2_score(y, pred))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main(argv=None) -> int:
+    from real_anatomy import logo_predict
     from sklearn.linear_model import Ridge
+    from sklearn.metrics import r2_score
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -55,7 +45,11 @@ def main(argv=None) -> int:
         y = read_frame(work / run, "scans").set_index("scan_key").loc[keys, "laa950_pct"].to_numpy(float)
         groups = truth.loc[keys, "base_id"].to_numpy()
         shuffled = X[np.random.default_rng(0).permutation(len(X))]
-        cells = [f"{r2_logo(make, X, y, groups):.2f} ({r2_logo(make, shuffled, y, groups):.2f})"
+
+        def r2(Xi, make) -> float:
+            return float(r2_score(y, logo_predict("ridge", Xi, y, groups, ridge=make)))
+
+        cells = [f"{r2(X, make):.2f} ({r2(shuffled, make):.2f})"
                  for make in (lambda: Pipeline([("scale", StandardScaler()), ("model", Ridge())]), ridge_pipeline)]
         print(f"| {run} | {len(y)} | {cells[0]} | {cells[1]} |", flush=True)
     return 0

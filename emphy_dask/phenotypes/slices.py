@@ -44,14 +44,13 @@ def laa_per_slice(hu, labels, direction_xyz, threshold_hu: float = -950,
     if hu.shape != lung.shape:
         raise ValueError(f"HU shape {hu.shape} and label shape {lung.shape} differ")
     axis, inc_sup = craniocaudal_axis(direction_xyz)
-    other = tuple(a for a in range(hu.ndim) if a != axis)
     n_lung = counts_along(lung, axis)
     n_laa = np.zeros_like(n_lung)
     # slab by slab along axis 0: two bool temporaries of a slab, not of the whole scan
     step = max(1, (1 << 22) // max(1, hu[0].size))
     for z0 in range(0, hu.shape[0], step):
         laa = lung[z0:z0 + step] & (hu[z0:z0 + step] < threshold_hu)
-        part = counts_along(laa, 0) if axis == 0 else laa.sum(axis=other, dtype=np.int64)
+        part = counts_along(laa, axis)
         if axis == 0:
             n_laa[z0:z0 + step] = part
         else:

@@ -67,11 +67,9 @@ def centroid(mask: np.ndarray) -> np.ndarray:
     box = bbox_slices(mask, (0,) * mask.ndim)
     m = mask[box]
     out = np.empty(mask.ndim)
-    total = None
     for ax in range(mask.ndim):
         prof = m.sum(axis=tuple(a for a in range(mask.ndim) if a != ax), dtype=np.int64)
-        total = int(prof.sum())
-        out[ax] = int((prof * np.arange(box[ax].start, box[ax].stop, dtype=np.int64)).sum()) / total
+        out[ax] = int((prof * np.arange(box[ax].start, box[ax].stop, dtype=np.int64)).sum()) / int(prof.sum())
     return out
 
 
